@@ -1,0 +1,30 @@
+"""The one exception type for mistakes a user can fix.
+
+The CLI prints a ``ConfigError`` as a single line and exits with status 2, with no traceback: the message
+names the field, the value that was given and what to do instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad setting or input. Built from the field, the value and the fix, so every message reads alike.
+
+    Example:
+        >>> raise ConfigError("model.kd_ratio", 1.5, "must lie in [0, 1]", "set a value such as 0.5")
+    """
+
+    def __init__(self, field: str, value: Any, problem: str, fix: str) -> None:
+        self.field, self.value, self.problem, self.fix = field, value, problem, fix
+        super().__init__(f"{field}={value!r}: {problem}; {fix}.")
+
+
+def check_range(field: str, value: float, low: float, high: float, *, open_low: bool = False) -> float:
+    """Return ``value`` if it lies in ``[low, high]`` (``(low, high]`` with ``open_low``), else raise."""
+    below = value <= low if open_low else value < low
+    if below or value > high:
+        bracket = "(" if open_low else "["
+        raise ConfigError(field, value, f"must lie in {bracket}{low}, {high}]", f"choose a value in that range")
+    return value

@@ -1,0 +1,88 @@
+"""``distilkit export``: a checkpoint's student as a Hugging Face model directory, with its tokenizer."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import ArgumentParser
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from distilkit.errors import ConfigError
+
+
+def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+    """The files ``save_pretrained`` writes, as ``{file name: text}`` (kept inside checkpoints)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {path.name: path.read_text(encoding="utf-8") for path in Path(tmp).iterdir() if path.is_file()}
+
+
+def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """Load a distilkit checkpoint with ``weights_only=True``; a clear error for anything else."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise ConfigError("ckpt_path", str(ckpt_path), "does not exist", "give a .ckpt file from a run's checkpoints/")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if "distilkit" not in checkpoint or "student_config" not in checkpoint["distilkit"]:
+        raise ConfigError("ckpt_path", str(ckpt_path), "is not a distilkit checkpoint of a Hugging Face student",
+                          "export checkpoints written by `distilkit fit`")
+    return checkpoint
+
+
+def export_student(ckpt_path: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write the student of ``ckpt_path`` and the run's tokenizer to ``output_dir``.
+
+    The directory is written beside its final place and renamed into it, so a failure leaves no half
+    export; an existing non-empty ``output_dir`` is refused unless ``overwrite``.
+
+    Returns:
+        ``output_dir``, loadable by ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
+    """
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError("output_dir", str(out), "already exists and is not empty",
+                          "choose a new directory or pass --overwrite true")
+    checkpoint = load_checkpoint(ckpt_path)
+    extra = checkpoint["distilkit"]
+    fields = dict(extra["student_config"])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {k[len("student."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    tied = set(getattr(student, "_tied_weights_keys", None) or [])
+    if unexpected or [key for key in missing if key not in tied]:
+        raise ConfigError("ckpt_path", str(ckpt_path), f"does not match its student (missing {missing}, "
+                          f"unexpected {unexpected})", "export a checkpoint written by the same distilkit version")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        student.save_pretrained(staging)
+        files = extra.get("tokenizer_files") or {}
+        if files:
+            _write_tokenizer(files, staging)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.replace(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _write_tokenizer(files: dict[str, str], directory: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
+        AutoTokenizer.from_pretrained(tmp).save_pretrained(directory)
+
+
+def export_main(args: list[str]) -> None:
+    """``distilkit export --ckpt_path C --output_dir D [--overwrite true]``."""
+    parser = ArgumentParser(prog="distilkit export", description=export_student.__doc__.splitlines()[0])
+    parser.add_function_arguments(export_student)
+    config = parser.parse_args(args)
+    out = export_student(config.ckpt_path, config.output_dir, config.overwrite)
+    print(f"exported the student to {out}")

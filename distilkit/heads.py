@@ -1,0 +1,116 @@
+"""From a model's last hidden state to its logits, in two separable halves.
+
+Distillation losses are computed chunk by chunk over tokens so that the ``(tokens, V)`` logits are
+never held whole. That needs each model split into a *body* (tokens -> final hidden states ``(B, T, H)``)
+and an *output head* (hidden states -> logits), including whatever the model does after its linear
+head: final-logit soft-capping (Gemma 2/3), a logit scale (Cohere), a logit divisor (Granite).
+
+A module that is not a Hugging Face causal LM has no separable head: its body returns the logits
+and its head is the identity, which is exact, only not memory-saving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distilkit.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """The linear head of a model plus its post-processing.
+
+    logits = post(features @ weight[:V]ᵀ + bias[:V]), post(z) = cap·tanh(scale·z / cap) or scale·z.
+
+    Attributes:
+        weight: ``(V_rows, H)`` head weight, or None when the features already are logits.
+        bias: ``(V_rows,)`` or None.
+        vocab_size: V, the number of rows used (padding rows beyond it are cut off).
+        scale: multiplier applied to the raw logits (1.0 for most models).
+        softcap: soft-capping constant, or None.
+    """
+
+    weight: Tensor | None
+    bias: Tensor | None
+    vocab_size: int
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def raw(self, features: Tensor) -> Tensor:
+        """``(N, H)`` features -> ``(N, V)`` logits before post-processing."""
+        if self.weight is None:
+            return features[..., : self.vocab_size]
+        bias = None if self.bias is None else self.bias[: self.vocab_size]
+        return F.linear(features, self.weight[: self.vocab_size], bias)
+
+    def post(self, raw_logits: Tensor) -> Tensor:
+        """Apply the model's post-head processing to raw logits (any shape)."""
+        logits = raw_logits * self.scale if self.scale != 1.0 else raw_logits
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def __call__(self, features: Tensor) -> Tensor:
+        return self.post(self.raw(features))
+
+
+def output_head(model: nn.Module, vocab_size: int) -> OutputHead:
+    """The :class:`OutputHead` of ``model``, read fresh (parameters may move or be wrapped between steps)."""
+    if not _has_separable_head(model):
+        return OutputHead(weight=None, bias=None, vocab_size=vocab_size)
+    linear = model.get_output_embeddings()
+    config = model.config
+    scale = float(getattr(config, "logit_scale", None) or 1.0)  # Cohere: logits * logit_scale
+    divisor = getattr(config, "logits_scaling", None)  # Granite: logits / logits_scaling
+    if divisor:
+        scale /= float(divisor)
+    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+    return OutputHead(linear.weight, linear.bias, vocab_size, scale, float(softcap) if softcap else None)
+
+
+def body_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """Run the model's body: ``(B, T)`` ids -> ``(B, T, H)`` final hidden states (after the final norm).
+
+    For a model without a separable head this returns its ``(B, T, V)`` logits.
+    """
+    if _has_separable_head(model):
+        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out[0]
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def check_head(model: nn.Module, head: OutputHead, field: str) -> None:
+    """Refuse a model whose logits are not ``head(body_features(...))``.
+
+    Runs both paths on a few tokens. A family that changes its logits in a way this file does not know
+    is refused with a clear error instead of being distilled against the wrong distribution.
+    """
+    if head.weight is None:
+        return
+    device = head.weight.device
+    ids = torch.arange(4, device=device).unsqueeze(0) % head.vocab_size  # (1, 4)
+    mask = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., : head.vocab_size]
+        got = head(body_features(model, ids, mask))
+    model.train(was_training)
+    if not torch.allclose(expected.float(), got.float(), rtol=1e-3, atol=1e-3):
+        raise ConfigError(
+            field,
+            type(model).__name__,
+            "post-processes its logits in a way the chunked loss does not reproduce",
+            "set model.chunk_size: null to use the unchunked path for this model",
+        )
+
+
+def _has_separable_head(model: nn.Module) -> bool:
+    get_head = getattr(model, "get_output_embeddings", None)
+    body = getattr(model, "base_model", model)
+    return callable(get_head) and isinstance(get_head(), nn.Linear) and body is not model

@@ -1,0 +1,91 @@
+"""The contract every logit-distillation loss keeps."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from distilkit.errors import ConfigError
+
+
+class DistillationLoss(nn.Module):
+    """Base of the logit-distillation losses: temperature, masking and float32 math live here.
+
+    A subclass writes only :meth:`divergence`, the per-position divergence between two rows of
+    temperature-scaled float32 logits. ``forward`` then returns
+
+        T² · mean over unmasked positions i of divergence(s_i / T, t_i / T)
+
+    (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network": the T² keeps gradient size
+    independent of T). The result is exactly 0, with a gradient path, when every position is masked.
+
+    Args:
+        temperature: softening temperature T > 0 (default 1.0). Settable between steps (a curriculum does).
+        ignore_index: label value whose positions are skipped (default -100, the Hugging Face convention).
+    """
+
+    def __init__(self, temperature: float = 1.0, ignore_index: int = -100) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.ignore_index = ignore_index
+
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError("loss.temperature", value, "must be a finite number > 0", "use e.g. 1.0 or 2.0")
+        self._temperature = float(value)
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Mean divergence over unmasked positions.
+
+        Args:
+            student_logits: ``(..., V)`` logits of the student, any float dtype, already aligned.
+            teacher_logits: ``(..., V)`` logits of the teacher, same shape.
+            labels: ``(...)`` optional; positions equal to ``ignore_index`` are skipped (no other use).
+
+        Returns:
+            A float32 scalar.
+        """
+        if student_logits.shape != teacher_logits.shape:
+            raise ValueError(
+                f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                f"{tuple(teacher_logits.shape)} must have the same shape"
+            )
+        vocab = student_logits.shape[-1]
+        student = student_logits.reshape(-1, vocab)  # (N, V)
+        teacher = teacher_logits.reshape(-1, vocab)  # (N, V)
+        if labels is not None:
+            keep = labels.reshape(-1) != self.ignore_index  # (N,)
+            student, teacher = student[keep], teacher[keep]  # (M, V)
+        t = self.temperature
+        per_position = self.divergence(student.float() / t, teacher.float() / t)  # (M,)
+        return per_position.sum() / max(per_position.numel(), 1) * (t * t)
+
+    def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        """Per-position divergence of float32, temperature-scaled logits ``(M, V)`` -> ``(M,)``."""
+        raise NotImplementedError
+
+
+def kl_from_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p‖q) = Σ_v p_v (log p_v − log q_v) along the last axis; rows ``(M, V)`` -> ``(M,)``.
+
+    Terms with p_v = 0 count as 0 (the limit), so ``-inf`` logits (masked vocabulary) stay finite.
+    """
+    p = log_p.exp()
+    terms = p * (log_p - log_q)
+    return torch.where(p > 0, terms, torch.zeros_like(terms)).sum(-1)
+
+
+def log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """log(w·a + (1−w)·b) from log a and log b, stable for w in [0, 1]."""
+    if weight_a <= 0:
+        return log_b
+    if weight_a >= 1:
+        return log_a
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))

@@ -1,0 +1,167 @@
+"""Loss terms through the output heads in bounded memory.
+
+The logits of a causal LM are ``(tokens, V)``: at 4,096 tokens and V = 65,536 that is 1 GiB in float32
+per copy, and a plain KD step holds several copies (student and teacher logits, their log-softmaxes,
+the gradient). Here the logits are formed chunk by chunk over tokens from the final hidden states.
+
+:class:`ChunkedHeadLoss` is a custom autograd function in the spirit of fused linear cross-entropy
+(Liger-Kernel): while it walks the chunks in the forward pass it also forms the gradient with respect
+to the student's hidden states and head weight, so the backward pass only scales what was kept. No
+chunk is recomputed, and memory beyond the inputs is one chunk of logits plus a gradient the size of
+the head weight. The gradient of each chunk's terms with respect to its logits comes from autograd on
+that chunk alone, so any :class:`~distilkit.losses.DistillationLoss` works unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from distilkit.heads import OutputHead
+
+#: ``(student_logits (n, V), teacher_logits (n, V) or None, labels (n,)) -> {name: mean over the chunk}``
+TermsFn = Callable[[Tensor, "Tensor | None", Tensor], dict[str, Tensor]]
+
+#: Bytes the chunked path may spend on one chunk's float32 ``(n, V)`` temporaries.
+CHUNK_BUDGET_BYTES = 512 * 2**20
+_LIVE_COPIES = 10  # (n, V) float32 tensors alive at once inside one chunk, forward and gradient
+
+
+def auto_chunk_size(vocab_size: int, budget_bytes: int = CHUNK_BUDGET_BYTES) -> int:
+    """Tokens per chunk so that one chunk's temporaries fit ``budget_bytes`` (at least 16, at most 8,192)."""
+    return int(min(8192, max(16, budget_bytes // (vocab_size * 4 * _LIVE_COPIES))))
+
+
+def chunk_slices(total: int, chunk_size: int | None) -> Iterator[slice]:
+    """Consecutive slices of ``range(total)`` of at most ``chunk_size`` (one slice when None)."""
+    step = total if chunk_size is None else max(1, chunk_size)
+    for start in range(0, total, max(step, 1)):
+        yield slice(start, min(start + step, total))
+
+
+@dataclass(frozen=True)
+class HeadLossPlan:
+    """Everything the chunked loss needs besides the student tensors that take gradients.
+
+    Attributes:
+        student_head: the student's output head (its ``weight``/``bias`` are passed separately).
+        teacher_features: ``(N, H_t)`` teacher hidden states, or None without a teacher.
+        teacher_head: the teacher's head, or None.
+        labels: ``(N,)`` next-token targets, all valid (masked positions removed beforehand).
+        terms: the per-chunk terms; returns exactly the keys in ``names``.
+        names: the names of the terms, in a fixed order.
+        weights: total = Σ weights[name] · term[name]; terms not named get weight 0 (logged only).
+        chunk_size: tokens per chunk.
+    """
+
+    student_head: OutputHead
+    teacher_features: Tensor | None
+    teacher_head: OutputHead | None
+    labels: Tensor
+    terms: TermsFn
+    names: tuple[str, ...]
+    weights: Mapping[str, float]
+    chunk_size: int | None
+
+    def teacher_logits(self, rows: slice) -> Tensor | None:
+        """The teacher's ``(n, V)`` logits at ``rows`` (no gradient), or None without a teacher."""
+        if self.teacher_features is None or self.teacher_head is None:
+            return None
+        with torch.no_grad():
+            return self.teacher_head(self.teacher_features[rows])
+
+    def chunk_terms(
+        self, student_raw: Tensor, rows: slice, teacher_logits: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Terms of one chunk from the student's raw logits ``(n, V)``; each is the chunk mean × n/N.
+
+        ``teacher_logits`` may be passed when the caller already formed them.
+        """
+        if teacher_logits is None:
+            teacher_logits = self.teacher_logits(rows)
+        labels = self.labels[rows]
+        share = labels.numel() / max(self.labels.numel(), 1)
+        terms = self.terms(self.student_head.post(student_raw), teacher_logits, labels)
+        return {name: value * share for name, value in terms.items()}
+
+    def weighted(self, terms: Mapping[str, Tensor]) -> Tensor:
+        return sum(self.weights.get(name, 0.0) * terms[name] for name in self.names)  # type: ignore[return-value]
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """``(features (N, H), weight (V_rows, H), bias (V_rows,) | None) -> (total, terms (K,))``.
+
+    ``total`` is differentiable; ``terms`` (in the plan's term order) are for logging only.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        features: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        plan: HeadLossPlan,
+    ) -> tuple[Tensor, Tensor]:
+        head = plan.student_head
+        vocab = head.vocab_size
+        want_feat, want_weight, want_bias = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
+        grad_features = torch.zeros_like(features) if want_feat else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight and weight is not None else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_bias and bias is not None else None
+        sums = {name: features.new_zeros((), dtype=torch.float32) for name in plan.names}
+        for rows in chunk_slices(features.shape[0], plan.chunk_size):
+            chunk = features[rows]  # (n, H)
+            with torch.enable_grad():
+                raw = head.raw(chunk).detach().requires_grad_(True)  # (n, V)
+                terms = plan.chunk_terms(raw, rows)
+                (grad_raw,) = torch.autograd.grad(plan.weighted(terms), raw)  # (n, V)
+            for name in plan.names:
+                sums[name] += terms[name].detach().float()
+            if head.weight is None:  # features are the logits themselves
+                if grad_features is not None:
+                    grad_features[rows, :vocab] = grad_raw.to(features.dtype)
+                continue
+            if grad_features is not None:
+                grad_features[rows] = (grad_raw @ head.weight[:vocab]).to(features.dtype)  # (n, H)
+            if grad_weight is not None:
+                grad_weight[:vocab] += (grad_raw.t() @ chunk).float()  # (V, H)
+            if grad_bias is not None:
+                grad_bias[:vocab] += grad_raw.float().sum(0)  # (V,)
+        ctx.save_for_backward(grad_features, grad_weight, grad_bias)
+        ctx.weight_dtype = None if weight is None else weight.dtype  # type: ignore[attr-defined]
+        values = torch.stack([sums[name] for name in plan.names])  # (K,)
+        total = plan.weighted(sums)
+        ctx.mark_non_differentiable(values)
+        return total, values
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor, _grad_values: Tensor):  # type: ignore[override]
+        grad_features, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_total
+
+        def scaled(grad: Tensor | None, dtype: torch.dtype | None = None) -> Tensor | None:
+            return None if grad is None else (grad * scale).to(dtype or grad.dtype)
+
+        return scaled(grad_features), scaled(grad_weight, ctx.weight_dtype), scaled(grad_bias, ctx.weight_dtype), None
+
+
+def head_losses(features: Tensor, plan: HeadLossPlan) -> dict[str, Tensor]:
+    """Named loss terms through the output heads, plus ``"loss"``, their weighted sum.
+
+    Args:
+        features: ``(N, H_s)`` student hidden states at the valid positions.
+        plan: heads, teacher features, labels, terms, weights and chunk size.
+
+    Returns:
+        ``{"loss": total (differentiable), name: term (detached) ...}``. With ``plan.chunk_size`` None the
+        full ``(N, V)`` logits are formed at once and autograd does the rest (the reference path).
+    """
+    if plan.chunk_size is None:
+        terms = plan.chunk_terms(plan.student_head.raw(features), slice(None))
+        return {"loss": plan.weighted(terms), **{k: v.detach() for k, v in terms.items()}}
+    head = plan.student_head
+    total, values = ChunkedHeadLoss.apply(features, head.weight, head.bias, plan)
+    return {"loss": total, **dict(zip(plan.names, values.unbind(0)))}

@@ -1,0 +1,156 @@
+"""Divergences between the teacher distribution p and the student distribution q.
+
+Every class here gets temperature, masking and float32 math from :class:`DistillationLoss`; each writes
+only its per-position formula. All are true divergences: identical logits give exactly 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from distilkit.errors import check_range
+from distilkit.losses.base import DistillationLoss, kl_from_log_probs, log_mixture
+
+
+def _log_probs(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """(log p, log q): teacher and student log-probabilities, each ``(M, V)``."""
+    return teacher_logits.log_softmax(-1), student_logits.log_softmax(-1)
+
+
+class ForwardKLLoss(DistillationLoss):
+    """Forward KL, KL(p‖q) = Σ p (log p − log q): mean-seeking; the classic soft-target loss.
+
+    Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network".
+    """
+
+    def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        log_p, log_q = _log_probs(student_logits, teacher_logits)
+        return kl_from_log_probs(log_p, log_q)
+
+
+class ReverseKLLoss(DistillationLoss):
+    """Reverse KL, KL(q‖p) = Σ q (log q − log p): mode-seeking.
+
+    Gu et al. 2024, "MiniLLM: Knowledge Distillation of Large Language Models".
+    """
+
+    def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        log_p, log_q = _log_probs(student_logits, teacher_logits)
+        return kl_from_log_probs(log_q, log_p)
+
+
+class SymmetricKLLoss(DistillationLoss):
+    """w·KL(p‖q) + (1 − w)·KL(q‖p).
+
+    Args:
+        weight: w in [0, 1], the share of the forward KL (default 0.5).
+    """
+
+    def __init__(self, weight: float = 0.5, temperature: float = 1.0, ignore_index: int = -100) -> None:
+        super().__init__(temperature, ignore_index)
+        self.weight = check_range("loss.weight", weight, 0.0, 1.0)
+
+    def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        log_p, log_q = _log_probs(student_logits, teacher_logits)
+        w = self.weight
+        return w * kl_from_log_probs(log_p, log_q) + (1 - w) * kl_from_log_probs(log_q, log_p)
+
+
+class GeneralizedJSDLoss(DistillationLoss):
+    """Generalized Jensen-Shannon divergence, β·KL(p‖m) + (1 − β)·KL(q‖m) with m = β·p + (1 − β)·q.
+
+    Agarwal et al. 2024, "On-Policy Distillation of Language Models: Learning from Self-Generated
+    Mistakes" (GKD); the same convention as TRL's ``GKDTrainer``. The endpoints are defined as the
+    limits the paper names: β = 0 gives exactly KL(p‖q) (forward) and β = 1 exactly KL(q‖p) (reverse).
+    (The mixture formula itself goes to 0 at both ends, so the scale jumps there; β = 0.5 is the
+    symmetric JSD.)
+
+    Args:
+        beta: β in [0, 1] (default 0.5).
+    """
+
+    def __init__(self, beta: float = 0.5, temperature: float = 1.0, ignore_index: int = -100) -> None:
+        super().__init__(temperature, ignore_index)
+        self.beta = beta
+
+    @property
+    def beta(self) -> float:
+        return self._beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self._beta = check_range("loss.beta", value, 0.0, 1.0)
+
+    def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        log_p, log_q = _log_probs(student_logits, teacher_logits)
+        beta = self.beta
+        if beta == 0:
+            return kl_from_log_probs(log_p, log_q)
+        if beta == 1:
+            return kl_from_log_probs(log_q, log_p)
+        log_m = log_mixture(log_p, log_q, beta)
+        return beta * kl_from_log_probs(log_p, log_m) + (1 - beta) * kl_from_log_probs(log_q, log_m)
+
+
+class SkewForwardKLLoss(DistillationLoss):
+    """Skew forward KL, KL(p ‖ α·p + (1 − α)·q); α = 0 is the forward KL.
+
+    Ko et al. 2024, "DistiLLM: Towards Streamlined Distillation for Large Language Models" (α = 0.1).
+
+    Args:
+        alpha: α in [0, 1] (default 0.1).
+    """
+
+    def __init__(self, alpha: float = 0.1, temperature: float = 1.0, ignore_index: int = -100) -> None:
+        super().__init__(temperature, ignore_index)
+        self.alpha = alpha
+
+    @property
+    def alpha(self) -> float:
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._alpha = check_range("loss.alpha", value, 0.0, 1.0)
+
+    def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        log_p, log_q = _log_probs(student_logits, teacher_logits)
+        return kl_from_log_probs(log_p, log_mixture(log_p, log_q, self.alpha))
+
+
+class SkewReverseKLLoss(SkewForwardKLLoss):
+    """Skew reverse KL, KL(q ‖ α·q + (1 − α)·p); α = 0 is the reverse KL.
+
+    Ko et al. 2024, "DistiLLM" (α = 0.1).
+
+    Args:
+        alpha: α in [0, 1] (default 0.1).
+    """
+
+    def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        log_p, log_q = _log_probs(student_logits, teacher_logits)
+        return kl_from_log_probs(log_q, log_mixture(log_q, log_p, self.alpha))
+
+
+class TVDLoss(DistillationLoss):
+    """Total variation distance, ½·Σ|p − q|.
+
+    Used as a bounded divergence in Wen et al. 2023, "f-Divergence Minimization for Sequence-Level
+    Knowledge Distillation".
+    """
+
+    def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        p, q = teacher_logits.softmax(-1), student_logits.softmax(-1)
+        return 0.5 * (p - q).abs().sum(-1)
+
+
+class LogitMSELoss(DistillationLoss):
+    """Mean squared error between logits, mean over the vocabulary of (s − t)².
+
+    Ba & Caruana 2014, "Do Deep Nets Really Need to be Deep?" (logit matching). With T ≠ 1 the logits
+    are divided by T and the result multiplied by T², as for every loss here.
+    """
+
+    def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        return torch.square(student_logits - teacher_logits).mean(-1)

@@ -1,0 +1,293 @@
+"""DistillationModule: a trainable student, a frozen teacher and a pluggable loss."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from distilkit.errors import ConfigError, check_range
+from distilkit.heads import OutputHead, body_features, check_head, output_head
+from distilkit.losses import DistillationLoss, ForwardKLLoss
+from distilkit.losses.chunked import HeadLossPlan, auto_chunk_size, chunk_slices, head_losses
+from distilkit.metrics import TokenPerplexity, TopKAgreement
+from distilkit.models import ModelSpec, load_causal_lm, parse_dtype, shared_vocab_size
+
+Batch = Mapping[str, Tensor]
+IGNORE_INDEX = -100
+
+
+class DistillationModule(L.LightningModule):
+    """Distil a frozen teacher into a student: total = (1 − kd_ratio)·CE + kd_ratio·KD.
+
+    CE is the student's next-token cross-entropy on the labels; KD is ``loss(student, teacher)`` on the
+    same positions. Both come from the final hidden states through each model's output head in chunks
+    of ``chunk_size`` tokens, so the full ``(tokens, V)`` logits are never held. Without a teacher the
+    module is plain language-model training (total = CE), used to pretrain teachers and baselines.
+
+    The teacher is frozen, kept in eval mode, run under ``torch.no_grad()``, left out of the optimizer
+    and never written into a checkpoint. Extend by overriding the small pieces: :meth:`student_forward`,
+    :meth:`teacher_forward`, :meth:`compute_loss`, :meth:`loss_terms` and :meth:`loss_weights`.
+
+    Args:
+        student: a Hugging Face model directory or hub name, a config mapping (random init), or a module.
+        teacher: the same forms, or None for training without a teacher.
+        loss: the KD divergence (default ``ForwardKLLoss(temperature=1.0)``).
+        kd_ratio: weight of KD in the total, in [0, 1] (default 0.5).
+        chunk_size: tokens per chunk of the loss; ``"auto"`` chooses it from a byte budget; None forms the
+            full logits at once (the reference path).
+        teacher_dtype: dtype to load the teacher in (``"bfloat16"`` halves its memory). The student is
+            always float32; mixed precision is the trainer's ``precision`` setting.
+        optimizer: builds the optimizer from the trainable parameters (the student's, plus any of the loss).
+        lr_scheduler: builds an LR scheduler from the optimizer; stepped every optimizer step.
+        vocab_size: the tokenizer's size: fills config mappings and settles padded vocabularies. Linked
+            from the data module by the CLI.
+        block_size: context length; fills the positions of config mappings. Linked from the data module.
+        eos_token_id: fills the bos/eos ids of config mappings. Linked from the data module.
+    """
+
+    def __init__(
+        self,
+        student: ModelSpec,
+        teacher: ModelSpec | None = None,
+        loss: DistillationLoss | None = None,
+        kd_ratio: float = 0.5,
+        chunk_size: int | Literal["auto"] | None = "auto",
+        teacher_dtype: str = "float32",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        vocab_size: int | None = None,
+        block_size: int | None = None,
+        eos_token_id: int | None = None,
+    ) -> None:
+        super().__init__()
+        plain = [name for name, spec in (("student", student), ("teacher", teacher)) if isinstance(spec, nn.Module)]
+        self.save_hyperparameters(ignore=["loss", "optimizer", "lr_scheduler", *plain])
+        self.kd_ratio = kd_ratio
+        if not (chunk_size is None or chunk_size == "auto" or (isinstance(chunk_size, int) and chunk_size > 0)):
+            raise ConfigError("model.chunk_size", chunk_size, "must be a positive integer", 'use "auto" or null')
+        defaults = {
+            "vocab_size": vocab_size,
+            "max_position_embeddings": block_size,
+            "bos_token_id": eos_token_id,
+            "eos_token_id": eos_token_id,
+        }
+        self.student = load_causal_lm(student, field="model.student", dtype=torch.float32, defaults=defaults)
+        self.student.train()  # from_pretrained returns eval-mode models
+        self.teacher: nn.Module | None = None
+        if teacher is not None:
+            dtype = parse_dtype("model.teacher_dtype", teacher_dtype)
+            self.teacher = load_causal_lm(teacher, field="model.teacher", dtype=dtype, defaults=defaults)
+            self.teacher.requires_grad_(False).eval()
+        self.vocab_size = shared_vocab_size(self.student, self.teacher, vocab_size)
+        self.chunk_size = auto_chunk_size(self.vocab_size) if chunk_size == "auto" else chunk_size
+        self.loss = loss if loss is not None else ForwardKLLoss()
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.eval_metrics = nn.ModuleDict({stage: self._make_metrics() for stage in ("val", "test")})
+        self._heads_checked = False
+
+    @property
+    def kd_ratio(self) -> float:
+        return self._kd_ratio
+
+    @kd_ratio.setter
+    def kd_ratio(self, value: float) -> None:
+        self._kd_ratio = check_range("model.kd_ratio", value, 0.0, 1.0)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Student logits ``(B, T, V)`` for ``(B, T)`` token ids."""
+        features = self.student_forward({"input_ids": input_ids, "attention_mask": attention_mask})
+        return self.student_head()(features)
+
+    # ----------------------------------------------------------------------------------------------- pieces
+    def student_forward(self, batch: Batch) -> Tensor:
+        """The student's final hidden states ``(B, T, H_s)`` (its logits for a module without a head)."""
+        return body_features(self.student, batch["input_ids"], batch.get("attention_mask"))
+
+    def teacher_forward(self, batch: Batch) -> Tensor | None:
+        """The teacher's final hidden states ``(B, T, H_t)`` under no_grad, or None without a teacher."""
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            return body_features(self.teacher, batch["input_ids"], batch.get("attention_mask"))
+
+    def student_head(self) -> OutputHead:
+        return output_head(self.student, self.vocab_size)
+
+    def teacher_head(self) -> OutputHead | None:
+        return None if self.teacher is None else output_head(self.teacher, self.vocab_size)
+
+    def loss_terms(self, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor) -> dict[str, Tensor]:
+        """Named loss terms, each a mean over the given positions.
+
+        Args:
+            student_logits: ``(N, V)`` at valid positions (one chunk of them).
+            teacher_logits: ``(N, V)`` or None without a teacher.
+            labels: ``(N,)`` next-token targets.
+        """
+        count = max(labels.numel(), 1)
+        terms = {"ce_loss": F.cross_entropy(student_logits.float(), labels, reduction="sum") / count}
+        if teacher_logits is not None:
+            terms["kd_loss"] = self.loss(student_logits, teacher_logits)
+        return terms
+
+    def loss_weights(self) -> dict[str, float]:
+        """Weight of each term of :meth:`loss_terms` in the total (its keys name the terms)."""
+        if self.teacher is None:
+            return {"ce_loss": 1.0}
+        return {"ce_loss": 1.0 - self.kd_ratio, "kd_loss": self.kd_ratio}
+
+    def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
+        """``{"loss": total, "ce_loss": ..., "kd_loss": ...}`` for one batch (terms detached, total not)."""
+        student_features, teacher_features, labels = self.valid_positions(
+            self.student_forward(batch), self.teacher_forward(batch), batch["labels"]
+        )
+        return head_losses(student_features, self._plan(teacher_features, labels))
+
+    def valid_positions(
+        self, student_features: Tensor, teacher_features: Tensor | None, labels: Tensor
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Shift for next-token prediction and keep positions whose target is not ignored.
+
+        ``(B, T, H_s)``, ``(B, T, H_t)``, ``(B, T)`` -> ``(N, H_s)``, ``(N, H_t)``, ``(N,)``.
+        """
+        targets = labels[:, 1:]  # (B, T-1)
+        keep = targets != IGNORE_INDEX  # (B, T-1)
+        student = student_features[:, :-1][keep]  # (N, H_s)
+        teacher = None if teacher_features is None else teacher_features[:, :-1][keep]  # (N, H_t)
+        return student, teacher, targets[keep]
+
+    # --------------------------------------------------------------------------------------------- training
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        losses = self.compute_loss(batch)
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=size)
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=size)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
+        return losses["loss"]
+
+    # ------------------------------------------------------------------------------------------- evaluation
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
+
+    def _evaluation_step(self, batch: Batch, stage: str) -> None:
+        """Loss terms, perplexities and agreement, walking the logits chunk by chunk."""
+        student, teacher, labels = self.valid_positions(
+            self.student_forward(batch), self.teacher_forward(batch), batch["labels"]
+        )
+        plan = self._plan(teacher, labels)
+        metrics = self.eval_metrics[stage]
+        sums = dict.fromkeys(plan.names, 0.0)
+        for rows in chunk_slices(labels.numel(), self.chunk_size):
+            raw = plan.student_head.raw(student[rows])  # (n, V)
+            student_logits = plan.student_head.post(raw)  # (n, V)
+            teacher_logits = plan.teacher_logits(rows)  # (n, V) or None
+            metrics["ppl"].update(F.cross_entropy(student_logits.float(), labels[rows], reduction="none"))
+            terms = plan.chunk_terms(raw, rows, teacher_logits)
+            sums = {name: sums[name] + terms[name] for name in plan.names}
+            if teacher_logits is not None:
+                nll = F.cross_entropy(teacher_logits.float(), labels[rows], reduction="none")
+                metrics["teacher_ppl"].update(nll)
+                metrics["top1_agreement"].update(student_logits, teacher_logits)
+        size = max(labels.numel(), 1)
+        self.log(f"{stage}/loss", plan.weighted(sums), prog_bar=True, batch_size=size)
+        self.log_dict({f"{stage}/{k}": v for k, v in sums.items()}, batch_size=size)
+        self.log(f"{stage}/ppl", metrics["ppl"], prog_bar=True)
+        if self.teacher is not None:
+            self.log(f"{stage}/teacher_ppl", metrics["teacher_ppl"])
+            self.log(f"{stage}/top1_agreement", metrics["top1_agreement"])
+
+    # ------------------------------------------------------------------------------------------- optimizers
+    def configure_optimizers(self) -> Any:
+        trainable = [p for p in self.parameters() if p.requires_grad]  # the teacher is frozen: never here
+        optimizer = self.optimizer_factory(trainable)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def on_fit_start(self) -> None:
+        self._check_heads()
+
+    def on_train_start(self) -> None:
+        self.train()  # from_pretrained returns eval-mode models and Lightning 2.6 keeps modes as found
+
+    def on_validation_start(self) -> None:
+        self._check_heads()
+
+    def on_test_start(self) -> None:
+        self._check_heads()
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        """Set the mode of everything but the teacher, which stays in eval mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The module's state without the teacher (checkpoints hold the student and what trains with it)."""
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        for key in [k for k in state if k.startswith(f"{prefix}teacher.")]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load a state saved by :meth:`state_dict`; the teacher keeps its own weights (strict otherwise)."""
+        if self.teacher is not None and not any(k.startswith("teacher.") for k in state_dict):
+            teacher_state = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+            state_dict = {**state_dict, **teacher_state}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep what ``distilkit export`` needs: the student's config and the run's tokenizer files."""
+        from distilkit.export import tokenizer_files
+
+        extra: dict[str, Any] = {"vocab_size": self.vocab_size}
+        config = getattr(self.student, "config", None)
+        if config is not None:
+            extra["student_config"] = config.to_dict()
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None:
+            extra["tokenizer_files"] = tokenizer_files(tokenizer)
+        checkpoint["distilkit"] = extra
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    def _plan(self, teacher_features: Tensor | None, labels: Tensor) -> HeadLossPlan:
+        weights = self.loss_weights()
+        return HeadLossPlan(
+            student_head=self.student_head(),
+            teacher_features=teacher_features,
+            teacher_head=self.teacher_head(),
+            labels=labels,
+            terms=self.loss_terms,
+            names=tuple(weights),
+            weights=weights,
+            chunk_size=self.chunk_size,
+        )
+
+    def _make_metrics(self) -> nn.ModuleDict:
+        return nn.ModuleDict(
+            {"ppl": TokenPerplexity(), "teacher_ppl": TokenPerplexity(), "top1_agreement": TopKAgreement(k=1)}
+        )
+
+    def _check_heads(self) -> None:
+        if self._heads_checked or self.chunk_size is None:
+            return
+        check_head(self.student, self.student_head(), "model.student")
+        teacher_head = self.teacher_head()
+        if self.teacher is not None and teacher_head is not None:
+            check_head(self.teacher, teacher_head, "model.teacher")
+        self._heads_checked = True

@@ -1,0 +1,66 @@
+"""One run, one directory: where a run's files go, and refusing to write over an earlier run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import SaveConfigCallback
+
+from distilkit.errors import ConfigError
+
+CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
+_RUN_MARKERS = ("config.yaml", "metrics.csv", "checkpoints")
+
+
+def refuse_existing_run(root: str, resuming: bool) -> None:
+    """Raise if ``root`` already holds a run and this fit does not resume it."""
+    found = [name for name in _RUN_MARKERS if (Path(root) / name).exists()]
+    if found and not resuming:
+        raise ConfigError(
+            "trainer.default_root_dir", root, f"already holds a run ({', '.join(found)})",
+            "resume it with --ckpt_path last, or choose a new directory with --trainer.default_root_dir",
+        )
+
+
+def place_loggers(trainer_config: Namespace, root: str) -> None:
+    """Put every logger's files under ``root`` and make sure a CSV logger writes ``root/metrics.csv``.
+
+    Loggers are jsonargparse namespaces here (``class_path`` + ``init_args``), edited before they are built.
+    """
+    loggers = trainer_config.get("logger")
+    if loggers is False:
+        return
+    entries = [] if loggers in (None, True) else (loggers if isinstance(loggers, list) else [loggers])
+    if not any(_class_path(entry) == CSV_LOGGER for entry in entries):
+        entries.insert(0, Namespace(class_path=CSV_LOGGER, init_args=Namespace()))
+    for entry in entries:
+        args = entry.get("init_args") or Namespace()
+        entry["init_args"] = args
+        if _class_path(entry) == CSV_LOGGER:
+            args["save_dir"] = args.get("save_dir") or root
+            args["name"], args["version"] = "", ""
+        elif "save_dir" in args and args.get("save_dir") in (None, ".", ""):
+            args["save_dir"] = root
+    trainer_config["logger"] = entries
+
+
+def _class_path(entry: Any) -> str:
+    return str(entry.get("class_path", "")) if isinstance(entry, (Namespace, dict)) else ""
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Save the resolved config as ``config.yaml`` when a fit starts; a resumed fit keeps the first one
+    and writes ``config.resumed-N.yaml`` beside it. Nothing is saved for validate/test/predict."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        log_dir = Path(trainer.log_dir or ".")
+        number = 0
+        while (log_dir / self.config_filename).exists():
+            number += 1
+            self.config_filename = f"config.resumed-{number}.yaml"
+        super().setup(trainer, pl_module, stage)
