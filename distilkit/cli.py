@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 
@@ -57,12 +58,17 @@ def print_summary(trainer, console: Console) -> None:
     checkpoint = trainer.checkpoint_callback
     last = getattr(checkpoint, "last_model_path", "") or ""
     lines = [f"run directory      {root}"]
-    for key, label in (("val/teacher_ppl", "teacher val ppl"), ("val/ppl", "student val ppl"),
-                       ("val/top1_agreement", "top-1 agreement")):
+    for key, label in (
+        ("val/teacher_ppl", "teacher val ppl"),
+        ("val/ppl", "student val ppl"),
+        ("val/top1_agreement", "top-1 agreement"),
+    ):
         if key in metrics:
             lines.append(f"{label:<18} {float(metrics[key]):.2f}")
     if last:
-        lines.append(f"export the student: distilkit export --ckpt_path {last} --output_dir {root / 'export'}")
+        lines.append(
+            f"export the student: distilkit export --ckpt_path {last} --output_dir {root / 'export'}"
+        )
     console.rule("distilkit")
     for line in lines:
         console.print(line, highlight=False)
@@ -82,6 +88,8 @@ def main(args: list[str] | None = None) -> None:
             getattr(module, function_name)(argv[1:])
             return
         torch.set_float32_matmul_precision("high")
+        # The frozen teacher is in eval mode on purpose; Lightning warns about every such module.
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         DistilCLI(
             DistillationModule,
             TextDataModule,
@@ -93,8 +101,9 @@ def main(args: list[str] | None = None) -> None:
             parser_kwargs={"exit_on_error": False},
         )
     except ArgumentError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}\nSee `distilkit {argv[0] if argv else ''} --help`.",
-                                   highlight=False)
+        Console(stderr=True).print(
+            f"[bold red]error:[/] {err}\nSee `distilkit {argv[0] if argv else ''} --help`.", highlight=False
+        )
         sys.exit(2)
     except Exception as err:
         user_error = find_config_error(err)

@@ -24,10 +24,12 @@ _CORPORA = {"python-reference": _python_reference}
 
 
 def builtin_corpus_path(name: str, cache_dir: Path) -> Path:
-    """Write the built-in corpus ``name`` (without the prefix) as jsonl under ``cache_dir``; return the path."""
+    """Write the built-in corpus ``name`` (no prefix) as jsonl under ``cache_dir``; return its path."""
     if name not in _CORPORA:
         raise ConfigError(
-            "data.train_files", f"{BUILTIN_PREFIX}{name}", "is not a built-in corpus",
+            "data.train_files",
+            f"{BUILTIN_PREFIX}{name}",
+            "is not a built-in corpus",
             f"use one of {[BUILTIN_PREFIX + n for n in _CORPORA]} or a file path",
         )
     path = cache_dir / f"builtin-{name}.jsonl"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ class PackedBlocks(Dataset):
 
 
 class TextDataModule(L.LightningDataModule):
-    """Text from local ``.txt`` / ``.jsonl`` / ``.parquet`` files or a ``datasets`` name, packed for a causal LM.
+    """Text from ``.txt`` / ``.jsonl`` / ``.parquet`` files or a ``datasets`` name, packed for a causal LM.
 
     Each ``.txt`` file is one document; each jsonl line or parquet row is one document (its
     ``text_field``). Documents are tokenized once (cached on disk, keyed by the files and the tokenizer),
@@ -130,12 +130,21 @@ class TextDataModule(L.LightningDataModule):
         else:
             train, val = self._split(train_docs)
         pad = int(self.tokenizer.pad_token_id)
-        self.datasets = {"train": PackedBlocks(train, self.block_size, pad), "val": PackedBlocks(val, self.block_size, pad)}
+        self.datasets = {
+            "train": PackedBlocks(train, self.block_size, pad),
+            "val": PackedBlocks(val, self.block_size, pad),
+        }
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.datasets["train"], batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          generator=generator, num_workers=self.num_workers)
+        return DataLoader(
+            self.datasets["train"],
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=generator,
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.datasets["val"], batch_size=self.batch_size, num_workers=self.num_workers)
@@ -154,20 +163,26 @@ class TextDataModule(L.LightningDataModule):
         sources = []
         for name in names:
             if name.startswith(BUILTIN_PREFIX):
-                sources.append(str(builtin_corpus_path(name[len(BUILTIN_PREFIX):], self.cache_dir)))
+                sources.append(str(builtin_corpus_path(name[len(BUILTIN_PREFIX) :], self.cache_dir)))
                 continue
             path = Path(name).expanduser()
             if path.suffix in _BUILDERS:
                 if not path.is_file():
-                    raise ConfigError(field, name, "does not exist", "check the path (relative to where you run)")
+                    raise ConfigError(
+                        field, name, "does not exist", "check the path (relative to where you run)"
+                    )
                 if not os.access(path, os.R_OK):
                     raise ConfigError(field, name, "is not readable", "fix its permissions")
                 sources.append(str(path.resolve()))
             elif len(names) == 1:
                 sources.append(name)  # a datasets name or directory
             else:
-                raise ConfigError(field, name, f"has an unknown suffix {path.suffix!r}",
-                                  f"use {sorted(_BUILDERS)} files, or a single datasets name")
+                raise ConfigError(
+                    field,
+                    name,
+                    f"has an unknown suffix {path.suffix!r}",
+                    f"use {sorted(_BUILDERS)} files, or a single datasets name",
+                )
         return sources
 
     def _documents(self, sources: list[str], field: str) -> datasets.Dataset:
@@ -180,11 +195,17 @@ class TextDataModule(L.LightningDataModule):
             parts.append(_load(builder, files, field, self.cache_dir))
         docs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
         if self.text_field not in docs.column_names:
-            raise ConfigError("data.text_field", self.text_field, f"is not a column of {field}",
-                              f"use one of {docs.column_names}")
+            raise ConfigError(
+                "data.text_field",
+                self.text_field,
+                f"is not a column of {field}",
+                f"use one of {docs.column_names}",
+            )
         docs = docs.select_columns([self.text_field]).filter(lambda row: bool(row[self.text_field]))
         if len(docs) == 0:
-            raise ConfigError(field, sources, "holds no text", "give files with at least one non-empty document")
+            raise ConfigError(
+                field, sources, "holds no text", "give files with at least one non-empty document"
+            )
         return docs
 
     def _tokenized(self, sources: list[str], field: str) -> datasets.Dataset:
@@ -201,8 +222,14 @@ class TextDataModule(L.LightningDataModule):
             return {"input_ids": [doc + [eos] for doc in ids]}
 
         docs = self._documents(sources, field)
-        return docs.map(encode, batched=True, remove_columns=[text_field], cache_file_name=str(cache_file),
-                        new_fingerprint=key, desc="tokenizing")
+        return docs.map(
+            encode,
+            batched=True,
+            remove_columns=[text_field],
+            cache_file_name=str(cache_file),
+            new_fingerprint=key,
+            desc="tokenizing",
+        )
 
     def _split(self, docs: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
         """Seeded document-level split; one document is split at its last ``val_fraction`` of tokens."""
@@ -210,8 +237,12 @@ class TextDataModule(L.LightningDataModule):
             stream = _stream(docs)
             cut = len(stream) - max(self.block_size, int(len(stream) * self.val_fraction))
             if cut < self.block_size:
-                raise ConfigError("data.train_files", self.train_sources, "is too short to hold out a validation block",
-                                  "give more text, a smaller block_size, or val_files")
+                raise ConfigError(
+                    "data.train_files",
+                    self.train_sources,
+                    "is too short to hold out a validation block",
+                    "give more text, a smaller block_size, or val_files",
+                )
             return stream[:cut], stream[cut:]
         order = np.random.default_rng(self.seed).permutation(len(docs))
         n_val = max(1, round(len(docs) * self.val_fraction))
@@ -224,8 +255,9 @@ def _load(builder: str, files: list[str], field: str, cache_dir: Path) -> datase
     hf_cache = str(cache_dir / "datasets")
     try:
         if builder == "text":
-            return datasets.load_dataset("text", data_files=files, sample_by="document", split="train",
-                                         cache_dir=hf_cache)
+            return datasets.load_dataset(
+                "text", data_files=files, sample_by="document", split="train", cache_dir=hf_cache
+            )
         if builder:
             return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=hf_cache)
         path = Path(files[0]).expanduser()
@@ -234,18 +266,28 @@ def _load(builder: str, files: list[str], field: str, cache_dir: Path) -> datase
             return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
         return datasets.load_dataset(files[0], split="train", cache_dir=hf_cache)
     except UnicodeDecodeError as err:
-        raise ConfigError(field, files, f"is not valid UTF-8 ({err.reason} at byte {err.start})",
-                          "convert the files to UTF-8") from err
+        raise ConfigError(
+            field,
+            files,
+            f"is not valid UTF-8 ({err.reason} at byte {err.start})",
+            "convert the files to UTF-8",
+        ) from err
     except (FileNotFoundError, ValueError, datasets.exceptions.DatasetGenerationError) as err:
-        raise ConfigError(field, files, f"could not be read ({_first_line(err)})",
-                          "give .txt/.jsonl/.parquet files or a datasets name that is available offline") from err
+        raise ConfigError(
+            field,
+            files,
+            f"could not be read ({_first_line(err)})",
+            "give .txt/.jsonl/.parquet files or a datasets name that is available offline",
+        ) from err
 
 
 def _stream(docs: datasets.Dataset) -> np.ndarray:
     """All token ids of ``docs`` concatenated in order: ``(total_tokens,)`` int64."""
     column = docs.with_format("arrow")["input_ids"]
-    return np.asarray(column.combine_chunks().flatten() if hasattr(column, "combine_chunks") else column.flatten(),
-                      dtype=np.int64)
+    return np.asarray(
+        column.combine_chunks().flatten() if hasattr(column, "combine_chunks") else column.flatten(),
+        dtype=np.int64,
+    )
 
 
 def _fingerprint(sources: Sequence[str], text_field: str) -> str:
@@ -266,5 +308,3 @@ def _tokenizer_hash(tokenizer: Any) -> str:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0]
-
-

@@ -26,5 +26,7 @@ def check_range(field: str, value: float, low: float, high: float, *, open_low: 
     below = value <= low if open_low else value < low
     if below or value > high:
         bracket = "(" if open_low else "["
-        raise ConfigError(field, value, f"must lie in {bracket}{low}, {high}]", f"choose a value in that range")
+        raise ConfigError(
+            field, value, f"must lie in {bracket}{low}, {high}]", "choose a value in that range"
+        )
     return value

@@ -12,6 +12,7 @@ from jsonargparse import ArgumentParser
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from distilkit.errors import ConfigError
+from distilkit.models import parse_dtype
 
 
 def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
@@ -25,42 +26,62 @@ def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     """Load a distilkit checkpoint with ``weights_only=True``; a clear error for anything else."""
     path = Path(ckpt_path)
     if not path.is_file():
-        raise ConfigError("ckpt_path", str(ckpt_path), "does not exist", "give a .ckpt file from a run's checkpoints/")
+        raise ConfigError(
+            "ckpt_path", str(ckpt_path), "does not exist", "give a .ckpt file from a run's checkpoints/"
+        )
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if "distilkit" not in checkpoint or "student_config" not in checkpoint["distilkit"]:
-        raise ConfigError("ckpt_path", str(ckpt_path), "is not a distilkit checkpoint of a Hugging Face student",
-                          "export checkpoints written by `distilkit fit`")
+        raise ConfigError(
+            "ckpt_path",
+            str(ckpt_path),
+            "is not a distilkit checkpoint of a Hugging Face student",
+            "export checkpoints written by `distilkit fit`",
+        )
     return checkpoint
 
 
-def export_student(ckpt_path: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
+def export_student(
+    ckpt_path: str | Path, output_dir: str | Path, dtype: str = "float32", overwrite: bool = False
+) -> Path:
     """Write the student of ``ckpt_path`` and the run's tokenizer to ``output_dir``.
+
+    ``dtype`` (``float32``, ``bfloat16`` or ``float16``) is the dtype of the saved weights.
 
     The directory is written beside its final place and renamed into it, so a failure leaves no half
     export; an existing non-empty ``output_dir`` is refused unless ``overwrite``.
 
     Returns:
-        ``output_dir``, loadable by ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``.
+        ``output_dir``, which ``AutoModelForCausalLM.from_pretrained`` and
+        ``AutoTokenizer.from_pretrained`` load.
     """
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError("output_dir", str(out), "already exists and is not empty",
-                          "choose a new directory or pass --overwrite true")
+        raise ConfigError(
+            "output_dir",
+            str(out),
+            "already exists and is not empty",
+            "choose a new directory or pass --overwrite true",
+        )
+    torch_dtype = parse_dtype("dtype", dtype)
     checkpoint = load_checkpoint(ckpt_path)
     extra = checkpoint["distilkit"]
     fields = dict(extra["student_config"])
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = {k[len("student."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}
+    state = {k[len("student.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}
     missing, unexpected = student.load_state_dict(state, strict=False)
     tied = set(getattr(student, "_tied_weights_keys", None) or [])
     if unexpected or [key for key in missing if key not in tied]:
-        raise ConfigError("ckpt_path", str(ckpt_path), f"does not match its student (missing {missing}, "
-                          f"unexpected {unexpected})", "export a checkpoint written by the same distilkit version")
+        raise ConfigError(
+            "ckpt_path",
+            str(ckpt_path),
+            f"does not match its student (missing {missing}, unexpected {unexpected})",
+            "export a checkpoint written by the same distilkit version",
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        student.save_pretrained(staging)
+        student.to(torch_dtype).save_pretrained(staging)
         files = extra.get("tokenizer_files") or {}
         if files:
             _write_tokenizer(files, staging)
@@ -80,9 +101,11 @@ def _write_tokenizer(files: dict[str, str], directory: Path) -> None:
 
 
 def export_main(args: list[str]) -> None:
-    """``distilkit export --ckpt_path C --output_dir D [--overwrite true]``."""
-    parser = ArgumentParser(prog="distilkit export", description=export_student.__doc__.splitlines()[0])
+    """``distilkit export --ckpt_path C --output_dir D [--dtype bfloat16] [--overwrite true]``."""
+    parser = ArgumentParser(
+        prog="distilkit export", description=(export_student.__doc__ or "").splitlines()[0]
+    )
     parser.add_function_arguments(export_student)
     config = parser.parse_args(args)
-    out = export_student(config.ckpt_path, config.output_dir, config.overwrite)
+    out = export_student(config.ckpt_path, config.output_dir, config.dtype, config.overwrite)
     print(f"exported the student to {out}")

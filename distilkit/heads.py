@@ -12,6 +12,7 @@ and its head is the identity, which is exact, only not memory-saving.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,8 @@ def output_head(model: nn.Module, vocab_size: int) -> OutputHead:
     """The :class:`OutputHead` of ``model``, read fresh (parameters may move or be wrapped between steps)."""
     if not _has_separable_head(model):
         return OutputHead(weight=None, bias=None, vocab_size=vocab_size)
-    linear = model.get_output_embeddings()
-    config = model.config
+    hf_model: Any = model
+    linear, config = hf_model.get_output_embeddings(), hf_model.config
     scale = float(getattr(config, "logit_scale", None) or 1.0)  # Cohere: logits * logit_scale
     divisor = getattr(config, "logits_scaling", None)  # Granite: logits / logits_scaling
     if divisor:
@@ -72,16 +73,41 @@ def output_head(model: nn.Module, vocab_size: int) -> OutputHead:
     return OutputHead(linear.weight, linear.bias, vocab_size, scale, float(softcap) if softcap else None)
 
 
-def body_features(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """Run the model's body: ``(B, T)`` ids -> ``(B, T, H)`` final hidden states (after the final norm).
+class BodyOutput(NamedTuple):
+    """What a model's body returns.
 
-    For a model without a separable head this returns its ``(B, T, V)`` logits.
+    Attributes:
+        last: ``(B, T, H)`` final hidden states (after the final norm); the ``(B, T, V)`` logits for a model
+            without a separable head.
+        hidden_states: per layer ``(B, T, H)``, index 0 the embedding output, when asked for; else None.
     """
+
+    last: Tensor
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+def body_features(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, output_hidden_states: bool = False
+) -> BodyOutput:
+    """Run the model's body on ``(B, T)`` ids: its final hidden states, and every layer's if asked."""
     if _has_separable_head(model):
-        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out[0]
+        base: Any = model.base_model
+        out = base(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            output_hidden_states=output_hidden_states,
+        )
+        return BodyOutput(out[0], out.hidden_states if output_hidden_states else None)
+    if output_hidden_states:
+        raise ConfigError(
+            "model",
+            type(model).__name__,
+            "has no hidden states to distil",
+            "use a Hugging Face causal LM, or drop hidden_loss",
+        )
     out = model(input_ids=input_ids, attention_mask=attention_mask)
-    return out.logits if hasattr(out, "logits") else out
+    return BodyOutput(out.logits if hasattr(out, "logits") else out)
 
 
 def check_head(model: nn.Module, head: OutputHead, field: str) -> None:
@@ -99,7 +125,7 @@ def check_head(model: nn.Module, head: OutputHead, field: str) -> None:
     model.eval()
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., : head.vocab_size]
-        got = head(body_features(model, ids, mask))
+        got = head(body_features(model, ids, mask).last)
     model.train(was_training)
     if not torch.allclose(expected.float(), got.float(), rtol=1e-3, atol=1e-3):
         raise ConfigError(
@@ -111,6 +137,6 @@ def check_head(model: nn.Module, head: OutputHead, field: str) -> None:
 
 
 def _has_separable_head(model: nn.Module) -> bool:
-    get_head = getattr(model, "get_output_embeddings", None)
+    get_head: Any = getattr(model, "get_output_embeddings", None)
     body = getattr(model, "base_model", model)
     return callable(get_head) and isinstance(get_head(), nn.Linear) and body is not model

@@ -19,6 +19,8 @@ class TokenPerplexity(Metric):
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
+    nll_sum: Tensor
+    count: Tensor
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -42,6 +44,8 @@ class TopKAgreement(Metric):
     is_differentiable = False
     higher_is_better = True
     full_state_update = False
+    hits: Tensor
+    count: Tensor
 
     def __init__(self, k: int = 1, **kwargs) -> None:
         super().__init__(**kwargs)

@@ -16,7 +16,7 @@ import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from distilkit.errors import ConfigError
 
-ModelSpec = Union[str, Mapping[str, Any], nn.Module]
+ModelSpec = str | Mapping[str, Any] | nn.Module
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,7 +81,9 @@ def _from_pretrained(name: str, *, field: str, dtype: torch.dtype) -> nn.Module:
     try:
         return AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else name, dtype=dtype).eval()
     except OSError as err:
-        raise ConfigError(field, name, f"could not be loaded ({err})", "check the name or the directory") from err
+        raise ConfigError(
+            field, name, f"could not be loaded ({err})", "check the name or the directory"
+        ) from err
 
 
 def config_from_mapping(
@@ -95,7 +97,9 @@ def config_from_mapping(
     fields = dict(spec)
     model_type = fields.pop("model_type", None)
     if model_type is None:
-        raise ConfigError(field, dict(spec), "has no model_type", "add e.g. model_type: gpt2 (or llama, qwen2)")
+        raise ConfigError(
+            field, dict(spec), "has no model_type", "add e.g. model_type: gpt2 (or llama, qwen2)"
+        )
     try:
         config = AutoConfig.for_model(model_type)
     except ValueError as err:
@@ -135,7 +139,9 @@ def vocab_rows(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "vocab_size", None):
         return int(config.vocab_size)
-    raise ConfigError("model", type(model).__name__, "has no output head or config.vocab_size", "use a causal LM")
+    raise ConfigError(
+        "model", type(model).__name__, "has no output head or config.vocab_size", "use a causal LM"
+    )
 
 
 def shared_vocab_size(student: nn.Module, teacher: nn.Module | None, tokenizer_size: int | None) -> int:
@@ -148,7 +154,9 @@ def shared_vocab_size(student: nn.Module, teacher: nn.Module | None, tokenizer_s
     student_rows = vocab_rows(student)
     if tokenizer_size is not None and tokenizer_size > student_rows:
         raise ConfigError(
-            "model.student", f"vocabulary of {student_rows}", f"is smaller than the tokenizer's {tokenizer_size}",
+            "model.student",
+            f"vocabulary of {student_rows}",
+            f"is smaller than the tokenizer's {tokenizer_size}",
             "build the student with vocab_size >= the tokenizer's size (leave it out of a config mapping)",
         )
     if teacher is None:

@@ -12,8 +12,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from distilkit.errors import ConfigError, check_range
-from distilkit.heads import OutputHead, body_features, check_head, output_head
-from distilkit.losses import DistillationLoss, ForwardKLLoss
+from distilkit.heads import BodyOutput, OutputHead, body_features, check_head, output_head
+from distilkit.losses import DistillationLoss, ForwardKLLoss, HiddenStateLoss
 from distilkit.losses.chunked import HeadLossPlan, auto_chunk_size, chunk_slices, head_losses
 from distilkit.metrics import TokenPerplexity, TopKAgreement
 from distilkit.models import ModelSpec, load_causal_lm, parse_dtype, shared_vocab_size
@@ -26,7 +26,8 @@ class DistillationModule(L.LightningModule):
     """Distil a frozen teacher into a student: total = (1 − kd_ratio)·CE + kd_ratio·KD.
 
     CE is the student's next-token cross-entropy on the labels; KD is ``loss(student, teacher)`` on the
-    same positions. Both come from the final hidden states through each model's output head in chunks
+    same positions; an optional ``hidden_loss`` adds its weighted intermediate-layer term. CE and KD
+    come from the final hidden states through each model's output head in chunks
     of ``chunk_size`` tokens, so the full ``(tokens, V)`` logits are never held. Without a teacher the
     module is plain language-model training (total = CE), used to pretrain teachers and baselines.
 
@@ -38,6 +39,8 @@ class DistillationModule(L.LightningModule):
         student: a Hugging Face model directory or hub name, a config mapping (random init), or a module.
         teacher: the same forms, or None for training without a teacher.
         loss: the KD divergence (default ``ForwardKLLoss(temperature=1.0)``).
+        hidden_loss: optional intermediate-layer loss, added as ``hidden_loss.weight · term``; its
+            projections train with the student and are never exported.
         kd_ratio: weight of KD in the total, in [0, 1] (default 0.5).
         chunk_size: tokens per chunk of the loss; ``"auto"`` chooses it from a byte budget; None forms the
             full logits at once (the reference path).
@@ -56,6 +59,7 @@ class DistillationModule(L.LightningModule):
         student: ModelSpec,
         teacher: ModelSpec | None = None,
         loss: DistillationLoss | None = None,
+        hidden_loss: HiddenStateLoss | None = None,
         kd_ratio: float = 0.5,
         chunk_size: int | Literal["auto"] | None = "auto",
         teacher_dtype: str = "float32",
@@ -66,11 +70,17 @@ class DistillationModule(L.LightningModule):
         eos_token_id: int | None = None,
     ) -> None:
         super().__init__()
-        plain = [name for name, spec in (("student", student), ("teacher", teacher)) if isinstance(spec, nn.Module)]
-        self.save_hyperparameters(ignore=["loss", "optimizer", "lr_scheduler", *plain])
+        plain = [
+            name for name, spec in (("student", student), ("teacher", teacher)) if isinstance(spec, nn.Module)
+        ]
+        self.save_hyperparameters(ignore=["loss", "hidden_loss", "optimizer", "lr_scheduler", *plain])
         self.kd_ratio = kd_ratio
-        if not (chunk_size is None or chunk_size == "auto" or (isinstance(chunk_size, int) and chunk_size > 0)):
-            raise ConfigError("model.chunk_size", chunk_size, "must be a positive integer", 'use "auto" or null')
+        if not (
+            chunk_size is None or chunk_size == "auto" or (isinstance(chunk_size, int) and chunk_size > 0)
+        ):
+            raise ConfigError(
+                "model.chunk_size", chunk_size, "must be a positive integer", 'use "auto" or null'
+            )
         defaults = {
             "vocab_size": vocab_size,
             "max_position_embeddings": block_size,
@@ -87,6 +97,19 @@ class DistillationModule(L.LightningModule):
         self.vocab_size = shared_vocab_size(self.student, self.teacher, vocab_size)
         self.chunk_size = auto_chunk_size(self.vocab_size) if chunk_size == "auto" else chunk_size
         self.loss = loss if loss is not None else ForwardKLLoss()
+        self.hidden_loss = hidden_loss
+        if hidden_loss is not None:
+            if self.teacher is None:
+                raise ConfigError(
+                    "model.hidden_loss",
+                    type(hidden_loss).__name__,
+                    "needs a teacher",
+                    "set model.teacher or drop hidden_loss",
+                )
+            (student_width, student_depth), (teacher_width, teacher_depth) = map(
+                _width_and_depth, (self.student, self.teacher)
+            )
+            hidden_loss.bind(student_width, teacher_width, student_depth, teacher_depth)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.eval_metrics = nn.ModuleDict({stage: self._make_metrics() for stage in ("val", "test")})
@@ -102,20 +125,34 @@ class DistillationModule(L.LightningModule):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Student logits ``(B, T, V)`` for ``(B, T)`` token ids."""
-        features = self.student_forward({"input_ids": input_ids, "attention_mask": attention_mask})
-        return self.student_head()(features)
+        batch = {"input_ids": input_ids}
+        if attention_mask is not None:
+            batch["attention_mask"] = attention_mask
+        body = self.student_forward(batch)
+        return self.student_head()(body.last)
 
     # ----------------------------------------------------------------------------------------------- pieces
-    def student_forward(self, batch: Batch) -> Tensor:
-        """The student's final hidden states ``(B, T, H_s)`` (its logits for a module without a head)."""
-        return body_features(self.student, batch["input_ids"], batch.get("attention_mask"))
+    def student_forward(self, batch: Batch) -> BodyOutput:
+        """The student's final hidden states ``(B, T, H_s)`` (its logits for a module without a head),
+        plus every layer's when a ``hidden_loss`` needs them."""
+        return body_features(
+            self.student,
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            output_hidden_states=self.hidden_loss is not None,
+        )
 
-    def teacher_forward(self, batch: Batch) -> Tensor | None:
-        """The teacher's final hidden states ``(B, T, H_t)`` under no_grad, or None without a teacher."""
+    def teacher_forward(self, batch: Batch) -> BodyOutput | None:
+        """The teacher's :class:`BodyOutput` under no_grad, or None without a teacher."""
         if self.teacher is None:
             return None
         with torch.no_grad():
-            return body_features(self.teacher, batch["input_ids"], batch.get("attention_mask"))
+            return body_features(
+                self.teacher,
+                batch["input_ids"],
+                batch.get("attention_mask"),
+                output_hidden_states=self.hidden_loss is not None,
+            )
 
     def student_head(self) -> OutputHead:
         return output_head(self.student, self.vocab_size)
@@ -123,7 +160,9 @@ class DistillationModule(L.LightningModule):
     def teacher_head(self) -> OutputHead | None:
         return None if self.teacher is None else output_head(self.teacher, self.vocab_size)
 
-    def loss_terms(self, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor) -> dict[str, Tensor]:
+    def loss_terms(
+        self, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor
+    ) -> dict[str, Tensor]:
         """Named loss terms, each a mean over the given positions.
 
         Args:
@@ -145,10 +184,18 @@ class DistillationModule(L.LightningModule):
 
     def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
         """``{"loss": total, "ce_loss": ..., "kd_loss": ...}`` for one batch (terms detached, total not)."""
+        student, teacher = self.student_forward(batch), self.teacher_forward(batch)
         student_features, teacher_features, labels = self.valid_positions(
-            self.student_forward(batch), self.teacher_forward(batch), batch["labels"]
+            student.last, None if teacher is None else teacher.last, batch["labels"]
         )
-        return head_losses(student_features, self._plan(teacher_features, labels))
+        losses = head_losses(student_features, self._plan(teacher_features, labels))
+        if self.hidden_loss is not None and teacher is not None:
+            mask = batch.get("attention_mask")
+            keep = None if mask is None else mask.bool()  # (B, T)
+            hidden = self.hidden_loss(student.hidden_states, teacher.hidden_states, keep)
+            losses["hidden_loss"] = hidden.detach()
+            losses["loss"] = losses["loss"] + self.hidden_loss.weight * hidden
+        return losses
 
     def valid_positions(
         self, student_features: Tensor, teacher_features: Tensor | None, labels: Tensor
@@ -181,12 +228,13 @@ class DistillationModule(L.LightningModule):
 
     def _evaluation_step(self, batch: Batch, stage: str) -> None:
         """Loss terms, perplexities and agreement, walking the logits chunk by chunk."""
+        student_body, teacher_body = self.student_forward(batch), self.teacher_forward(batch)
         student, teacher, labels = self.valid_positions(
-            self.student_forward(batch), self.teacher_forward(batch), batch["labels"]
+            student_body.last, None if teacher_body is None else teacher_body.last, batch["labels"]
         )
         plan = self._plan(teacher, labels)
-        metrics = self.eval_metrics[stage]
-        sums = dict.fromkeys(plan.names, 0.0)
+        metrics: Any = self.eval_metrics[stage]
+        sums = {name: student.new_zeros((), dtype=torch.float32) for name in plan.names}
         for rows in chunk_slices(labels.numel(), self.chunk_size):
             raw = plan.student_head.raw(student[rows])  # (n, V)
             student_logits = plan.student_head.post(raw)  # (n, V)
@@ -235,7 +283,7 @@ class DistillationModule(L.LightningModule):
             self.teacher.eval()
         return self
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
         """The module's state without the teacher (checkpoints hold the student and what trains with it)."""
         state = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", "")
@@ -243,7 +291,9 @@ class DistillationModule(L.LightningModule):
             del state[key]
         return state
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
         """Load a state saved by :meth:`state_dict`; the teacher keeps its own weights (strict otherwise)."""
         if self.teacher is not None and not any(k.startswith("teacher.") for k in state_dict):
             teacher_state = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
@@ -291,3 +341,16 @@ class DistillationModule(L.LightningModule):
         if self.teacher is not None and teacher_head is not None:
             check_head(self.teacher, teacher_head, "model.teacher")
         self._heads_checked = True
+
+
+def _width_and_depth(model: nn.Module) -> tuple[int, int]:
+    """(hidden size, number of blocks) from a Hugging Face config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ConfigError(
+            "model.hidden_loss",
+            type(model).__name__,
+            "has no config to read widths from",
+            "use Hugging Face causal LMs with hidden_loss",
+        )
+    return int(config.hidden_size), int(config.num_hidden_layers)

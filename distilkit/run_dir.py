@@ -11,7 +11,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 
 from distilkit.errors import ConfigError
 
-CSV_LOGGER = "lightning.pytorch.loggers.CSVLogger"
+CSV_LOGGER = "distilkit.loggers.CSVLogger"
 _RUN_MARKERS = ("config.yaml", "metrics.csv", "checkpoints")
 
 
@@ -20,13 +20,16 @@ def refuse_existing_run(root: str, resuming: bool) -> None:
     found = [name for name in _RUN_MARKERS if (Path(root) / name).exists()]
     if found and not resuming:
         raise ConfigError(
-            "trainer.default_root_dir", root, f"already holds a run ({', '.join(found)})",
+            "trainer.default_root_dir",
+            root,
+            f"already holds a run ({', '.join(found)})",
             "resume it with --ckpt_path last, or choose a new directory with --trainer.default_root_dir",
         )
 
 
 def place_loggers(trainer_config: Namespace, root: str) -> None:
-    """Put every logger's files under ``root`` and make sure a CSV logger writes ``root/metrics.csv``.
+    """Put every logger's files under ``root`` and make sure a CSV logger writes ``root/metrics.csv``
+    (distilkit's :class:`~distilkit.loggers.CSVLogger`, which appends when a run resumes).
 
     Loggers are jsonargparse namespaces here (``class_path`` + ``init_args``), edited before they are built.
     """
@@ -34,6 +37,9 @@ def place_loggers(trainer_config: Namespace, root: str) -> None:
     if loggers is False:
         return
     entries = [] if loggers in (None, True) else (loggers if isinstance(loggers, list) else [loggers])
+    for entry in entries:
+        if _class_path(entry).endswith(".CSVLogger"):
+            entry["class_path"] = CSV_LOGGER  # Lightning's own deletes metrics.csv when a run resumes
     if not any(_class_path(entry) == CSV_LOGGER for entry in entries):
         entries.insert(0, Namespace(class_path=CSV_LOGGER, init_args=Namespace()))
     for entry in entries:

@@ -17,7 +17,9 @@ EOS = "<|endoftext|>"
 TRAIN_SETTINGS = {"vocab_size": 4096, "min_frequency": 2}
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+def train_bpe(
+    texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
     """Train a GPT-2-style byte-level BPE on ``texts``; ``<|endoftext|>`` is its EOS (and BOS, pad).
 
     Byte-level means every string encodes: no unknown token is ever needed.
@@ -55,36 +57,55 @@ def resolve_tokenizer(
         unknown = set(spec) - set(TRAIN_SETTINGS)
         if unknown:
             key = sorted(unknown)[0]
-            raise ConfigError(f"data.tokenizer.{key}", spec[key], "is not a tokenizer setting",
-                              f"use only {sorted(TRAIN_SETTINGS)}")
+            raise ConfigError(
+                f"data.tokenizer.{key}",
+                spec[key],
+                "is not a tokenizer setting",
+                f"use only {sorted(TRAIN_SETTINGS)}",
+            )
         settings = {**TRAIN_SETTINGS, **spec}
         if not (isinstance(settings["vocab_size"], int) and settings["vocab_size"] >= 300):
-            raise ConfigError("data.tokenizer.vocab_size", settings["vocab_size"], "must be an integer >= 300",
-                              "byte-level BPE needs 256 byte tokens plus merges; use e.g. 4096")
+            raise ConfigError(
+                "data.tokenizer.vocab_size",
+                settings["vocab_size"],
+                "must be an integer >= 300",
+                "byte-level BPE needs 256 byte tokens plus merges; use e.g. 4096",
+            )
         key = hashlib.sha256(json.dumps([fingerprint, settings], sort_keys=True).encode()).hexdigest()[:16]
         path = cache_dir / f"tokenizer-{key}"
         if not (path / "tokenizer.json").exists():
-            tokenizer = train_bpe(texts(), **settings)
             tmp = path.with_name(path.name + ".tmp")
-            tokenizer.save_pretrained(tmp)
+            train_bpe(texts(), **settings).save_pretrained(tmp)
             tmp.replace(path)
         return _with_eos(AutoTokenizer.from_pretrained(path), str(path))
     path = Path(spec).expanduser()
     if not path.is_dir():
-        raise ConfigError("data.tokenizer", spec, "is not a directory",
-                          "give a tokenizer (or exported model) directory, or settings such as {vocab_size: 4096}")
+        raise ConfigError(
+            "data.tokenizer",
+            spec,
+            "is not a directory",
+            "give a tokenizer (or exported model) directory, or settings such as {vocab_size: 4096}",
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise ConfigError("data.tokenizer", spec, f"holds no loadable tokenizer ({err})",
-                          "point at a directory written by save_pretrained or distilkit export") from err
+        raise ConfigError(
+            "data.tokenizer",
+            spec,
+            f"holds no loadable tokenizer ({err})",
+            "point at a directory written by save_pretrained or distilkit export",
+        ) from err
     return _with_eos(tokenizer, spec)
 
 
 def _with_eos(tokenizer: PreTrainedTokenizerBase, where: str) -> PreTrainedTokenizerBase:
     if tokenizer.eos_token_id is None:
-        raise ConfigError("data.tokenizer", where, "has no EOS token",
-                          "documents are joined with EOS when packed; use a tokenizer that defines one")
+        raise ConfigError(
+            "data.tokenizer",
+            where,
+            "has no EOS token",
+            "documents are joined with EOS when packed; use a tokenizer that defines one",
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -50,8 +50,14 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Pat
 def datamodule(corpus: Path, tokenizer_dir: Path, cache_dir: Path):
     from distilkit import TextDataModule
 
-    dm = TextDataModule(str(corpus), tokenizer=str(tokenizer_dir), block_size=32, batch_size=4,
-                        val_fraction=0.1, cache_dir=str(cache_dir))
+    dm = TextDataModule(
+        str(corpus),
+        tokenizer=str(tokenizer_dir),
+        block_size=32,
+        batch_size=4,
+        val_fraction=0.1,
+        cache_dir=str(cache_dir),
+    )
     dm.setup()
     return dm
 
@@ -60,15 +66,28 @@ def tiny_module(datamodule, teacher=TINY_TEACHER, student=TINY_STUDENT, **kwargs
     """A DistillationModule of tiny GPT-2s sized from the data module's tokenizer."""
     from distilkit import DistillationModule
 
-    return DistillationModule(student=student, teacher=teacher, vocab_size=datamodule.vocab_size,
-                              block_size=datamodule.block_size, eos_token_id=datamodule.eos_token_id, **kwargs)
+    return DistillationModule(
+        student=student,
+        teacher=teacher,
+        vocab_size=datamodule.vocab_size,
+        block_size=datamodule.block_size,
+        eos_token_id=datamodule.eos_token_id,
+        **kwargs,
+    )
 
 
 def tiny_trainer(tmp_path: Path, max_steps: int = 4, **kwargs):
     import lightning as L
 
-    options = dict(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, limit_val_batches=2, num_sanity_val_steps=0,
-                   default_root_dir=str(tmp_path))
+    options = dict(
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+    )
     options.update(kwargs)
     return L.Trainer(**options)

@@ -42,8 +42,14 @@ def test_documents_are_separated_by_eos(datamodule):
 
 def test_split_is_deterministic_and_disjoint(corpus, tokenizer_dir, cache_dir):
     def make(seed):
-        dm = TextDataModule(str(corpus), tokenizer=str(tokenizer_dir), block_size=32, val_fraction=0.1,
-                            cache_dir=str(cache_dir), seed=seed)
+        dm = TextDataModule(
+            str(corpus),
+            tokenizer=str(tokenizer_dir),
+            block_size=32,
+            val_fraction=0.1,
+            cache_dir=str(cache_dir),
+            seed=seed,
+        )
         dm.setup()
         return dm.datasets["train"].tokens, dm.datasets["val"].tokens
 
@@ -59,8 +65,9 @@ def test_split_is_deterministic_and_disjoint(corpus, tokenizer_dir, cache_dir):
 def test_val_files_are_used_as_given(corpus, tokenizer_dir, cache_dir, tmp_path):
     val = tmp_path / "val.txt"
     val.write_text("A held out document about the for statement.\n" * 20)
-    dm = TextDataModule(str(corpus), val_files=str(val), tokenizer=str(tokenizer_dir), block_size=16,
-                        cache_dir=str(cache_dir))
+    dm = TextDataModule(
+        str(corpus), val_files=str(val), tokenizer=str(tokenizer_dir), block_size=16, cache_dir=str(cache_dir)
+    )
     dm.setup()
     decoded = dm.tokenizer.decode(dm.datasets["val"].tokens.flatten()[:30])
     assert decoded.startswith("A held out document")
@@ -82,18 +89,27 @@ def test_txt_jsonl_and_parquet_read_alike(tmp_path, tokenizer_dir, cache_dir):
         (str(tmp_path / "docs.jsonl"), "body"),
         (str(tmp_path / "docs.parquet"), "body"),
     ]:
-        dm = TextDataModule(files, text_field=field, tokenizer=str(tokenizer_dir), block_size=8,
-                            val_fraction=0.25, cache_dir=str(cache_dir))
+        dm = TextDataModule(
+            files,
+            text_field=field,
+            tokenizer=str(tokenizer_dir),
+            block_size=8,
+            val_fraction=0.25,
+            cache_dir=str(cache_dir),
+        )
         dm.setup()
-        streams.append(torch.cat([dm.datasets["train"].tokens.flatten(), dm.datasets["val"].tokens.flatten()]))
+        streams.append(
+            torch.cat([dm.datasets["train"].tokens.flatten(), dm.datasets["val"].tokens.flatten()])
+        )
     assert torch.equal(streams[0], streams[1]) and torch.equal(streams[1], streams[2])
 
 
 def test_a_single_document_is_split_at_its_tail(tmp_path, tokenizer_dir, cache_dir):
     path = tmp_path / "one.txt"
     path.write_text("The while statement repeats a block. " * 200)
-    dm = TextDataModule(str(path), tokenizer=str(tokenizer_dir), block_size=16, val_fraction=0.1,
-                        cache_dir=str(cache_dir))
+    dm = TextDataModule(
+        str(path), tokenizer=str(tokenizer_dir), block_size=16, val_fraction=0.1, cache_dir=str(cache_dir)
+    )
     dm.setup()
     assert len(dm.datasets["val"]) >= 1 and len(dm.datasets["train"]) > len(dm.datasets["val"])
 
@@ -119,8 +135,9 @@ def test_token_ids_are_cached_on_disk(corpus, tokenizer_dir, tmp_path):
 
 
 def test_the_builtin_corpus_needs_no_network(tokenizer_dir, cache_dir):
-    dm = TextDataModule("builtin:python-reference", tokenizer=str(tokenizer_dir), block_size=64,
-                        cache_dir=str(cache_dir))
+    dm = TextDataModule(
+        "builtin:python-reference", tokenizer=str(tokenizer_dir), block_size=64, cache_dir=str(cache_dir)
+    )
     dm.setup()
     assert len(dm.datasets["train"]) * 64 > 100_000
 
@@ -152,7 +169,9 @@ def test_an_empty_dataset_is_a_clear_error(tmp_path, tokenizer_dir, cache_dir):
 
 
 def test_a_missing_text_field_is_a_clear_error(corpus, tokenizer_dir, cache_dir):
-    dm = TextDataModule(str(corpus), text_field="body", tokenizer=str(tokenizer_dir), cache_dir=str(cache_dir))
+    dm = TextDataModule(
+        str(corpus), text_field="body", tokenizer=str(tokenizer_dir), cache_dir=str(cache_dir)
+    )
     with pytest.raises(ConfigError, match=r"data.text_field='body'.*use one of \['text'\]"):
         dm.setup()
 

@@ -14,12 +14,29 @@ from distilkit.models import load_causal_lm, shared_vocab_size
 
 FAMILIES = {
     "gpt2": {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2},
-    "llama": {"model_type": "llama", "num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
-              "num_key_value_heads": 1, "intermediate_size": 64},
-    "qwen2": {"model_type": "qwen2", "num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
-              "num_key_value_heads": 1, "intermediate_size": 64},
-    "gpt_neox": {"model_type": "gpt_neox", "num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
-                 "intermediate_size": 64},
+    "llama": {
+        "model_type": "llama",
+        "num_hidden_layers": 1,
+        "hidden_size": 32,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 64,
+    },
+    "qwen2": {
+        "model_type": "qwen2",
+        "num_hidden_layers": 1,
+        "hidden_size": 32,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 64,
+    },
+    "gpt_neox": {
+        "model_type": "gpt_neox",
+        "num_hidden_layers": 1,
+        "hidden_size": 32,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    },
 }
 DEFAULTS = {"vocab_size": 300, "max_position_embeddings": 64, "bos_token_id": 0, "eos_token_id": 0}
 
@@ -34,7 +51,9 @@ def test_each_family_builds_from_a_config_mapping(family):
     ids = torch.randint(0, 300, (2, 8))
     head = output_head(model, 300)
     check_head(model, head, "model.student")
-    torch.testing.assert_close(head(body_features(model, ids, None)), model(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        head(body_features(model, ids, None).last), model(ids).logits, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_mapping_values_win_over_defaults():
@@ -107,9 +126,18 @@ def test_a_student_smaller_than_the_tokenizer_is_refused():
 
 def test_softcapped_logits_are_reproduced_by_the_chunked_head():
     model = load_causal_lm(
-        {"model_type": "gemma2", "num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2,
-         "num_key_value_heads": 1, "intermediate_size": 64, "head_dim": 16, "final_logit_softcapping": 3.0},
-        field="model.student", defaults=DEFAULTS,
+        {
+            "model_type": "gemma2",
+            "num_hidden_layers": 1,
+            "hidden_size": 32,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "intermediate_size": 64,
+            "head_dim": 16,
+            "final_logit_softcapping": 3.0,
+        },
+        field="model.student",
+        defaults=DEFAULTS,
     )
     head = output_head(model, 300)
     assert head.softcap == 3.0

@@ -23,8 +23,11 @@ def test_teacher_is_frozen_unchanged_and_outside_optimizer_and_checkpoint(datamo
 
     after = module.teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "the teacher changed"
-    assert not any(torch.equal(student_before[k], v) for k, v in module.student.state_dict().items()
-                   if v.dtype.is_floating_point and v.numel() > 1 and "bias" not in k)
+    assert not any(
+        torch.equal(student_before[k], v)
+        for k, v in module.student.state_dict().items()
+        if v.dtype.is_floating_point and v.numel() > 1 and "bias" not in k
+    )
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert not optimized & {id(p) for p in module.teacher.parameters()}
     assert optimized == {id(p) for p in module.student.parameters()}
@@ -56,8 +59,13 @@ class ModeRecorder(DistillationModule):
 
 
 def test_teacher_in_eval_and_student_in_train_at_every_step(datamodule, tmp_path):
-    module = ModeRecorder(student=TINY_STUDENT, teacher=TINY_TEACHER, vocab_size=datamodule.vocab_size,
-                          block_size=datamodule.block_size, eos_token_id=datamodule.eos_token_id)
+    module = ModeRecorder(
+        student=TINY_STUDENT,
+        teacher=TINY_TEACHER,
+        vocab_size=datamodule.vocab_size,
+        block_size=datamodule.block_size,
+        eos_token_id=datamodule.eos_token_id,
+    )
     module.modes = []
     tiny_trainer(tmp_path, max_steps=6, val_check_interval=2, num_sanity_val_steps=1).fit(module, datamodule)
     train_modes = [m for m in module.modes if m[0] == "train"]
@@ -91,11 +99,13 @@ def test_total_is_the_kd_ratio_mix_of_ce_and_kd(datamodule):
 
 
 def test_no_teacher_is_plain_language_model_training(datamodule, tmp_path):
-    module = tiny_module(datamodule, teacher=None)
+    module = tiny_module(datamodule, teacher=None).eval()  # no dropout: two forwards must agree
     batch = next(iter(datamodule.train_dataloader()))
     losses = module.compute_loss(batch)
     assert set(losses) == {"loss", "ce_loss"}
-    reference = module.student(input_ids=batch["input_ids"], labels=batch["labels"]).loss  # transformers' own CE
+    reference = module.student(
+        input_ids=batch["input_ids"], labels=batch["labels"]
+    ).loss  # transformers' own CE
     torch.testing.assert_close(losses["loss"], reference, rtol=1e-5, atol=1e-5)
     trainer = tiny_trainer(tmp_path, max_steps=3, val_check_interval=3)
     trainer.fit(module, datamodule)
@@ -105,8 +115,18 @@ def test_no_teacher_is_plain_language_model_training(datamodule, tmp_path):
 def test_validation_logs_the_design_names(datamodule, tmp_path):
     trainer = tiny_trainer(tmp_path, max_steps=2, val_check_interval=2)
     trainer.fit(tiny_module(datamodule), datamodule)
-    expected = {"train/loss", "train/ce_loss", "train/kd_loss", "train/lr", "val/loss", "val/ce_loss",
-                "val/kd_loss", "val/ppl", "val/teacher_ppl", "val/top1_agreement"}
+    expected = {
+        "train/loss",
+        "train/ce_loss",
+        "train/kd_loss",
+        "train/lr",
+        "val/loss",
+        "val/ce_loss",
+        "val/kd_loss",
+        "val/ppl",
+        "val/teacher_ppl",
+        "val/top1_agreement",
+    }
     assert expected <= set(trainer.callback_metrics)
     metrics = trainer.callback_metrics
     torch.testing.assert_close(metrics["val/ppl"], metrics["val/ce_loss"].exp(), rtol=1e-4, atol=1e-4)
@@ -124,7 +144,7 @@ def _loss_and_grads(module, batch):
 @pytest.mark.parametrize("loss", [ForwardKLLoss(temperature=2.0), GeneralizedJSDLoss(beta=0.3)])
 def test_chunked_equals_unchunked(datamodule, chunk_size, loss):
     torch.manual_seed(0)
-    module = tiny_module(datamodule, loss=loss, chunk_size=None)
+    module = tiny_module(datamodule, loss=loss, chunk_size=None).eval()  # eval: no dropout between the runs
     batch = {k: v[:, :29] for k, v in next(iter(datamodule.train_dataloader())).items()}  # 4 x 28 targets
     batch["labels"][0, 5:9] = -100
     reference, reference_grads = _loss_and_grads(module, batch)
@@ -141,7 +161,7 @@ def test_chunked_handles_a_vocabulary_the_chunk_does_not_divide(datamodule):
     """Vocabulary 512 from the tokenizer, student padded to 517 rows: chunk 6 divides neither."""
     student = {**TINY_STUDENT, "vocab_size": 517}
     teacher = {**TINY_TEACHER, "vocab_size": 515}
-    module = tiny_module(datamodule, student=student, teacher=teacher, chunk_size=None)
+    module = tiny_module(datamodule, student=student, teacher=teacher, chunk_size=None).eval()
     batch = next(iter(datamodule.train_dataloader()))
     reference, reference_grads = _loss_and_grads(module, batch)
     module.chunk_size = 6
@@ -161,15 +181,19 @@ def test_all_positions_masked_gives_zero_with_a_gradient_path(datamodule):
 
 
 def test_forward_returns_student_logits(datamodule):
-    module = tiny_module(datamodule)
+    module = tiny_module(datamodule).eval()
     ids = torch.randint(0, datamodule.vocab_size, (2, 10))
     torch.testing.assert_close(module(ids), module.student(input_ids=ids).logits)
 
 
 @pytest.mark.parametrize(
     "kwargs,field",
-    [({"kd_ratio": 1.5}, "model.kd_ratio"), ({"kd_ratio": -0.1}, "model.kd_ratio"),
-     ({"chunk_size": 0}, "model.chunk_size"), ({"teacher_dtype": "fp8"}, "model.teacher_dtype")],
+    [
+        ({"kd_ratio": 1.5}, "model.kd_ratio"),
+        ({"kd_ratio": -0.1}, "model.kd_ratio"),
+        ({"chunk_size": 0}, "model.chunk_size"),
+        ({"teacher_dtype": "fp8"}, "model.teacher_dtype"),
+    ],
 )
 def test_bad_settings_name_the_field(datamodule, kwargs, field):
     with pytest.raises(ConfigError, match=field):

@@ -11,11 +11,13 @@ from distilkit.losses.divergences import (
     SymmetricKLLoss,
     TVDLoss,
 )
+from distilkit.losses.hidden import HiddenStateLoss
 
 __all__ = [
     "DistillationLoss",
     "ForwardKLLoss",
     "GeneralizedJSDLoss",
+    "HiddenStateLoss",
     "LogitMSELoss",
     "ReverseKLLoss",
     "SkewForwardKLLoss",

@@ -62,9 +62,13 @@ class DistillationLoss(nn.Module):
         teacher = teacher_logits.reshape(-1, vocab)  # (N, V)
         if labels is not None:
             keep = labels.reshape(-1) != self.ignore_index  # (N,)
-            student, teacher = student[keep], teacher[keep]  # (M, V)
+            if not bool(keep.all()):  # skip the copy when nothing is masked (the chunked path)
+                student, teacher = student[keep], teacher[keep]  # (M, V)
         t = self.temperature
-        per_position = self.divergence(student.float() / t, teacher.float() / t)  # (M,)
+        student, teacher = student.float(), teacher.float()
+        if t != 1.0:
+            student, teacher = student / t, teacher / t
+        per_position = self.divergence(student, teacher)  # (M,)
         return per_position.sum() / max(per_position.numel(), 1) * (t * t)
 
     def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -75,11 +79,11 @@ class DistillationLoss(nn.Module):
 def kl_from_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:
     """KL(p‖q) = Σ_v p_v (log p_v − log q_v) along the last axis; rows ``(M, V)`` -> ``(M,)``.
 
-    Terms with p_v = 0 count as 0 (the limit), so ``-inf`` logits (masked vocabulary) stay finite.
+    Terms with p_v = 0 count as 0 (the limit): ``-inf`` in ``log_p`` (a masked vocabulary entry) is
+    clamped to the most negative float, where p_v = exp(log p_v) is exactly 0, so the row stays finite.
     """
-    p = log_p.exp()
-    terms = p * (log_p - log_q)
-    return torch.where(p > 0, terms, torch.zeros_like(terms)).sum(-1)
+    log_p = log_p.clamp_min(torch.finfo(log_p.dtype).min)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:

@@ -109,7 +109,9 @@ class ChunkedHeadLoss(torch.autograd.Function):
         vocab = head.vocab_size
         want_feat, want_weight, want_bias = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
         grad_features = torch.zeros_like(features) if want_feat else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight and weight is not None else None
+        grad_weight = (
+            torch.zeros_like(weight, dtype=torch.float32) if want_weight and weight is not None else None
+        )
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_bias and bias is not None else None
         sums = {name: features.new_zeros((), dtype=torch.float32) for name in plan.names}
         for rows in chunk_slices(features.shape[0], plan.chunk_size):
@@ -130,7 +132,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 grad_weight[:vocab] += (grad_raw.t() @ chunk).float()  # (V, H)
             if grad_bias is not None:
                 grad_bias[:vocab] += grad_raw.float().sum(0)  # (V,)
-        ctx.save_for_backward(grad_features, grad_weight, grad_bias)
+        ctx.save_for_backward(grad_features, grad_weight, grad_bias)  # type: ignore[arg-type]  # None is allowed
         ctx.weight_dtype = None if weight is None else weight.dtype  # type: ignore[attr-defined]
         values = torch.stack([sums[name] for name in plan.names])  # (K,)
         total = plan.weighted(sums)
@@ -145,7 +147,12 @@ class ChunkedHeadLoss(torch.autograd.Function):
         def scaled(grad: Tensor | None, dtype: torch.dtype | None = None) -> Tensor | None:
             return None if grad is None else (grad * scale).to(dtype or grad.dtype)
 
-        return scaled(grad_features), scaled(grad_weight, ctx.weight_dtype), scaled(grad_bias, ctx.weight_dtype), None
+        return (
+            scaled(grad_features),
+            scaled(grad_weight, ctx.weight_dtype),
+            scaled(grad_bias, ctx.weight_dtype),
+            None,
+        )
 
 
 def head_losses(features: Tensor, plan: HeadLossPlan) -> dict[str, Tensor]:
@@ -164,4 +171,4 @@ def head_losses(features: Tensor, plan: HeadLossPlan) -> dict[str, Tensor]:
         return {"loss": plan.weighted(terms), **{k: v.detach() for k, v in terms.items()}}
     head = plan.student_head
     total, values = ChunkedHeadLoss.apply(features, head.weight, head.bias, plan)
-    return {"loss": total, **dict(zip(plan.names, values.unbind(0)))}
+    return {"loss": total, **dict(zip(plan.names, values.unbind(0), strict=True))}

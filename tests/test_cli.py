@@ -1,0 +1,227 @@
+"""The `distilkit` command: recipes parse, fit -> export -> reload -> generate, resume, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import TINY_STUDENT, TINY_TEACHER
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distilkit import DistillationModule
+from distilkit.cli import main
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+
+
+def tiny_recipe(path: Path, corpus: Path, tokenizer: Path | dict, cache_dir: Path, **trainer) -> Path:
+    """Write a recipe of tiny models that fits in seconds."""
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_steps": 4,
+            "val_check_interval": 2,
+            "check_val_every_n_epoch": None,
+            "limit_val_batches": 2,
+            "log_every_n_steps": 1,
+            "enable_model_summary": False,
+            **trainer,
+        },
+        "model": {
+            "class_path": "distilkit.DistillationModule",
+            "init_args": {
+                "student": TINY_STUDENT,
+                "teacher": TINY_TEACHER,
+                "loss": {"class_path": "distilkit.losses.ForwardKLLoss", "init_args": {"temperature": 2.0}},
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}},
+            },
+        },
+        "data": {
+            "class_path": "distilkit.TextDataModule",
+            "init_args": {
+                "train_files": str(corpus),
+                "tokenizer": tokenizer if isinstance(tokenizer, dict) else str(tokenizer),
+                "block_size": 32,
+                "batch_size": 4,
+                "val_fraction": 0.1,
+                "cache_dir": str(cache_dir),
+            },
+        },
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(*args: str) -> None:
+    main(list(args))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
+def test_every_recipe_parses_and_opens_with_its_command(recipe, capsys):
+    first_line = recipe.read_text().splitlines()[0]
+    assert first_line.startswith("# distilkit "), f"{recipe.name} must open with its command"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", "--config", str(recipe), "--print_config")
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].endswith("DistillationModule")
+    assert printed["data"]["class_path"].endswith("TextDataModule")
+
+
+def test_fit_export_reload_generate(tmp_path, corpus, tokenizer_dir, cache_dir):
+    recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, {"vocab_size": 400}, cache_dir)
+    run_dir = tmp_path / "run"
+    run_cli("fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir))
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.csv").is_file()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss", "train/kd_loss", "val/ppl", "val/teacher_ppl", "val/top1_agreement"} <= set(header)
+
+    export_dir = tmp_path / "student"
+    run_cli("export", "--ckpt_path", str(last), "--output_dir", str(export_dir))
+    model = AutoModelForCausalLM.from_pretrained(export_dir)
+    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    assert len(tokenizer) == 400 and tokenizer.eos_token == "<|endoftext|>"
+
+    module = DistillationModule.load_from_checkpoint(last, weights_only=True)
+    ids = tokenizer("The for statement", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, module.eval()(ids), rtol=1e-5, atol=1e-5)
+    generated = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert generated.shape[1] > ids.shape[1]
+    assert isinstance(tokenizer.decode(generated[0]), str)
+
+    with pytest.raises(SystemExit) as exit_info:  # export never writes over a directory
+        run_cli("export", "--ckpt_path", str(last), "--output_dir", str(export_dir))
+    assert exit_info.value.code == 2
+
+
+def test_resume_from_a_checkpoint(tmp_path, corpus, tokenizer_dir, cache_dir):
+    recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir)
+    run_dir = tmp_path / "run"
+    run_cli("fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir))
+    first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert first["global_step"] == 4
+    config_before = (run_dir / "config.yaml").read_text()
+
+    run_cli(
+        "fit",
+        "--config",
+        str(recipe),
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.max_steps",
+        "6",
+        "--ckpt_path",
+        "last",
+    )
+    second = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert second["global_step"] == 6
+    assert (run_dir / "config.yaml").read_text() == config_before, "the first config was overwritten"
+    assert (run_dir / "config.resumed-1.yaml").is_file()
+    steps = [int(line.split(",")[1]) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert min(steps) < 4 <= max(steps), "resumed metrics were not appended to the first run's"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (["--model.init_args.kd_ratio", "1.5"], "model.kd_ratio=1.5: must lie in [0.0, 1.0]"),
+        (
+            ["--model.init_args.loss.init_args.temperature", "0"],
+            "loss.temperature=0.0: must be a finite number > 0",
+        ),
+        (
+            ["--model.init_args.teacher", "no/such/teacher/dir"],
+            "model.teacher='no/such/teacher/dir': is not a directory",
+        ),
+        (
+            ["--data.init_args.train_files", "missing.jsonl"],
+            "data.train_files='missing.jsonl': does not exist",
+        ),
+        (["--model.init_args.kd_ratoi", "0.3"], "Option 'kd_ratoi' is not accepted"),
+        (["--model.init_args.student", '{"model_type": "gpt2", "n_layers": 2}'], "did you mean 'n_layer'"),
+        (
+            ["--model.init_args.teacher", '{"model_type": "gpt2", "n_layer": 1, "vocab_size": 300}'],
+            "model.teacher='vocabulary of 300': differs from the student's 512",
+        ),
+        (["--data.init_args.block_size", "abc"], "block_size"),
+    ],
+)
+def test_bad_input_exits_2_with_one_clear_message_and_writes_nothing(
+    override, message, tmp_path, corpus, tokenizer_dir, cache_dir, capsys
+):
+    recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir), *override)
+    assert exit_info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err
+    assert "Traceback" not in err
+    assert not run_dir.exists()
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path, corpus, tokenizer_dir, cache_dir, capsys):
+    recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir)
+    run_dir = tmp_path / "run"
+    run_cli("fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir))
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir))
+    assert exit_info.value.code == 2
+    assert "already holds a run" in " ".join(capsys.readouterr().err.split())
+    assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_the_console_script_reports_user_errors_without_a_traceback(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distilkit.cli",
+            "export",
+            "--ckpt_path",
+            str(tmp_path / "none.ckpt"),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "ckpt_path=" in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["quickstart.yaml", "baseline.yaml"])
+def test_small_recipes_run_end_to_end(recipe, tmp_path, cache_dir, capsys):
+    """The shipped recipes as a user runs them, cut to a few steps (the full runs are `make quickstart`)."""
+    root = Path(__file__).parents[1]
+    run_dir = tmp_path / "run"
+    run_cli(
+        "fit",
+        "--config",
+        str(root / "recipes" / recipe),
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.max_steps",
+        "3",
+        "--trainer.val_check_interval",
+        "3",
+        "--trainer.limit_val_batches",
+        "2",
+        "--data.init_args.cache_dir",
+        str(cache_dir),
+    )
+    summary = " ".join(capsys.readouterr().out.split())
+    assert f"run directory {run_dir}" in summary and "student val ppl" in summary
+    assert "distilkit export --ckpt_path" in summary
+    assert ("teacher val ppl" in summary) == (recipe == "quickstart.yaml")
