@@ -1,5 +1,6 @@
 """distilkit: knowledge distillation for GPT-style causal language models, on PyTorch Lightning."""
 
+from distilkit.curriculum import CurriculumCallback, Stage
 from distilkit.data import TextDataModule
 from distilkit.losses import (
     DistillationLoss,
@@ -18,6 +19,7 @@ from distilkit.module import DistillationModule
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CurriculumCallback",
     "DistillationLoss",
     "DistillationModule",
     "ForwardKLLoss",
@@ -26,6 +28,7 @@ __all__ = [
     "ReverseKLLoss",
     "SkewForwardKLLoss",
     "SkewReverseKLLoss",
+    "Stage",
     "SymmetricKLLoss",
     "TVDLoss",
     "TextDataModule",

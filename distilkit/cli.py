@@ -18,7 +18,7 @@ from distilkit.module import DistillationModule
 from distilkit.run_dir import SaveRunConfig, place_loggers, refuse_existing_run
 
 #: Commands beyond LightningCLI's own, each ``name -> "module:function"`` taking ``args``.
-EXTRA_COMMANDS = {"export": "distilkit.export:export_main"}
+EXTRA_COMMANDS = {"export": "distilkit.export:export_main", "plot": "distilkit.plot:plot_main"}
 
 
 class DistilCLI(LightningCLI):

@@ -46,6 +46,9 @@ class DistillationModule(L.LightningModule):
             full logits at once (the reference path).
         teacher_dtype: dtype to load the teacher in (``"bfloat16"`` halves its memory). The student is
             always float32; mixed precision is the trainer's ``precision`` setting.
+        compile_loss: compile :meth:`loss_terms` with ``torch.compile``, which fuses the per-chunk
+            softmaxes, divergences and their gradients (about 3x faster loss on CPU; the first steps
+            pay the compilation).
         optimizer: builds the optimizer from the trainable parameters (the student's, plus any of the loss).
         lr_scheduler: builds an LR scheduler from the optimizer; stepped every optimizer step.
         vocab_size: the tokenizer's size: fills config mappings and settles padded vocabularies. Linked
@@ -63,6 +66,7 @@ class DistillationModule(L.LightningModule):
         kd_ratio: float = 0.5,
         chunk_size: int | Literal["auto"] | None = "auto",
         teacher_dtype: str = "float32",
+        compile_loss: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         vocab_size: int | None = None,
@@ -110,6 +114,7 @@ class DistillationModule(L.LightningModule):
                 _width_and_depth, (self.student, self.teacher)
             )
             hidden_loss.bind(student_width, teacher_width, student_depth, teacher_depth)
+        self._terms = torch.compile(self.loss_terms) if compile_loss else self.loss_terms
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.eval_metrics = nn.ModuleDict({stage: self._make_metrics() for stage in ("val", "test")})
@@ -181,6 +186,27 @@ class DistillationModule(L.LightningModule):
         if self.teacher is None:
             return {"ce_loss": 1.0}
         return {"ce_loss": 1.0 - self.kd_ratio, "kd_loss": self.kd_ratio}
+
+    def knob_names(self) -> set[str]:
+        """Names :meth:`apply_knobs` accepts: ``kd_ratio``, ``temperature`` and the loss's own numeric
+        settings (``beta``, ``alpha``, ``weight`` ...). A subclass adds its own by extending both."""
+        loss_settings = {
+            name for name in ("temperature", "beta", "alpha", "weight") if hasattr(self.loss, name)
+        }
+        return {"kd_ratio"} | loss_settings
+
+    def apply_knobs(self, knobs: Mapping[str, float]) -> None:
+        """Set distillation knobs between steps (a curriculum stage does): ``kd_ratio`` on the module,
+        anything else on the loss (``temperature``, ``beta`` ...). Values are validated where they land."""
+        for name, value in knobs.items():
+            if name not in self.knob_names():
+                raise ConfigError(
+                    f"stage knob {name}",
+                    value,
+                    f"is not a knob of {type(self).__name__}",
+                    f"use one of {sorted(self.knob_names())}",
+                )
+            setattr(self if name == "kd_ratio" else self.loss, name, value)
 
     def compute_loss(self, batch: Batch) -> dict[str, Tensor]:
         """``{"loss": total, "ce_loss": ..., "kd_loss": ...}`` for one batch (terms detached, total not)."""
@@ -322,7 +348,7 @@ class DistillationModule(L.LightningModule):
             teacher_features=teacher_features,
             teacher_head=self.teacher_head(),
             labels=labels,
-            terms=self.loss_terms,
+            terms=self._terms,
             names=tuple(weights),
             weights=weights,
             chunk_size=self.chunk_size,
