@@ -13,13 +13,14 @@ from distilkit.losses import (
     SymmetricKLLoss,
     TVDLoss,
 )
-from distilkit.metrics import TokenPerplexity, TopKAgreement
+from distilkit.metrics import DistillationKL, TokenPerplexity, TopKAgreement
 from distilkit.module import DistillationModule
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "CurriculumCallback",
+    "DistillationKL",
     "DistillationLoss",
     "DistillationModule",
     "ForwardKLLoss",

@@ -6,19 +6,27 @@ import sys
 import warnings
 from argparse import ArgumentError
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 
+from distilkit.curriculum import CurriculumCallback
 from distilkit.data import TextDataModule
 from distilkit.errors import ConfigError
 from distilkit.module import DistillationModule
+from distilkit.plot import draw_run_curve
 from distilkit.run_dir import SaveRunConfig, place_loggers, refuse_existing_run
 
 #: Commands beyond LightningCLI's own, each ``name -> "module:function"`` taking ``args``.
-EXTRA_COMMANDS = {"export": "distilkit.export:export_main", "plot": "distilkit.plot:plot_main"}
+EXTRA_COMMANDS = {
+    "export": "distilkit.export:export_main",
+    "generate": "distilkit.generate:generate_main",
+    "evaluate": "distilkit.evaluate:evaluate_main",
+    "plot": "distilkit.plot:plot_main",
+}
 
 
 class DistilCLI(LightningCLI):
@@ -46,7 +54,19 @@ class DistilCLI(LightningCLI):
         place_loggers(config.trainer, root)
 
     def after_fit(self) -> None:
+        callbacks: list[Any] = getattr(self.trainer, "callbacks", [])
+        if not any(isinstance(c, CurriculumCallback) for c in callbacks):
+            draw_run_curve(self.trainer)  # the curriculum draws its own, with stage names
         print_summary(self.trainer, Console())
+        finish_wandb(self.trainer)
+
+
+def finish_wandb(trainer) -> None:
+    """Close the W&B run the command started, so its files are complete when ``main`` returns (Lightning
+    leaves it open, which only the end of the process would close)."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
+            logger.experiment.finish()
 
 
 def print_summary(trainer, console: Console) -> None:

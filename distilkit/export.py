@@ -40,13 +40,51 @@ def load_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+def load_student(ckpt_path: str | Path) -> tuple[Any, PreTrainedTokenizerBase | None]:
+    """The student of a distilkit checkpoint as a Hugging Face model (eval mode), and the run's tokenizer."""
+    checkpoint = load_checkpoint(ckpt_path)
+    extra = checkpoint["distilkit"]
+    fields = dict(extra["student_config"])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {k[len("student.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    tied = set(getattr(student, "_tied_weights_keys", None) or [])
+    if unexpected or [key for key in missing if key not in tied]:
+        raise ConfigError(
+            "ckpt_path",
+            str(ckpt_path),
+            f"does not match its student (missing {missing}, unexpected {unexpected})",
+            "export a checkpoint written by the same distilkit version",
+        )
+    files = extra.get("tokenizer_files") or {}
+    return student.eval(), (_tokenizer_from_files(files) if files else None)
+
+
+def load_model_and_tokenizer(
+    name: str | Path, field: str = "model"
+) -> tuple[Any, PreTrainedTokenizerBase | None]:
+    """A causal LM and its tokenizer from a distilkit checkpoint (``.ckpt``) or a Hugging Face directory."""
+    path = Path(name)
+    if path.suffix == ".ckpt":
+        return load_student(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            field,
+            str(name),
+            "is neither a .ckpt file nor a model directory with config.json",
+            "give a checkpoint from a run or a directory written by distilkit export",
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tokenizer
+
+
 def export_student(
     ckpt_path: str | Path, output_dir: str | Path, dtype: str = "float32", overwrite: bool = False
 ) -> Path:
     """Write the student of ``ckpt_path`` and the run's tokenizer to ``output_dir``.
 
     ``dtype`` (``float32``, ``bfloat16`` or ``float16``) is the dtype of the saved weights.
-
     The directory is written beside its final place and renamed into it, so a failure leaves no half
     export; an existing non-empty ``output_dir`` is refused unless ``overwrite``.
 
@@ -63,28 +101,13 @@ def export_student(
             "choose a new directory or pass --overwrite true",
         )
     torch_dtype = parse_dtype("dtype", dtype)
-    checkpoint = load_checkpoint(ckpt_path)
-    extra = checkpoint["distilkit"]
-    fields = dict(extra["student_config"])
-    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = {k[len("student.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}
-    missing, unexpected = student.load_state_dict(state, strict=False)
-    tied = set(getattr(student, "_tied_weights_keys", None) or [])
-    if unexpected or [key for key in missing if key not in tied]:
-        raise ConfigError(
-            "ckpt_path",
-            str(ckpt_path),
-            f"does not match its student (missing {missing}, unexpected {unexpected})",
-            "export a checkpoint written by the same distilkit version",
-        )
+    student, tokenizer = load_student(ckpt_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         student.to(torch_dtype).save_pretrained(staging)
-        files = extra.get("tokenizer_files") or {}
-        if files:
-            _write_tokenizer(files, staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
         if out.exists():
             shutil.rmtree(out)
         staging.replace(out)
@@ -93,11 +116,11 @@ def export_student(
     return out
 
 
-def _write_tokenizer(files: dict[str, str], directory: Path) -> None:
+def _tokenizer_from_files(files: dict[str, str]) -> PreTrainedTokenizerBase:
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in files.items():
             (Path(tmp) / name).write_text(text, encoding="utf-8")
-        AutoTokenizer.from_pretrained(tmp).save_pretrained(directory)
+        return AutoTokenizer.from_pretrained(tmp)
 
 
 def export_main(args: list[str]) -> None:

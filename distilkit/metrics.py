@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from distilkit.losses.base import kl_from_log_probs
+
 
 class TokenPerplexity(Metric):
     """exp(Σ token NLL / token count), from per-token NLL the caller already has (no second softmax).
@@ -63,3 +65,31 @@ class TopKAgreement(Metric):
 
     def compute(self) -> Tensor:
         return self.hits.float() / self.count.clamp(min=1)
+
+
+class DistillationKL(Metric):
+    """Mean per-token KL(p‖q) from the teacher distribution p to the student's q, at temperature 1.
+
+    ``update(student_logits (N, V), teacher_logits (N, V))``; the sum of per-token KL and the token count
+    reduce across processes.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+    kl_sum: Tensor
+    count: Tensor
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("kl_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
+        log_q = student_logits.detach().float().log_softmax(-1)  # (N, V)
+        log_p = teacher_logits.detach().float().log_softmax(-1)  # (N, V)
+        self.kl_sum += kl_from_log_probs(log_p, log_q).double().sum()
+        self.count += log_q.shape[0]
+
+    def compute(self) -> Tensor:
+        return (self.kl_sum / self.count.clamp(min=1)).float()

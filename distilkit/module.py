@@ -15,7 +15,7 @@ from distilkit.errors import ConfigError, check_range
 from distilkit.heads import BodyOutput, OutputHead, body_features, check_head, output_head
 from distilkit.losses import DistillationLoss, ForwardKLLoss, HiddenStateLoss
 from distilkit.losses.chunked import HeadLossPlan, auto_chunk_size, chunk_slices, head_losses
-from distilkit.metrics import TokenPerplexity, TopKAgreement
+from distilkit.metrics import DistillationKL, TokenPerplexity, TopKAgreement
 from distilkit.models import ModelSpec, load_causal_lm, parse_dtype, shared_vocab_size
 
 Batch = Mapping[str, Tensor]
@@ -272,6 +272,7 @@ class DistillationModule(L.LightningModule):
                 nll = F.cross_entropy(teacher_logits.float(), labels[rows], reduction="none")
                 metrics["teacher_ppl"].update(nll)
                 metrics["top1_agreement"].update(student_logits, teacher_logits)
+                metrics["kl"].update(student_logits, teacher_logits)
         size = max(labels.numel(), 1)
         self.log(f"{stage}/loss", plan.weighted(sums), prog_bar=True, batch_size=size)
         self.log_dict({f"{stage}/{k}": v for k, v in sums.items()}, batch_size=size)
@@ -279,6 +280,7 @@ class DistillationModule(L.LightningModule):
         if self.teacher is not None:
             self.log(f"{stage}/teacher_ppl", metrics["teacher_ppl"])
             self.log(f"{stage}/top1_agreement", metrics["top1_agreement"])
+            self.log(f"{stage}/kl", metrics["kl"])
 
     # ------------------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self) -> Any:
@@ -356,7 +358,12 @@ class DistillationModule(L.LightningModule):
 
     def _make_metrics(self) -> nn.ModuleDict:
         return nn.ModuleDict(
-            {"ppl": TokenPerplexity(), "teacher_ppl": TokenPerplexity(), "top1_agreement": TopKAgreement(k=1)}
+            {
+                "ppl": TokenPerplexity(),
+                "teacher_ppl": TokenPerplexity(),
+                "top1_agreement": TopKAgreement(k=1),
+                "kl": DistillationKL(),
+            }
         )
 
     def _check_heads(self) -> None:

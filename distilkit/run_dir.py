@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import netrc
+import os
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,23 @@ def place_loggers(trainer_config: Namespace, root: str) -> None:
             args["name"], args["version"] = "", ""
         elif "save_dir" in args and args.get("save_dir") in (None, ".", ""):
             args["save_dir"] = root
+        if _class_path(entry).endswith("WandbLogger") and not wandb_can_go_online():
+            args["offline"] = True
+            args["log_model"] = False  # artifacts cannot be uploaded offline (Lightning refuses the pair)
     trainer_config["logger"] = entries
+
+
+def wandb_can_go_online() -> bool:
+    """False when W&B is set offline/disabled, or no API key is configured (then a run would stop and ask
+    for one): distilkit then runs the WandbLogger offline, and ``wandb sync`` uploads the run later."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+        return False
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def _class_path(entry: Any) -> str:
@@ -70,3 +88,10 @@ class SaveRunConfig(SaveConfigCallback):
             number += 1
             self.config_filename = f"config.resumed-{number}.yaml"
         super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Give W&B the full resolved config, nested as in the YAML (not Lightning's flat hparams)."""
+        loggers: list[Any] = trainer.loggers
+        for logger in loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)

@@ -60,12 +60,21 @@ def run_cli(*args: str) -> None:
     main(list(args))
 
 
+def recipe_command(recipe: Path) -> list[str]:
+    """The `distilkit fit ...` command a recipe opens with (the line that names the recipe)."""
+    lines = [
+        line.lstrip("# ").split("  ")[0] for line in recipe.read_text().splitlines() if line.startswith("#")
+    ]
+    command = next((line for line in lines if line.startswith("distilkit fit") and recipe.name in line), None)
+    assert command is not None, f"{recipe.name} must open with its `distilkit fit` command"
+    return command.split()[1:]
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
 def test_every_recipe_parses_and_opens_with_its_command(recipe, capsys):
-    first_line = recipe.read_text().splitlines()[0]
-    assert first_line.startswith("# distilkit "), f"{recipe.name} must open with its command"
+    assert recipe.read_text().startswith("# distilkit "), f"{recipe.name} must open with its command"
     with pytest.raises(SystemExit) as exit_info:
-        run_cli("fit", "--config", str(recipe), "--print_config")
+        run_cli(*recipe_command(recipe), "--print_config")
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].endswith("DistillationModule")
@@ -225,3 +234,15 @@ def test_small_recipes_run_end_to_end(recipe, tmp_path, cache_dir, capsys):
     assert f"run directory {run_dir}" in summary and "student val ppl" in summary
     assert "distilkit export --ckpt_path" in summary
     assert ("teacher val ppl" in summary) == (recipe == "quickstart.yaml")
+
+
+def test_an_empty_dataset_exits_2_before_writing_the_run(tmp_path, tokenizer_dir, cache_dir, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n')
+    recipe = tiny_recipe(tmp_path / "tiny.yaml", empty, tokenizer_dir, cache_dir)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir))
+    assert exit_info.value.code == 2
+    assert "holds no text" in " ".join(capsys.readouterr().err.split())
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()

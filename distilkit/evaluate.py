@@ -1,0 +1,114 @@
+"""``distilkit evaluate``: perplexity of models on data, and their agreement and KL with a teacher.
+
+Each model is scored by :class:`DistillationModule`'s own validation loop (the metrics of training,
+``val/ppl``, ``val/top1_agreement``, ``val/kl``) on the held-out split that training used (same files,
+``val_fraction`` and seed), or on all blocks with ``--split all``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+from jsonargparse import ArgumentParser
+from rich.console import Console
+from rich.table import Table
+
+from distilkit.data import TextDataModule
+from distilkit.errors import ConfigError
+from distilkit.export import load_model_and_tokenizer
+from distilkit.module import DistillationModule
+
+
+def evaluate(
+    models: list[str],
+    data_files: str | list[str] = "builtin:python-reference",
+    teacher: str | None = None,
+    block_size: int = 128,
+    batch_size: int = 16,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    split: Literal["val", "all"] = "val",
+    output_json: str | None = None,
+) -> list[dict[str, Any]]:
+    """Score each model; returns one row per model (and one for the teacher), also written as JSON.
+
+    Args:
+        models: distilkit checkpoints (``.ckpt``) or Hugging Face model directories.
+        data_files: text to score on, as for ``TextDataModule.train_files``.
+        teacher: a model to compare against (agreement, KL); its tokenizer is used when given.
+        block_size / batch_size / val_fraction / seed: as in training, so the held-out split is the same.
+        split: ``val`` (the held-out documents) or ``all``.
+        output_json: where to write the rows (optional).
+    """
+    if not models:
+        raise ConfigError("models", models, "is empty", "give at least one checkpoint or model directory")
+    teacher_model, tokenizer = load_model_and_tokenizer(teacher, "teacher") if teacher else (None, None)
+    loaded = [(name, *load_model_and_tokenizer(name, "models")) for name in models]
+    tokenizer = tokenizer or next((t for _, _, t in loaded if t is not None), None)
+    if tokenizer is None:
+        raise ConfigError("models", models, "carry no tokenizer", "export them with distilkit export first")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        data = TextDataModule(
+            data_files,
+            tokenizer=tmp,
+            block_size=block_size,
+            batch_size=batch_size,
+            val_fraction=val_fraction,
+            seed=seed,
+        )
+        data.setup()
+    blocks = len(data.datasets["val"]) + (len(data.datasets["train"]) if split == "all" else 0)
+    loader = data.val_dataloader() if split == "val" else _all_blocks(data)
+    rows = []
+    for name, model, _ in loaded:
+        module = DistillationModule(student=model, teacher=teacher_model, vocab_size=data.vocab_size)
+        trainer = L.Trainer(
+            logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False
+        )
+        metrics = trainer.validate(module, dataloaders=loader, verbose=False)[0]
+        row: dict[str, Any] = {"model": name, "ppl": metrics["val/ppl"]}
+        if teacher_model is not None:
+            row.update(top1_agreement=metrics["val/top1_agreement"], kl=metrics["val/kl"])
+            teacher_row = {"model": f"{teacher} (teacher)", "ppl": metrics["val/teacher_ppl"]}
+        rows.append(row)
+    if teacher_model is not None:
+        rows.insert(0, teacher_row)
+    for row in rows:
+        row["tokens"] = blocks * block_size
+    if output_json:
+        Path(output_json).write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+def _all_blocks(data: TextDataModule) -> Any:
+    from torch.utils.data import ConcatDataset, DataLoader
+
+    both: ConcatDataset[Any] = ConcatDataset([data.datasets["train"], data.datasets["val"]])
+    return DataLoader(both, batch_size=data.batch_size)
+
+
+def print_rows(rows: list[dict[str, Any]], console: Console) -> None:
+    table = Table()
+    table.add_column("model", overflow="fold")
+    for header in ("ppl", "top-1 agreement", "KL(teacher‖model)"):
+        table.add_column(header, justify="right")
+    for row in rows:
+        agreement = f"{row['top1_agreement']:.3f}" if "top1_agreement" in row else "-"
+        kl = f"{row['kl']:.3f}" if "kl" in row else "-"
+        table.add_row(row["model"], f"{row['ppl']:.2f}", agreement, kl)
+    console.print(table)
+
+
+def evaluate_main(args: list[str]) -> None:
+    """``distilkit evaluate --models [A,B] [--teacher T] [--data_files F] [--output_json out.json]``."""
+    parser = ArgumentParser(prog="distilkit evaluate", description=(__doc__ or "").splitlines()[0])
+    parser.add_function_arguments(evaluate)
+    config = parser.parse_args(args)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banner per model
+    print_rows(evaluate(**config.as_dict()), Console())
