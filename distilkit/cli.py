@@ -18,7 +18,7 @@ from distilkit.data import TextDataModule
 from distilkit.errors import ConfigError
 from distilkit.module import DistillationModule
 from distilkit.plot import draw_run_curve
-from distilkit.run_dir import SaveRunConfig, place_loggers, refuse_existing_run
+from distilkit.run_dir import SaveRunConfig, place_loggers, refuse_existing_run, wandb_run_id
 
 #: Commands beyond LightningCLI's own, each ``name -> "module:function"`` taking ``args``.
 EXTRA_COMMANDS = {
@@ -51,7 +51,7 @@ class DistilCLI(LightningCLI):
         config.trainer.default_root_dir = root
         if self.subcommand == "fit":
             refuse_existing_run(root, resuming=config.get("ckpt_path") is not None)
-        place_loggers(config.trainer, root)
+        place_loggers(config.trainer, root, resume_wandb_id=wandb_run_id(root, config.get("ckpt_path")))
 
     def after_fit(self) -> None:
         callbacks: list[Any] = getattr(self.trainer, "callbacks", [])

@@ -240,8 +240,8 @@ class CurriculumCallback(Callback):
         self.state["tokens"] += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         size = int(batch["input_ids"].shape[0]) if "input_ids" in batch else 1
+        pl_module.log("curriculum/stage", float(self.state["stage"]), batch_size=size, prog_bar=True)
         values = {
-            "curriculum/stage": float(self.state["stage"]),
             "curriculum/retries": float(self.state["retries"]),
             "curriculum/lr": float(trainer.optimizers[0].param_groups[0]["lr"]),
         }

@@ -340,6 +340,9 @@ class DistillationModule(L.LightningModule):
         tokenizer = getattr(datamodule, "tokenizer", None)
         if tokenizer is not None:
             extra["tokenizer_files"] = tokenizer_files(tokenizer)
+        wandb_ids = [lg.version for lg in self.loggers if type(lg).__name__ == "WandbLogger"]
+        if wandb_ids:
+            extra["wandb_run_id"] = str(wandb_ids[0])  # a resumed fit continues this W&B run
         checkpoint["distilkit"] = extra
 
     # ---------------------------------------------------------------------------------------------- helpers

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
@@ -29,7 +30,18 @@ def refuse_existing_run(root: str, resuming: bool) -> None:
         )
 
 
-def place_loggers(trainer_config: Namespace, root: str) -> None:
+def wandb_run_id(root: str, ckpt_path: str | None) -> str | None:
+    """The W&B run id a checkpoint was written under (``--ckpt_path last`` means the run's last.ckpt)."""
+    if not ckpt_path:
+        return None
+    path = Path(root) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return checkpoint.get("distilkit", {}).get("wandb_run_id")
+
+
+def place_loggers(trainer_config: Namespace, root: str, resume_wandb_id: str | None = None) -> None:
     """Put every logger's files under ``root`` and make sure a CSV logger writes ``root/metrics.csv``
     (distilkit's :class:`~distilkit.loggers.CSVLogger`, which appends when a run resumes).
 
@@ -52,6 +64,8 @@ def place_loggers(trainer_config: Namespace, root: str) -> None:
             args["name"], args["version"] = "", ""
         elif "save_dir" in args and args.get("save_dir") in (None, ".", ""):
             args["save_dir"] = root
+        if _class_path(entry).endswith("WandbLogger") and resume_wandb_id and not args.get("id"):
+            args["id"] = resume_wandb_id  # Lightning passes resume="allow": the same run continues
         if _class_path(entry).endswith("WandbLogger") and not wandb_can_go_online():
             args["offline"] = True
             args["log_model"] = False  # artifacts cannot be uploaded offline (Lightning refuses the pair)

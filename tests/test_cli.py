@@ -210,7 +210,7 @@ def test_the_console_script_reports_user_errors_without_a_traceback(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["quickstart.yaml", "baseline.yaml"])
+@pytest.mark.parametrize("recipe", ["quickstart.yaml", "baseline.yaml", "curriculum.yaml"])
 def test_small_recipes_run_end_to_end(recipe, tmp_path, cache_dir, capsys):
     """The shipped recipes as a user runs them, cut to a few steps (the full runs are `make quickstart`)."""
     root = Path(__file__).parents[1]
@@ -233,7 +233,8 @@ def test_small_recipes_run_end_to_end(recipe, tmp_path, cache_dir, capsys):
     summary = " ".join(capsys.readouterr().out.split())
     assert f"run directory {run_dir}" in summary and "student val ppl" in summary
     assert "distilkit export --ckpt_path" in summary
-    assert ("teacher val ppl" in summary) == (recipe == "quickstart.yaml")
+    assert ("teacher val ppl" in summary) == (recipe != "baseline.yaml")
+    assert (run_dir / "learning_curve.png").is_file()
 
 
 def test_an_empty_dataset_exits_2_before_writing_the_run(tmp_path, tokenizer_dir, cache_dir, capsys):

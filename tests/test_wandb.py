@@ -81,3 +81,27 @@ def test_the_wandb_recipe_logs_nested_config_samples_throughput_and_the_curve(
     assert any(p.startswith("media/images/learning_curve") for p in files)
     table_rows = (run_dir / "samples.jsonl").read_text().splitlines()
     assert len(table_rows) == 2 * 3  # two validations x three prompts
+
+
+def test_resuming_from_a_checkpoint_continues_the_same_wandb_run(tmp_path, corpus, tokenizer_dir, cache_dir):
+    recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir)
+    run_dir = tmp_path / "run"
+    run_cli(
+        "fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir), "--trainer.logger", WANDB
+    )
+    first = [r.run.run_id for r in read_records(run_file(run_dir)) if r.HasField("run")][0]
+    run_cli(
+        "fit",
+        "--config",
+        str(recipe),
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.logger",
+        WANDB,
+        "--trainer.max_steps",
+        "6",
+        "--ckpt_path",
+        "last",
+    )
+    runs = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 2 and all(path.name == f"run-{first}.wandb" for path in runs)

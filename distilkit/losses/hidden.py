@@ -51,20 +51,14 @@ class HiddenStateLoss(nn.Module):
     def bind(self, student_width: int, teacher_width: int, student_layers: int, teacher_layers: int) -> None:
         """Check the map against the models and create the projections (called by the module)."""
         for s, t in self.layer_map.items():
-            if not 0 <= s <= student_layers:
-                raise ConfigError(
-                    "hidden_loss.layer_map",
-                    self.layer_map,
-                    f"student layer {s} does not exist",
-                    f"use 0..{student_layers}",
-                )
-            if not 0 <= t <= teacher_layers:
-                raise ConfigError(
-                    "hidden_loss.layer_map",
-                    self.layer_map,
-                    f"teacher layer {t} does not exist",
-                    f"use 0..{teacher_layers}",
-                )
+            for side, layer, depth in (("student", s, student_layers), ("teacher", t, teacher_layers)):
+                if not 0 <= layer <= depth:
+                    raise ConfigError(
+                        "hidden_loss.layer_map",
+                        self.layer_map,
+                        f"{side} layer {layer} does not exist",
+                        f"use 0..{depth}",
+                    )
         if student_width != teacher_width and not self.projections:
             for s in self.layer_map:
                 self.projections[str(s)] = nn.Linear(student_width, teacher_width, bias=False)
