@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -173,6 +174,8 @@ class TextDataModule(L.LightningDataModule):
                     )
                 if not os.access(path, os.R_OK):
                     raise ConfigError(field, name, "is not readable", "fix its permissions")
+                if path.suffix != ".parquet":
+                    check_utf8(field, path)
                 sources.append(str(path.resolve()))
             elif len(names) == 1:
                 sources.append(name)  # a datasets name or directory
@@ -279,6 +282,29 @@ def _load(builder: str, files: list[str], field: str, cache_dir: Path) -> datase
             f"could not be read ({_first_line(err)})",
             "give .txt/.jsonl/.parquet files or a datasets name that is available offline",
         ) from err
+
+
+def check_utf8(field: str, path: Path, chunk_bytes: int = 2**20) -> None:
+    """Refuse a text file that is not valid UTF-8, naming the byte offset (the policy: no silent
+    replacement characters in training data; convert the file instead)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with path.open("rb") as file:
+        while chunk := file.read(chunk_bytes):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise ConfigError(
+                    field,
+                    str(path),
+                    f"is not valid UTF-8 ({err.reason} at byte {offset + err.start})",
+                    "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8",
+                ) from err
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as err:
+        raise ConfigError(field, str(path), "ends inside a UTF-8 character", "convert it to UTF-8") from err
 
 
 def _stream(docs: datasets.Dataset) -> np.ndarray:

@@ -173,3 +173,16 @@ def shared_vocab_size(student: nn.Module, teacher: nn.Module | None, tokenizer_s
         + (f" and the tokenizer's {tokenizer_size}" if tokenizer_size is not None else ""),
         "teacher and student must share a tokenizer; give the student the teacher's tokenizer and vocab_size",
     )
+
+
+def check_context(field: str, model: nn.Module | None, block_size: int) -> None:
+    """Refuse a ``block_size`` longer than the model's maximum positions (its position table would overflow)."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) if config is not None else None
+    if limit and block_size > int(limit):
+        raise ConfigError(
+            "data.block_size",
+            block_size,
+            f"is longer than {field}'s {limit} positions",
+            f"use block_size <= {limit}, or a model with a longer context",
+        )

@@ -16,7 +16,7 @@ from distilkit.heads import BodyOutput, OutputHead, body_features, check_head, o
 from distilkit.losses import DistillationLoss, ForwardKLLoss, HiddenStateLoss
 from distilkit.losses.chunked import HeadLossPlan, auto_chunk_size, chunk_slices, head_losses
 from distilkit.metrics import DistillationKL, TokenPerplexity, TopKAgreement
-from distilkit.models import ModelSpec, load_causal_lm, parse_dtype, shared_vocab_size
+from distilkit.models import ModelSpec, check_context, load_causal_lm, parse_dtype, shared_vocab_size
 
 Batch = Mapping[str, Tensor]
 IGNORE_INDEX = -100
@@ -99,6 +99,9 @@ class DistillationModule(L.LightningModule):
             self.teacher = load_causal_lm(teacher, field="model.teacher", dtype=dtype, defaults=defaults)
             self.teacher.requires_grad_(False).eval()
         self.vocab_size = shared_vocab_size(self.student, self.teacher, vocab_size)
+        if block_size is not None:
+            for field, model in (("model.student", self.student), ("model.teacher", self.teacher)):
+                check_context(field, model, block_size)
         self.chunk_size = auto_chunk_size(self.vocab_size) if chunk_size == "auto" else chunk_size
         self.loss = loss if loss is not None else ForwardKLLoss()
         self.hidden_loss = hidden_loss

@@ -184,3 +184,13 @@ def test_an_unreadable_file_is_a_clear_error(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setattr("distilkit.data.os.access", lambda p, mode: Path(p) != path)
     with pytest.raises(ConfigError, match="is not readable"):
         TextDataModule(str(path), cache_dir=str(cache_dir))
+
+
+@pytest.mark.parametrize(
+    "name,content", [("bad.txt", b"hello \xff\xfe world"), ("bad.jsonl", b'{"text": "ok \xff"}\n')]
+)
+def test_bytes_that_are_not_utf8_are_refused_with_their_offset(tmp_path, cache_dir, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=r"is not valid UTF-8 \(invalid start byte at byte \d+\)"):
+        TextDataModule(str(path), cache_dir=str(cache_dir))

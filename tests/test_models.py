@@ -162,3 +162,9 @@ def test_hugging_face_models_save_and_reload(tmp_path):
     model = load_causal_lm(FAMILIES["gpt_neox"], field="s", defaults=DEFAULTS)
     model.save_pretrained(tmp_path)
     assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path), type(model))
+
+
+def test_a_block_size_beyond_the_models_positions_is_refused(tmp_path):
+    teacher = load_causal_lm({**FAMILIES["gpt2"], "n_positions": 16}, field="t", defaults=DEFAULTS)
+    with pytest.raises(ConfigError, match=r"data.block_size=32: is longer than model.teacher's 16 positions"):
+        DistillationModule(student=FAMILIES["gpt2"], teacher=teacher, vocab_size=300, block_size=32)
