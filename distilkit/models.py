@@ -176,7 +176,7 @@ def shared_vocab_size(student: nn.Module, teacher: nn.Module | None, tokenizer_s
 
 
 def check_context(field: str, model: nn.Module | None, block_size: int) -> None:
-    """Refuse a ``block_size`` longer than the model's maximum positions (its position table would overflow)."""
+    """Refuse a ``block_size`` longer than the model's maximum positions (its position table overflows)."""
     config = getattr(model, "config", None)
     limit = getattr(config, "max_position_embeddings", None) if config is not None else None
     if limit and block_size > int(limit):
