@@ -15,7 +15,7 @@ from rich.console import Console
 
 from distilkit.curriculum import CurriculumCallback
 from distilkit.data import TextDataModule
-from distilkit.errors import ConfigError
+from distilkit.errors import ConfigError, TrainingStopped
 from distilkit.module import DistillationModule
 from distilkit.plot import draw_run_curve
 from distilkit.run_dir import SaveRunConfig, place_loggers, refuse_existing_run, wandb_run_id
@@ -120,6 +120,9 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,
             parser_kwargs={"exit_on_error": False},
         )
+    except TrainingStopped as err:
+        Console(stderr=True).print(f"[bold red]stopped:[/] {err}", highlight=False)
+        sys.exit(1)
     except ArgumentError as err:
         Console(stderr=True).print(
             f"[bold red]error:[/] {err}\nSee `distilkit {argv[0] if argv else ''} --help`.", highlight=False

@@ -30,3 +30,10 @@ def check_range(field: str, value: float, low: float, high: float, *, open_low: 
             field, value, f"must lie in {bracket}{low}, {high}]", "choose a value in that range"
         )
     return value
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (for example on a non-finite loss); the message says where and why.
+
+    The CLI prints it as one line and exits with status 1; nothing from the failing step is saved.
+    """

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from distilkit.errors import ConfigError, check_range
+from distilkit.errors import ConfigError, TrainingStopped, check_range
 from distilkit.heads import BodyOutput, OutputHead, body_features, check_head, output_head
 from distilkit.losses import DistillationLoss, ForwardKLLoss, HiddenStateLoss
 from distilkit.losses.chunked import HeadLossPlan, auto_chunk_size, chunk_slices, head_losses
@@ -49,6 +49,9 @@ class DistillationModule(L.LightningModule):
         compile_loss: compile :meth:`loss_terms` with ``torch.compile``, which fuses the per-chunk
             softmaxes, divergences and their gradients (about 3x faster loss on CPU; the first steps
             pay the compilation).
+        nonfinite: what a non-finite loss term or gradient does: ``stop`` training with a message naming
+            the step and the term, or ``skip`` the update (counted as ``train/nonfinite_skips``).
+        max_nonfinite_skips: with ``skip``, stop after this many skipped steps in a row.
         optimizer: builds the optimizer from the trainable parameters (the student's, plus any of the loss).
         lr_scheduler: builds an LR scheduler from the optimizer; stepped every optimizer step.
         vocab_size: the tokenizer's size: fills config mappings and settles padded vocabularies. Linked
@@ -67,6 +70,8 @@ class DistillationModule(L.LightningModule):
         chunk_size: int | Literal["auto"] | None = "auto",
         teacher_dtype: str = "float32",
         compile_loss: bool = False,
+        nonfinite: Literal["stop", "skip"] = "stop",
+        max_nonfinite_skips: int = 8,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         vocab_size: int | None = None,
@@ -122,6 +127,11 @@ class DistillationModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.eval_metrics = nn.ModuleDict({stage: self._make_metrics() for stage in ("val", "test")})
         self._heads_checked = False
+        if nonfinite not in ("stop", "skip"):
+            raise ConfigError("model.nonfinite", nonfinite, "is not a policy", "use stop or skip")
+        self.nonfinite, self.max_nonfinite_skips = nonfinite, max_nonfinite_skips
+        self._skips_in_a_row = 0
+        self._skips_total = 0
 
     @property
     def kd_ratio(self) -> float:
@@ -240,13 +250,44 @@ class DistillationModule(L.LightningModule):
         return student, teacher, targets[keep]
 
     # --------------------------------------------------------------------------------------------- training
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         losses = self.compute_loss(batch)
+        finite = torch.stack([torch.isfinite(v).all() for v in losses.values()]).tolist()  # one device sync
+        bad = [name for name, ok in zip(losses, finite, strict=True) if not ok]
+        if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            self._skip_or_stop(f"loss terms {bad or 'on another process'}", losses)
+            return None  # Lightning skips backward and the optimizer step
+        self._skips_in_a_row = 0
         size = batch["input_ids"].shape[0]
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=size)
         self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
         return losses["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Catch a non-finite gradient with a finite loss; with ``skip`` the step updates nothing."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())  # one sync
+        if self.trainer.strategy.reduce_boolean_decision(not finite, all=False):
+            self._skip_or_stop("gradients", {})
+            optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are left as they are
+
+    def _skip_or_stop(self, what: str, losses: Mapping[str, Tensor]) -> None:
+        values = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+        where = f"step {self.global_step}: non-finite {what}" + (f" ({values})" if values else "")
+        if self.nonfinite == "stop":
+            raise TrainingStopped(
+                f"{where}. Nothing from this step was saved; lower the learning rate, check "
+                "the inputs and the teacher's outputs, or set model.nonfinite: skip."
+            )
+        self._skips_in_a_row += 1
+        self._skips_total += 1
+        self.log("train/nonfinite_skips", float(self._skips_total), batch_size=1)
+        if self._skips_in_a_row > self.max_nonfinite_skips:
+            raise TrainingStopped(
+                f"{where}: {self._skips_in_a_row} steps in a row were skipped "
+                f"(model.max_nonfinite_skips={self.max_nonfinite_skips}); training stopped."
+            )
 
     # ------------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -332,7 +373,14 @@ class DistillationModule(L.LightningModule):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep what ``distilkit export`` needs: the student's config and the run's tokenizer files."""
+        """Keep what ``distilkit export`` needs: the student's config and the run's tokenizer files.
+
+        Refuses (before anything is written) to checkpoint a student with non-finite weights."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.student.parameters()):
+            raise TrainingStopped(
+                f"step {self.global_step}: the student has non-finite weights; no checkpoint "
+                "was written. Resume from the last good checkpoint with a lower learning rate."
+            )
         from distilkit.export import tokenizer_files
 
         extra: dict[str, Any] = {"vocab_size": self.vocab_size}

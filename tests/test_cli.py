@@ -247,3 +247,22 @@ def test_an_empty_dataset_exits_2_before_writing_the_run(tmp_path, tokenizer_dir
     assert exit_info.value.code == 2
     assert "holds no text" in " ".join(capsys.readouterr().err.split())
     assert not (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()
+
+
+def test_a_diverging_run_stops_with_exit_1_and_one_message(
+    tmp_path, corpus, tokenizer_dir, cache_dir, capsys
+):
+    recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir, max_steps=8)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(
+            "fit",
+            "--config",
+            str(recipe),
+            "--trainer.default_root_dir",
+            str(tmp_path / "run"),
+            "--model.init_args.optimizer.init_args.lr",
+            "1e30",
+        )
+    assert exit_info.value.code == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "stopped: step" in err and "non-finite" in err and "Traceback" not in err

@@ -229,3 +229,71 @@ def test_compiled_loss_equals_eager(datamodule):
         torch.testing.assert_close(fused[key], reference[key], rtol=1e-4, atol=1e-6)
     for name, grad in reference_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+class PoisonedTeacher(DistillationModule):
+    """A corrupted teacher: its hidden states are NaN at the given steps."""
+
+    poison_steps: set[int]
+
+    def teacher_forward(self, batch):
+        body = super().teacher_forward(batch)
+        if self.training and self.global_step in self.poison_steps:
+            return body._replace(last=body.last * float("nan"))
+        return body
+
+
+def poisoned(datamodule, steps, **kwargs):
+    module = PoisonedTeacher(
+        student=TINY_STUDENT,
+        teacher=TINY_TEACHER,
+        vocab_size=datamodule.vocab_size,
+        block_size=datamodule.block_size,
+        eos_token_id=datamodule.eos_token_id,
+        **kwargs,
+    )
+    module.poison_steps = set(steps)
+    return module
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_the_term_and_saves_nothing_from_it(datamodule, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from distilkit.errors import TrainingStopped
+
+    module = poisoned(datamodule, {2})
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    trainer = tiny_trainer(tmp_path, max_steps=6, enable_checkpointing=True, callbacks=[checkpoint])
+    with pytest.raises(TrainingStopped, match=r"step 2: non-finite loss terms \['loss', 'kd_loss'\]"):
+        trainer.fit(module, datamodule)
+    steps = sorted(
+        torch.load(p, weights_only=True)["global_step"] for p in (tmp_path / "ckpt").glob("*.ckpt")
+    )
+    assert steps == [1, 2], "a checkpoint was written after the bad step"
+    assert all(torch.isfinite(p).all() for p in module.student.parameters())
+
+
+def test_skip_skips_the_update_counts_it_and_stops_after_too_many_in_a_row(datamodule, tmp_path):
+    from distilkit.errors import TrainingStopped
+
+    module = poisoned(datamodule, {1, 2}, nonfinite="skip")
+    trainer = tiny_trainer(tmp_path, max_steps=5)
+    trainer.fit(module, datamodule)
+    assert all(torch.isfinite(p).all() for p in module.student.parameters())
+    assert (
+        module._skips_total == 2 and trainer.global_step == 5
+    )  # a skipped step consumes its batch, updates nothing
+
+    stubborn = poisoned(datamodule, set(range(100)), nonfinite="skip", max_nonfinite_skips=3)
+    with pytest.raises(TrainingStopped, match="4 steps in a row were skipped"):
+        tiny_trainer(tmp_path, max_steps=10).fit(stubborn, datamodule)
+
+
+def test_a_non_finite_student_is_never_checkpointed(datamodule, tmp_path):
+    from distilkit.errors import TrainingStopped
+
+    module = tiny_module(datamodule)
+    with torch.no_grad():
+        next(module.student.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingStopped, match="no checkpoint was written"):
+        module.on_save_checkpoint({})
