@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 
+from distilkit.checkpoint_io import AtomicCheckpointIO
 from distilkit.curriculum import CurriculumCallback
 from distilkit.data import TextDataModule
 from distilkit.errors import ConfigError, TrainingStopped
@@ -33,6 +34,7 @@ class DistilCLI(LightningCLI):
     """LightningCLI wired for distillation runs.
 
     - The data module's tokenizer fills the model's ``vocab_size``, ``block_size`` and ``eos_token_id``.
+    - Checkpoints are written atomically (:class:`~distilkit.checkpoint_io.AtomicCheckpointIO`).
     - Everything a run writes goes under ``trainer.default_root_dir``: ``config.yaml``, ``metrics.csv``
       (a CSV logger is always present), ``checkpoints/`` (``last.ckpt`` always kept), other loggers' files.
     - A fit refuses a directory that already holds a run unless it resumes it (``--ckpt_path``).
@@ -52,6 +54,12 @@ class DistilCLI(LightningCLI):
         if self.subcommand == "fit":
             refuse_existing_run(root, resuming=config.get("ckpt_path") is not None)
         place_loggers(config.trainer, root, resume_wandb_id=wandb_run_id(root, config.get("ckpt_path")))
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """The trainer, writing checkpoints atomically unless the config names its own plugins."""
+        if not self._get(self.config_init, "trainer", default={}).get("plugins"):
+            kwargs.setdefault("plugins", [AtomicCheckpointIO()])
+        return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
         callbacks: list[Any] = getattr(self.trainer, "callbacks", [])
