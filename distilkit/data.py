@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from distilkit.corpus import BUILTIN_PREFIX, builtin_corpus_path
 from distilkit.errors import ConfigError
+from distilkit.sampling import ResumableBatchSampler
 from distilkit.tokenizer import resolve_tokenizer
 
 IGNORE_INDEX = -100
@@ -111,6 +112,7 @@ class TextDataModule(L.LightningDataModule):
             cache_dir=self.cache_dir,
         )
         self.datasets: dict[str, PackedBlocks] = {}
+        self._resume_position: tuple[int, int] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -137,18 +139,50 @@ class TextDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
+        """Shuffled full batches in an order that a resumed run continues exactly (see :meth:`state_dict`)."""
+        self.batch_sampler = ResumableBatchSampler(len(self.datasets["train"]), self.batch_size, self.seed)
+        if self._resume_position is not None:
+            self.batch_sampler.resume_at(*self._resume_position)
+            self._resume_position = None
         return DataLoader(
             self.datasets["train"],
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            generator=generator,
+            batch_sampler=self.batch_sampler,
             num_workers=self.num_workers,
+            generator=self._own_generator(),
         )
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the data: the epoch being iterated and the batches the loop has finished.
+
+        Counted from the trainer's progress, not the loader's, since the loop fetches a batch ahead.
+        """
+        sampler = getattr(self, "batch_sampler", None)
+        trainer = self.trainer
+        if sampler is None or trainer is None:
+            return {}
+        epoch = max(sampler.epoch, 0)
+        progress: Any = trainer.fit_loop.epoch_loop.batch_progress
+        done = int(progress.current.processed)  # the batch being finished included
+        if done >= trainer.num_training_batches:  # saved at the end of an epoch: the next one is due
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches_done": done}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._resume_position = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
+
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["val"], batch_size=self.batch_size, num_workers=self.num_workers)
+        return DataLoader(
+            self.datasets["val"],
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            generator=self._own_generator(),
+        )
+
+    def _own_generator(self) -> torch.Generator:
+        """Each loader draws its worker seed from this, not from the global generator, so iterating a loader
+        does not shift the dropout masks of the training that follows (exact resume needs that)."""
+        return torch.Generator().manual_seed(self.seed)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

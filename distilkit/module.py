@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -391,10 +392,24 @@ class DistillationModule(L.LightningModule):
         tokenizer = getattr(datamodule, "tokenizer", None)
         if tokenizer is not None:
             extra["tokenizer_files"] = tokenizer_files(tokenizer)
+        extra["rng"] = {"torch": torch.get_rng_state(), "python": _plain(random.getstate())}
+        if torch.cuda.is_available():
+            extra["rng"]["cuda"] = torch.cuda.get_rng_state_all()
         wandb_ids = [lg.version for lg in self.loggers if type(lg).__name__ == "WandbLogger"]
         if wandb_ids:
             extra["wandb_run_id"] = str(wandb_ids[0])  # a resumed fit continues this W&B run
         checkpoint["distilkit"] = extra
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the random state of the interrupted run (dropout masks continue as they would have)."""
+        rng = checkpoint.get("distilkit", {}).get("rng")
+        if not rng:
+            return
+        torch.set_rng_state(rng["torch"])
+        version, state, gauss = rng["python"]
+        random.setstate((version, tuple(state), gauss))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     # ---------------------------------------------------------------------------------------------- helpers
     def _plan(self, teacher_features: Tensor | None, labels: Tensor) -> HeadLossPlan:
@@ -441,3 +456,8 @@ def _width_and_depth(model: nn.Module) -> tuple[int, int]:
             "use Hugging Face causal LMs with hidden_loss",
         )
     return int(config.hidden_size), int(config.num_hidden_layers)
+
+
+def _plain(state: Any) -> Any:
+    """Python's random state as lists and ints, which ``torch.load(weights_only=True)`` accepts."""
+    return [_plain(x) for x in state] if isinstance(state, tuple) else state
