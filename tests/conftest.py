@@ -48,6 +48,11 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Pat
 
 @pytest.fixture
 def datamodule(corpus: Path, tokenizer_dir: Path, cache_dir: Path):
+    return make_datamodule(corpus, tokenizer_dir, cache_dir)
+
+
+def make_datamodule(corpus: Path, tokenizer_dir: Path, cache_dir: Path):
+    """A set-up TextDataModule over the test corpus: blocks of 32 tokens, batches of 4."""
     from distilkit import TextDataModule
 
     dm = TextDataModule(

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_module, tiny_trainer
+from conftest import make_datamodule, tiny_module, tiny_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from test_cli import tiny_recipe
 
-from distilkit import TextDataModule
 from distilkit.sampling import ResumableBatchSampler
 
 
@@ -55,25 +54,12 @@ def _fit(datamodule, root: Path, max_steps: int, ckpt_path: str | None = None):
     return module, log
 
 
-def _fresh_data(corpus, tokenizer_dir, cache_dir):
-    dm = TextDataModule(
-        str(corpus),
-        tokenizer=str(tokenizer_dir),
-        block_size=32,
-        batch_size=4,
-        val_fraction=0.1,
-        cache_dir=str(cache_dir),
-    )
-    dm.setup()
-    return dm
-
-
 @pytest.mark.parametrize("stop_at", [4, 6])  # mid-epoch (epochs of 3 batches) and at an epoch's end
 def test_resume_ends_with_the_same_weights_and_batches(tmp_path, corpus, tokenizer_dir, cache_dir, stop_at):
-    straight, straight_log = _fit(_fresh_data(corpus, tokenizer_dir, cache_dir), tmp_path / "straight", 8)
-    _fit(_fresh_data(corpus, tokenizer_dir, cache_dir), tmp_path / "split", stop_at)
+    straight, straight_log = _fit(make_datamodule(corpus, tokenizer_dir, cache_dir), tmp_path / "straight", 8)
+    _fit(make_datamodule(corpus, tokenizer_dir, cache_dir), tmp_path / "split", stop_at)
     resumed, resumed_log = _fit(
-        _fresh_data(corpus, tokenizer_dir, cache_dir),
+        make_datamodule(corpus, tokenizer_dir, cache_dir),
         tmp_path / "split",
         8,
         ckpt_path=str(tmp_path / "split" / "last.ckpt"),
