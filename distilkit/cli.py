@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
 from distilkit.checkpoint_io import AtomicCheckpointIO
@@ -19,7 +20,13 @@ from distilkit.data import TextDataModule
 from distilkit.errors import ConfigError, TrainingStopped
 from distilkit.module import DistillationModule
 from distilkit.plot import draw_run_curve
-from distilkit.run_dir import SaveRunConfig, place_loggers, refuse_existing_run, wandb_run_id
+from distilkit.run_dir import (
+    CheckpointOnSigterm,
+    SaveRunConfig,
+    place_loggers,
+    refuse_existing_run,
+    wandb_run_id,
+)
 
 #: Commands beyond LightningCLI's own, each ``name -> "module:function"`` taking ``args``.
 EXTRA_COMMANDS = {
@@ -34,6 +41,7 @@ class DistilCLI(LightningCLI):
     """LightningCLI wired for distillation runs.
 
     - The data module's tokenizer fills the model's ``vocab_size``, ``block_size`` and ``eos_token_id``.
+    - SIGTERM writes ``last.ckpt`` and exits with status 143 (:class:`~.run_dir.CheckpointOnSigterm`).
     - Checkpoints are written atomically (:class:`~distilkit.checkpoint_io.AtomicCheckpointIO`).
     - Everything a run writes goes under ``trainer.default_root_dir``: ``config.yaml``, ``metrics.csv``
       (a CSV logger is always present), ``checkpoints/`` (``last.ckpt`` always kept), other loggers' files.
@@ -59,7 +67,9 @@ class DistilCLI(LightningCLI):
         """The trainer, writing checkpoints atomically unless the config names its own plugins."""
         if not self._get(self.config_init, "trainer", default={}).get("plugins"):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
-        return super().instantiate_trainer(**kwargs)
+        trainer: Any = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(CheckpointOnSigterm())
+        return trainer
 
     def after_fit(self) -> None:
         callbacks: list[Any] = getattr(self.trainer, "callbacks", [])
@@ -128,6 +138,11 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,
             parser_kwargs={"exit_on_error": False},
         )
+    except SIGTERMException:
+        Console(stderr=True).print(
+            "[bold]stopped by SIGTERM:[/] last.ckpt written; resume with --ckpt_path last"
+        )
+        sys.exit(143)
     except TrainingStopped as err:
         Console(stderr=True).print(f"[bold red]stopped:[/] {err}", highlight=False)
         sys.exit(1)

@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from distilkit.errors import ConfigError
 
@@ -109,3 +111,17 @@ class SaveRunConfig(SaveConfigCallback):
         for logger in loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
+
+
+class CheckpointOnSigterm(Callback):
+    """On SIGTERM (a scheduler's pre-emption, ``kill``), write ``last.ckpt`` before the process exits.
+
+    Lightning stops at the end of the running step and raises ``SIGTERMException``; this writes the
+    checkpoint there, so ``--ckpt_path last`` resumes exactly. The CLI then exits with status 143.
+    """
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        checkpoint: Any = trainer.checkpoint_callback
+        if not isinstance(exception, SIGTERMException) or checkpoint is None or checkpoint.dirpath is None:
+            return
+        trainer.save_checkpoint(Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}.ckpt")

@@ -116,3 +116,59 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, corpus,
     b = torch.load(last, weights_only=True)["state_dict"]
     assert torch.load(last, weights_only=True)["global_step"] == 12
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(tmp_path, corpus, tokenizer_dir, cache_dir):
+    recipe = tiny_recipe(
+        tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir, max_steps=12, val_check_interval=4
+    )
+    cli = [
+        sys.executable,
+        "-m",
+        "distilkit.cli",
+        "fit",
+        "--config",
+        str(recipe),
+        "--data.init_args.batch_size",
+        "2",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    subprocess.run(
+        [*cli, "--trainer.default_root_dir", str(tmp_path / "straight")],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+
+    marker = tmp_path / "reached"
+    slow = f'[{{"class_path": "slow_steps.SlowSteps", "init_args": {{"marker": "{marker}", "at_step": 5}}}}]'
+    run_dir = tmp_path / "stopped"
+    process = subprocess.Popen(
+        [*cli, "--trainer.default_root_dir", str(run_dir), "--trainer.callbacks", slow],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 5 <= stopped_at < 12
+
+    subprocess.run(
+        [*cli, "--trainer.default_root_dir", str(run_dir), "--ckpt_path", "last"],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert b["global_step"] == 12
+    assert max(float((a[k] - b["state_dict"][k]).abs().max()) for k in a) <= 1e-6
