@@ -139,7 +139,21 @@ class TextDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled full batches in an order that a resumed run continues exactly (see :meth:`state_dict`)."""
+        """Shuffled full batches in an order that a resumed run continues exactly (see :meth:`state_dict`).
+
+        With several processes (DDP) this falls back to a plain shuffled loader, into which Lightning
+        injects its ``DistributedSampler``: the data is sharded correctly, but a mid-epoch resume is not
+        yet exact there.
+        """
+        if _world_size() > 1:
+            return DataLoader(
+                self.datasets["train"],
+                batch_size=self.batch_size,
+                shuffle=True,
+                drop_last=True,
+                num_workers=self.num_workers,
+                generator=self._own_generator(),
+            )
         self.batch_sampler = ResumableBatchSampler(len(self.datasets["train"]), self.batch_size, self.seed)
         if self._resume_position is not None:
             self.batch_sampler.resume_at(*self._resume_position)
@@ -316,6 +330,11 @@ def _load(builder: str, files: list[str], field: str, cache_dir: Path) -> datase
             f"could not be read ({_first_line(err)})",
             "give .txt/.jsonl/.parquet files or a datasets name that is available offline",
         ) from err
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def check_utf8(field: str, path: Path, chunk_bytes: int = 2**20) -> None:
