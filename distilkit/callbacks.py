@@ -10,6 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ThroughputMonitor
 
+from distilkit.loggers import wandb_loggers
+
 
 def _batch_size(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["input_ids"].shape[0])
@@ -86,10 +88,8 @@ class SampleTable(Callback):
 
     def _write(self, trainer: L.Trainer) -> None:
         columns = ["step", "prompt", "teacher", "student"]
-        loggers: list[Any] = trainer.loggers
-        for logger in loggers:
-            if type(logger).__name__ == "WandbLogger":
-                logger.log_table(key="samples", columns=columns, data=self.rows)
+        for logger in wandb_loggers(trainer):
+            logger.log_table(key="samples", columns=columns, data=self.rows)
         with Path(trainer.default_root_dir, "samples.jsonl").open("a", encoding="utf-8") as file:
             for row in self.rows[-len(self.prompts) :]:
                 file.write(json.dumps(dict(zip(columns, row, strict=True)), ensure_ascii=False) + "\n")

@@ -18,6 +18,7 @@ from distilkit.checkpoint_io import AtomicCheckpointIO
 from distilkit.curriculum import CurriculumCallback
 from distilkit.data import TextDataModule
 from distilkit.errors import ConfigError, TrainingStopped
+from distilkit.loggers import wandb_loggers
 from distilkit.module import DistillationModule
 from distilkit.plot import draw_run_curve
 from distilkit.run_dir import (
@@ -82,8 +83,8 @@ class DistilCLI(LightningCLI):
 def finish_wandb(trainer) -> None:
     """Close the W&B run the command started, so its files are complete when ``main`` returns (Lightning
     leaves it open, which only the end of the process would close)."""
-    for logger in trainer.loggers:
-        if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
+    if trainer.is_global_zero:
+        for logger in wandb_loggers(trainer):
             logger.experiment.finish()
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+from typing import Any
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 
@@ -29,3 +31,13 @@ class CSVLogger(LightningCSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = AppendingExperimentWriter(log_dir=self.log_dir)
         return self._experiment  # type: ignore[return-value]
+
+
+def wandb_loggers(trainer: Any) -> list[WandbLogger]:
+    """The trainer's W&B loggers (empty when W&B is not used)."""
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+def csv_logger(trainer: Any) -> LightningCSVLogger | None:
+    """The trainer's first CSV logger, the one that writes ``metrics.csv``."""
+    return next((logger for logger in trainer.loggers if isinstance(logger, LightningCSVLogger)), None)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from distilkit.errors import ConfigError, TrainingStopped, check_range
 from distilkit.heads import BodyOutput, OutputHead, body_features, check_head, output_head
+from distilkit.loggers import wandb_loggers
 from distilkit.losses import DistillationLoss, ForwardKLLoss, HiddenStateLoss
 from distilkit.losses.chunked import HeadLossPlan, auto_chunk_size, chunk_slices, head_losses
 from distilkit.metrics import DistillationKL, TokenPerplexity, TopKAgreement
@@ -388,14 +389,14 @@ class DistillationModule(L.LightningModule):
         config = getattr(self.student, "config", None)
         if config is not None:
             extra["student_config"] = config.to_dict()
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        tokenizer = getattr(datamodule, "tokenizer", None)
+        trainer = self._trainer  # None when saved outside a fit
+        tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
         if tokenizer is not None:
             extra["tokenizer_files"] = tokenizer_files(tokenizer)
         extra["rng"] = {"torch": torch.get_rng_state(), "python": _plain(random.getstate())}
         if torch.cuda.is_available():
             extra["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        wandb_ids = [lg.version for lg in self.loggers if type(lg).__name__ == "WandbLogger"]
+        wandb_ids = [logger.version for logger in wandb_loggers(trainer)] if trainer is not None else []
         if wandb_ids:
             extra["wandb_run_id"] = str(wandb_ids[0])  # a resumed fit continues this W&B run
         checkpoint["distilkit"] = extra

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from distilkit.errors import ConfigError
+from distilkit.loggers import csv_logger, wandb_loggers
 
 PNG_NAME = "learning_curve.png"
 
@@ -95,17 +96,16 @@ def draw_run_curve(trainer: Any, stage_names: list[str] | None = None) -> Path |
     """After a fit: flush the CSV logger, draw the PNG beside ``metrics.csv``, log it to W&B if present."""
     if not trainer.is_global_zero:
         return None
-    csv_loggers = [lg for lg in trainer.loggers if type(lg).__name__ == "CSVLogger"]
-    if not csv_loggers:
+    csv = csv_logger(trainer)
+    if csv is None:
         return None
-    csv_loggers[0].save()
-    metrics_csv = Path(csv_loggers[0].log_dir) / "metrics.csv"
+    csv.save()
+    metrics_csv = Path(csv.log_dir) / "metrics.csv"
     if not metrics_csv.is_file():
         return None
     png = plot_learning_curve(metrics_csv, metrics_csv.with_name(PNG_NAME), stage_names)
-    for logger in trainer.loggers:
-        if type(logger).__name__ == "WandbLogger":
-            logger.log_image(key="learning_curve", images=[str(png)])
+    for logger in wandb_loggers(trainer):
+        logger.log_image(key="learning_curve", images=[str(png)])
     return png
 
 

@@ -15,6 +15,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from distilkit.errors import ConfigError
+from distilkit.loggers import wandb_loggers
 
 CSV_LOGGER = "distilkit.loggers.CSVLogger"
 _RUN_MARKERS = ("config.yaml", "metrics.csv", "checkpoints")
@@ -107,10 +108,8 @@ class SaveRunConfig(SaveConfigCallback):
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Give W&B the full resolved config, nested as in the YAML (not Lightning's flat hparams)."""
-        loggers: list[Any] = trainer.loggers
-        for logger in loggers:
-            if type(logger).__name__ == "WandbLogger":
-                logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
+        for logger in wandb_loggers(trainer):
+            logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
 
 
 class CheckpointOnSigterm(Callback):
