@@ -297,3 +297,12 @@ def test_a_non_finite_student_is_never_checkpointed(datamodule, tmp_path):
         next(module.student.parameters()).fill_(float("nan"))
     with pytest.raises(TrainingStopped, match="no checkpoint was written"):
         module.on_save_checkpoint({})
+
+
+def test_all_finite_is_exact_even_when_the_norm_overflows():
+    from distilkit.module import all_finite
+
+    assert all_finite([torch.full((4,), 1e30), torch.ones(3)])  # squares overflow float32, values are finite
+    assert not all_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])
+    assert not all_finite([torch.tensor([float("-inf")])])
+    assert all_finite([])
