@@ -129,6 +129,7 @@ class DistillationModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.eval_metrics = nn.ModuleDict({stage: self._make_metrics() for stage in ("val", "test")})
         self._heads_checked = False
+        self._tokenizer_files: tuple[Any, dict[str, str]] | None = None
         if nonfinite not in ("stop", "skip"):
             raise ConfigError("model.nonfinite", nonfinite, "is not a policy", "use stop or skip")
         self.nonfinite, self.max_nonfinite_skips = nonfinite, max_nonfinite_skips
@@ -392,7 +393,9 @@ class DistillationModule(L.LightningModule):
         trainer = self._trainer  # None when saved outside a fit
         tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
         if tokenizer is not None:
-            extra["tokenizer_files"] = tokenizer_files(tokenizer)
+            if self._tokenizer_files is None or self._tokenizer_files[0] is not tokenizer:
+                self._tokenizer_files = (tokenizer, tokenizer_files(tokenizer))  # serialised once per run
+            extra["tokenizer_files"] = self._tokenizer_files[1]
         extra["rng"] = {"torch": torch.get_rng_state(), "python": _plain(random.getstate())}
         if torch.cuda.is_available():
             extra["rng"]["cuda"] = torch.cuda.get_rng_state_all()
