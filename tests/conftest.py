@@ -67,11 +67,11 @@ def make_datamodule(corpus: Path, tokenizer_dir: Path, cache_dir: Path):
     return dm
 
 
-def tiny_module(datamodule, teacher=TINY_TEACHER, student=TINY_STUDENT, **kwargs):
-    """A DistillationModule of tiny GPT-2s sized from the data module's tokenizer."""
+def tiny_module(datamodule, teacher=TINY_TEACHER, student=TINY_STUDENT, cls=None, **kwargs):
+    """A DistillationModule (or subclass ``cls``) of tiny GPT-2s sized from the data module's tokenizer."""
     from distilkit import DistillationModule
 
-    return DistillationModule(
+    return (cls or DistillationModule)(
         student=student,
         teacher=teacher,
         vocab_size=datamodule.vocab_size,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cli import run_cli, tiny_recipe
+from test_cli import fit_run, resume_run, tiny_recipe
 
 from distilkit.checkpoint_io import AtomicCheckpointIO
 
@@ -38,19 +38,9 @@ def test_the_cli_writes_checkpoints_atomically_and_resume_ignores_leftovers(
     monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", counting)
     recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir)
     run_dir = tmp_path / "run"
-    run_cli("fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir))
+    fit_run(recipe, run_dir)
     assert any(p.endswith("last.ckpt") for p in written), "the CLI did not write through AtomicCheckpointIO"
     # a write killed halfway leaves a temporary file; `--ckpt_path last` must not take it
     (run_dir / "checkpoints" / ".last.ckpt.x1y2.tmp").write_bytes(b"partial")
-    run_cli(
-        "fit",
-        "--config",
-        str(recipe),
-        "--trainer.default_root_dir",
-        str(run_dir),
-        "--trainer.max_steps",
-        "6",
-        "--ckpt_path",
-        "last",
-    )
+    resume_run(recipe, run_dir, 6)
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6

@@ -60,6 +60,16 @@ def run_cli(*args: str) -> None:
     main(list(args))
 
 
+def fit_run(recipe: Path, run_dir: Path, *overrides: str) -> None:
+    """`distilkit fit` of ``recipe`` into ``run_dir``."""
+    run_cli("fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir), *overrides)
+
+
+def resume_run(recipe: Path, run_dir: Path, max_steps: int, *overrides: str) -> None:
+    """Resume the run in ``run_dir`` from its last checkpoint and train on to ``max_steps``."""
+    fit_run(recipe, run_dir, *overrides, "--trainer.max_steps", str(max_steps), "--ckpt_path", "last")
+
+
 def recipe_command(recipe: Path) -> list[str]:
     """The `distilkit fit ...` command a recipe opens with (the line that names the recipe)."""
     lines = [
@@ -84,7 +94,7 @@ def test_every_recipe_parses_and_opens_with_its_command(recipe, capsys):
 def test_fit_export_reload_generate(tmp_path, corpus, tokenizer_dir, cache_dir):
     recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, {"vocab_size": 400}, cache_dir)
     run_dir = tmp_path / "run"
-    run_cli("fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir))
+    fit_run(recipe, run_dir)
     assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.csv").is_file()
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_file()
@@ -113,22 +123,12 @@ def test_fit_export_reload_generate(tmp_path, corpus, tokenizer_dir, cache_dir):
 def test_resume_from_a_checkpoint(tmp_path, corpus, tokenizer_dir, cache_dir):
     recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir)
     run_dir = tmp_path / "run"
-    run_cli("fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir))
+    fit_run(recipe, run_dir)
     first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert first["global_step"] == 4
     config_before = (run_dir / "config.yaml").read_text()
 
-    run_cli(
-        "fit",
-        "--config",
-        str(recipe),
-        "--trainer.default_root_dir",
-        str(run_dir),
-        "--trainer.max_steps",
-        "6",
-        "--ckpt_path",
-        "last",
-    )
+    resume_run(recipe, run_dir, 6)
     second = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert second["global_step"] == 6
     assert (run_dir / "config.yaml").read_text() == config_before, "the first config was overwritten"
@@ -168,7 +168,7 @@ def test_bad_input_exits_2_with_one_clear_message_and_writes_nothing(
     recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        run_cli("fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir), *override)
+        fit_run(recipe, run_dir, *override)
     assert exit_info.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
     assert message in err
@@ -179,10 +179,10 @@ def test_bad_input_exits_2_with_one_clear_message_and_writes_nothing(
 def test_an_existing_run_is_never_overwritten(tmp_path, corpus, tokenizer_dir, cache_dir, capsys):
     recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir)
     run_dir = tmp_path / "run"
-    run_cli("fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir))
+    fit_run(recipe, run_dir)
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as exit_info:
-        run_cli("fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir))
+        fit_run(recipe, run_dir)
     assert exit_info.value.code == 2
     assert "already holds a run" in " ".join(capsys.readouterr().err.split())
     assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
@@ -243,7 +243,7 @@ def test_an_empty_dataset_exits_2_before_writing_the_run(tmp_path, tokenizer_dir
     recipe = tiny_recipe(tmp_path / "tiny.yaml", empty, tokenizer_dir, cache_dir)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        run_cli("fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir))
+        fit_run(recipe, run_dir)
     assert exit_info.value.code == 2
     assert "holds no text" in " ".join(capsys.readouterr().err.split())
     assert not (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()

@@ -59,13 +59,7 @@ class ModeRecorder(DistillationModule):
 
 
 def test_teacher_in_eval_and_student_in_train_at_every_step(datamodule, tmp_path):
-    module = ModeRecorder(
-        student=TINY_STUDENT,
-        teacher=TINY_TEACHER,
-        vocab_size=datamodule.vocab_size,
-        block_size=datamodule.block_size,
-        eos_token_id=datamodule.eos_token_id,
-    )
+    module = tiny_module(datamodule, cls=ModeRecorder)
     module.modes = []
     tiny_trainer(tmp_path, max_steps=6, val_check_interval=2, num_sanity_val_steps=1).fit(module, datamodule)
     train_modes = [m for m in module.modes if m[0] == "train"]
@@ -244,14 +238,7 @@ class PoisonedTeacher(DistillationModule):
 
 
 def poisoned(datamodule, steps, **kwargs):
-    module = PoisonedTeacher(
-        student=TINY_STUDENT,
-        teacher=TINY_TEACHER,
-        vocab_size=datamodule.vocab_size,
-        block_size=datamodule.block_size,
-        eos_token_id=datamodule.eos_token_id,
-        **kwargs,
-    )
+    module = tiny_module(datamodule, cls=PoisonedTeacher, **kwargs)
     module.poison_steps = set(steps)
     return module
 

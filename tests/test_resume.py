@@ -71,21 +71,47 @@ def test_resume_ends_with_the_same_weights_and_batches(tmp_path, corpus, tokeniz
         assert (a - b).abs().max() <= 1e-6, name
 
 
-@pytest.mark.slow
-def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, corpus, tokenizer_dir, cache_dir):
-    recipe = tiny_recipe(
-        tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir, max_steps=12, val_check_interval=4
-    )
-    every_step = ["--checkpoint.every_n_train_steps", "1", "--data.init_args.batch_size", "2"]
-    cli = [sys.executable, "-m", "distilkit.cli", "fit", "--config", str(recipe), *every_step]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _cli(recipe: Path, *overrides: str) -> list[str]:
+    """`distilkit fit` in a subprocess: 12 steps of batch 2, long enough to interrupt."""
+    return [
+        sys.executable,
+        "-m",
+        "distilkit.cli",
+        "fit",
+        "--config",
+        str(recipe),
+        "--data.init_args.batch_size",
+        "2",
+        *overrides,
+    ]
+
+
+def _run(command: list[str], run_dir: Path, env: dict[str, str], *extra: str) -> None:
     subprocess.run(
-        [*cli, "--trainer.default_root_dir", str(tmp_path / "straight")],
+        [*command, "--trainer.default_root_dir", str(run_dir), *extra],
         check=True,
         env=env,
         capture_output=True,
         timeout=300,
     )
+
+
+def _assert_same_student(straight_dir: Path, resumed_dir: Path, steps: int) -> None:
+    """The resumed run reached ``steps`` with the uninterrupted run's weights (max abs difference ≤ 1e-6)."""
+    a = torch.load(straight_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(resumed_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert b["global_step"] == steps
+    assert max(float((a[k] - b["state_dict"][k]).abs().max()) for k in a) <= 1e-6
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, corpus, tokenizer_dir, cache_dir):
+    recipe = tiny_recipe(
+        tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir, max_steps=12, val_check_interval=4
+    )
+    cli = _cli(recipe, "--checkpoint.every_n_train_steps", "1")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    _run(cli, tmp_path / "straight", env)
 
     killed_dir = tmp_path / "killed"
     process = subprocess.Popen(
@@ -105,17 +131,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, corpus,
     killed_at = torch.load(last, weights_only=True)["global_step"]
     assert 5 <= killed_at < 12, "the run was not killed mid-training"
 
-    subprocess.run(
-        [*cli, "--trainer.default_root_dir", str(killed_dir), "--ckpt_path", "last"],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=300,
-    )
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(last, weights_only=True)["state_dict"]
-    assert torch.load(last, weights_only=True)["global_step"] == 12
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    _run(cli, killed_dir, env, "--ckpt_path", "last")
+    _assert_same_student(tmp_path / "straight", killed_dir, 12)
 
 
 @pytest.mark.slow
@@ -123,24 +140,9 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(tmp_path, corp
     recipe = tiny_recipe(
         tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir, max_steps=12, val_check_interval=4
     )
-    cli = [
-        sys.executable,
-        "-m",
-        "distilkit.cli",
-        "fit",
-        "--config",
-        str(recipe),
-        "--data.init_args.batch_size",
-        "2",
-    ]
+    cli = _cli(recipe)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    subprocess.run(
-        [*cli, "--trainer.default_root_dir", str(tmp_path / "straight")],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=300,
-    )
+    _run(cli, tmp_path / "straight", env)
 
     marker = tmp_path / "reached"
     slow = f'[{{"class_path": "slow_steps.SlowSteps", "init_args": {{"marker": "{marker}", "at_step": 5}}}}]'
@@ -161,14 +163,5 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(tmp_path, corp
     stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert 5 <= stopped_at < 12
 
-    subprocess.run(
-        [*cli, "--trainer.default_root_dir", str(run_dir), "--ckpt_path", "last"],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=300,
-    )
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert b["global_step"] == 12
-    assert max(float((a[k] - b["state_dict"][k]).abs().max()) for k in a) <= 1e-6
+    _run(cli, run_dir, env, "--ckpt_path", "last")
+    _assert_same_student(tmp_path / "straight", run_dir, 12)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from test_cli import run_cli, tiny_recipe
+from test_cli import fit_run, resume_run, run_cli, tiny_recipe
 from wandb_records import config_keys, history_keys, read_records, run_file
 
 from distilkit.run_dir import wandb_can_go_online
@@ -86,22 +86,8 @@ def test_the_wandb_recipe_logs_nested_config_samples_throughput_and_the_curve(
 def test_resuming_from_a_checkpoint_continues_the_same_wandb_run(tmp_path, corpus, tokenizer_dir, cache_dir):
     recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir)
     run_dir = tmp_path / "run"
-    run_cli(
-        "fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir), "--trainer.logger", WANDB
-    )
+    fit_run(recipe, run_dir, "--trainer.logger", WANDB)
     first = [r.run.run_id for r in read_records(run_file(run_dir)) if r.HasField("run")][0]
-    run_cli(
-        "fit",
-        "--config",
-        str(recipe),
-        "--trainer.default_root_dir",
-        str(run_dir),
-        "--trainer.logger",
-        WANDB,
-        "--trainer.max_steps",
-        "6",
-        "--ckpt_path",
-        "last",
-    )
+    resume_run(recipe, run_dir, 6, "--trainer.logger", WANDB)
     runs = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 2 and all(path.name == f"run-{first}.wandb" for path in runs)

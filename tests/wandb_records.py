@@ -62,19 +62,15 @@ def run_file(save_dir: Path, timeout: float = 60.0) -> Path:
         time.sleep(0.2)
 
 
+def _keys(items) -> set[str]:
+    return {item.key or "/".join(item.nested_key) for item in items}
+
+
 def history_keys(records) -> set[str]:
-    return {
-        item.key or "/".join(item.nested_key)
-        for r in records
-        if r.HasField("history")
-        for item in r.history.item
-    }
+    """Every metric name the run logged."""
+    return _keys(item for r in records if r.HasField("history") for item in r.history.item)
 
 
 def config_keys(records) -> set[str]:
-    return {
-        item.key or "/".join(item.nested_key)
-        for r in records
-        if r.HasField("config")
-        for item in r.config.update
-    }
+    """Every top-level config key the run was given."""
+    return _keys(item for r in records if r.HasField("config") for item in r.config.update)
