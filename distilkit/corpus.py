@@ -23,8 +23,8 @@ def _python_reference() -> list[dict[str, str]]:
 _CORPORA = {"python-reference": _python_reference}
 
 
-def builtin_corpus_path(name: str, cache_dir: Path) -> Path:
-    """Write the built-in corpus ``name`` (no prefix) as jsonl under ``cache_dir``; return its path."""
+def builtin_documents(name: str) -> list[dict[str, str]]:
+    """The documents (``{"title", "text"}``) of the built-in corpus ``name`` (no prefix), in file order."""
     if name not in _CORPORA:
         raise ConfigError(
             "data.train_files",
@@ -32,10 +32,16 @@ def builtin_corpus_path(name: str, cache_dir: Path) -> Path:
             "is not a built-in corpus",
             f"use one of {[BUILTIN_PREFIX + n for n in _CORPORA]} or a file path",
         )
+    return _CORPORA[name]()
+
+
+def builtin_corpus_path(name: str, cache_dir: Path) -> Path:
+    """Write the built-in corpus ``name`` (no prefix) as jsonl under ``cache_dir``; return its path."""
+    documents = builtin_documents(name)
     path = cache_dir / f"builtin-{name}.jsonl"
     if not path.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(doc) + "\n" for doc in _CORPORA[name]()), encoding="utf-8")
+        tmp.write_text("".join(json.dumps(doc) + "\n" for doc in documents), encoding="utf-8")
         tmp.replace(path)
     return path

@@ -295,10 +295,16 @@ class TextDataModule(L.LightningDataModule):
                     "give more text, a smaller block_size, or val_files",
                 )
             return stream[:cut], stream[cut:]
-        order = np.random.default_rng(self.seed).permutation(len(docs))
-        n_val = max(1, round(len(docs) * self.val_fraction))
-        val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+        train_idx, val_idx = held_out_split(len(docs), self.val_fraction, self.seed)
         return _stream(docs.select(train_idx)), _stream(docs.select(val_idx))
+
+
+def held_out_split(n_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ``(train, val)`` document indices: a seeded ``val_fraction`` of ``n_docs`` (at least one) is
+    held out. The split ``TextDataModule`` makes without ``val_files``; evaluation tasks reuse it."""
+    order = np.random.default_rng(seed).permutation(n_docs)
+    n_val = max(1, round(n_docs * val_fraction))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 def _load(builder: str, files: list[str], field: str, cache_dir: Path) -> datasets.Dataset:

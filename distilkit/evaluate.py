@@ -2,7 +2,8 @@
 
 Each model is scored by :class:`DistillationModule`'s own validation loop (the metrics of training,
 ``val/ppl``, ``val/top1_agreement``, ``val/kl``) on the held-out split that training used (same files,
-``val_fraction`` and seed), or on all blocks with ``--split all``.
+``val_fraction`` and seed), or on all blocks with ``--split all``. With the ``eval`` extra,
+``--lm_eval_tasks`` also runs EleutherAI's lm-evaluation-harness on every model (:mod:`distilkit.harness`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rich.table import Table
 from distilkit.data import TextDataModule
 from distilkit.errors import ConfigError
 from distilkit.export import load_model_and_tokenizer
+from distilkit.harness import Harness
 from distilkit.module import DistillationModule
 
 
@@ -34,6 +36,9 @@ def evaluate(
     seed: int = 0,
     split: Literal["val", "all"] = "val",
     output_json: str | None = None,
+    lm_eval_tasks: list[str] | None = None,
+    lm_eval_limit: int | None = None,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Score each model; returns one row per model (and one for the teacher), also written as JSON.
 
@@ -44,9 +49,14 @@ def evaluate(
         block_size / batch_size / val_fraction / seed: as in training, so the held-out split is the same.
         split: ``val`` (the held-out documents) or ``all``.
         output_json: where to write the rows (optional).
+        lm_eval_tasks: harness tasks to run on every model (names or task YAML files); each row then has
+            ``lm_eval: {task: {metric: value}}``.
+        lm_eval_limit: documents per harness task (None: all).
+        progress: show progress bars.
     """
     if not models:
         raise ConfigError("models", models, "is empty", "give at least one checkpoint or model directory")
+    harness = Harness(lm_eval_tasks, limit=lm_eval_limit, batch_size=batch_size) if lm_eval_tasks else None
     teacher_model, tokenizer = load_model_and_tokenizer(teacher, "teacher") if teacher else (None, None)
     loaded = [(name, *load_model_and_tokenizer(name, "models")) for name in models]
     tokenizer = tokenizer or next((t for _, _, t in loaded if t is not None), None)
@@ -69,7 +79,7 @@ def evaluate(
     for name, model, _ in loaded:
         module = DistillationModule(student=model, teacher=teacher_model, vocab_size=data.vocab_size)
         trainer = L.Trainer(
-            logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False
+            logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress
         )
         metrics = trainer.validate(module, dataloaders=loader, verbose=False)[0]
         row: dict[str, Any] = {"model": name, "ppl": metrics["val/ppl"]}
@@ -81,6 +91,12 @@ def evaluate(
         rows.insert(0, teacher_row)
     for row in rows:
         row["tokens"] = blocks * block_size
+    if harness is not None:
+        scored = ([(teacher_model, tokenizer)] if teacher_model is not None else []) + [
+            (model, own_tokenizer or tokenizer) for _, model, own_tokenizer in loaded
+        ]
+        for row, (model, model_tokenizer) in zip(rows, scored, strict=True):
+            row["lm_eval"] = harness.scores(model, model_tokenizer)
     if output_json:
         Path(output_json).write_text(json.dumps(rows, indent=2) + "\n")
     return rows
@@ -103,12 +119,32 @@ def print_rows(rows: list[dict[str, Any]], console: Console) -> None:
         kl = f"{row['kl']:.3f}" if "kl" in row else "-"
         table.add_row(row["model"], f"{row['ppl']:.2f}", agreement, kl)
     console.print(table)
+    if any("lm_eval" in row for row in rows):
+        print_harness_rows(rows, console)
+
+
+def print_harness_rows(rows: list[dict[str, Any]], console: Console) -> None:
+    """One row per harness task and metric, one column per model."""
+    table = Table(title="lm-evaluation-harness")
+    table.add_column("task")
+    table.add_column("metric")
+    for row in rows:
+        table.add_column(row["model"], justify="right", overflow="fold")
+    pairs = dict.fromkeys(
+        (task, metric) for row in rows for task in row["lm_eval"] for metric in row["lm_eval"][task]
+    )
+    for task, metric in pairs:
+        values = [row["lm_eval"].get(task, {}).get(metric) for row in rows]
+        table.add_row(task, metric, *("-" if value is None else f"{value:.4g}" for value in values))
+    console.print(table)
 
 
 def evaluate_main(args: list[str]) -> None:
-    """``distilkit evaluate --models [A,B] [--teacher T] [--data_files F] [--output_json out.json]``."""
+    """``distilkit evaluate --models [A,B] [--teacher T] [--data_files F] [--output_json out.json]
+    [--lm_eval_tasks [distilkit_python_reference, my_task.yaml]]``."""
     parser = ArgumentParser(prog="distilkit evaluate", description=(__doc__ or "").splitlines()[0])
     parser.add_function_arguments(evaluate)
     config = parser.parse_args(args)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banner per model
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # no notes on defaults and passed-in models
     print_rows(evaluate(**config.as_dict()), Console())

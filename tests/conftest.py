@@ -46,6 +46,17 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Pat
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, corpus, tokenizer_dir, cache_dir) -> Path:
+    """A tiny CLI fit's last checkpoint (student GPT-2 1x32 distilled from a random 2x64 teacher)."""
+    from test_cli import run_cli, tiny_recipe
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    recipe = tiny_recipe(tmp / "tiny.yaml", corpus, tokenizer_dir, cache_dir)
+    run_cli("fit", "--config", str(recipe), "--trainer.default_root_dir", str(tmp / "run"))
+    return tmp / "run" / "checkpoints" / "last.ckpt"
+
+
 @pytest.fixture
 def datamodule(corpus: Path, tokenizer_dir: Path, cache_dir: Path):
     return make_datamodule(corpus, tokenizer_dir, cache_dir)

@@ -15,15 +15,6 @@ ROOT = Path(__file__).parents[1]
 TEACHER = ROOT / "recipes" / "teacher"
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, corpus, tokenizer_dir, cache_dir) -> Path:
-    """A tiny fit's last checkpoint (student GPT-2 1x32 distilled from a random 2x64 teacher)."""
-    tmp = tmp_path_factory.mktemp("tiny-run")
-    recipe = tiny_recipe(tmp / "tiny.yaml", corpus, tokenizer_dir, cache_dir)
-    run_cli("fit", "--config", str(recipe), "--trainer.default_root_dir", str(tmp / "run"))
-    return tmp / "run" / "checkpoints" / "last.ckpt"
-
-
 def test_generate_writes_jsonl_that_training_reads(tmp_path, tiny_run, corpus, tokenizer_dir, cache_dir):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The for statement\nA function\n")
