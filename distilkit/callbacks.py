@@ -17,7 +17,8 @@ def _batch_size(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["input_ids"].shape[0])
 
 
-def _tokens(batch: dict[str, torch.Tensor]) -> int:
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Unpadded tokens in a batch (the attention mask's sum, or every position without a mask)."""
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
@@ -28,7 +29,7 @@ class TokenThroughput(ThroughputMonitor):
     averaged over the last ``window_size`` steps."""
 
     def __init__(self, window_size: int = 20) -> None:
-        super().__init__(batch_size_fn=_batch_size, length_fn=_tokens, window_size=window_size)
+        super().__init__(batch_size_fn=_batch_size, length_fn=batch_tokens, window_size=window_size)
 
 
 class SampleTable(Callback):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
@@ -21,6 +21,7 @@ from distilkit.errors import ConfigError, TrainingStopped
 from distilkit.loggers import wandb_loggers
 from distilkit.module import DistillationModule
 from distilkit.plot import draw_run_curve
+from distilkit.progress import DistilProgressBar
 from distilkit.run_dir import (
     CheckpointOnSigterm,
     SaveRunConfig,
@@ -47,6 +48,7 @@ class DistilCLI(LightningCLI):
     - Everything a run writes goes under ``trainer.default_root_dir``: ``config.yaml``, ``metrics.csv``
       (a CSV logger is always present), ``checkpoints/`` (``last.ckpt`` always kept), other loggers' files.
     - A fit refuses a directory that already holds a run unless it resumes it (``--ckpt_path``).
+    - The progress bar (``--progress_bar.*``) shows loss, curriculum stage and tokens per second.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -54,7 +56,7 @@ class DistilCLI(LightningCLI):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": None})
-        parser.add_lightning_class_args(RichProgressBar, "progress_bar")
+        parser.add_lightning_class_args(DistilProgressBar, "progress_bar")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]

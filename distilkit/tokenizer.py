@@ -18,11 +18,12 @@ TRAIN_SETTINGS = {"vocab_size": 4096, "min_frequency": 2}
 
 
 def train_bpe(
-    texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2
+    texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2, show_progress: bool = True
 ) -> PreTrainedTokenizerFast:
     """Train a GPT-2-style byte-level BPE on ``texts``; ``<|endoftext|>`` is its EOS (and BOS, pad).
 
-    Byte-level means every string encodes: no unknown token is ever needed.
+    Byte-level means every string encodes: no unknown token is ever needed. ``show_progress`` draws the
+    ``tokenizers`` trainer's progress bars (reading, counting pairs, merging) on stderr.
     """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -32,7 +33,7 @@ def train_bpe(
         min_frequency=min_frequency,
         special_tokens=[EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=show_progress,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
