@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
@@ -27,7 +27,7 @@ from distilkit.run_dir import (
     SaveRunConfig,
     place_loggers,
     refuse_existing_run,
-    wandb_run_id,
+    resume_point,
 )
 
 #: Commands beyond LightningCLI's own, each ``name -> "module:function"`` taking ``args``.
@@ -58,13 +58,19 @@ class DistilCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": None})
         parser.add_lightning_class_args(DistilProgressBar, "progress_bar")
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the config as given. LightningCLI would overwrite the model's config with the checkpoint's
+        ``hyper_parameters``, which leave out the loss, optimizer and scheduler (they are objects): a fit
+        resumed from an explicit checkpoint path silently went on with the default loss (temperature 1)."""
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         root = config.trainer.get("default_root_dir") or "runs/default"
         config.trainer.default_root_dir = root
         if self.subcommand == "fit":
             refuse_existing_run(root, resuming=config.get("ckpt_path") is not None)
-        place_loggers(config.trainer, root, resume_wandb_id=wandb_run_id(root, config.get("ckpt_path")))
+        wandb_id, step = resume_point(root, config.get("ckpt_path"))
+        place_loggers(config.trainer, root, resume_wandb_id=wandb_id, resume_step=step)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The trainer, writing checkpoints atomically unless the config names its own plugins."""
@@ -73,6 +79,13 @@ class DistilCLI(LightningCLI):
         trainer: Any = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(CheckpointOnSigterm())
         return trainer
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        """``--trainer.enable_progress_bar false`` drops the ``progress_bar`` group's bar (Lightning would
+        refuse a progress bar callback beside it)."""
+        if config.get("enable_progress_bar") is False:
+            callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
+        return super()._instantiate_trainer(config, callbacks)
 
     def after_fit(self) -> None:
         callbacks: list[Any] = getattr(self.trainer, "callbacks", [])

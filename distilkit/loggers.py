@@ -1,14 +1,29 @@
-"""A CSV logger that appends to a run's ``metrics.csv`` instead of deleting it on resume."""
+"""Loggers that survive a resume: no rows lost, none logged twice.
+
+A run killed after its last checkpoint has logged steps that the resumed run will log again. Lightning
+logs every row at the trainer's logging step (``_batches_that_stepped``: ``global_step - 1`` for the rows
+of optimizer step ``global_step``), so a resume from a checkpoint at ``global_step = N`` keeps the rows at
+logging steps ``<= N - 1`` and drops the rest:
+
+- :class:`CSVLogger` appends to ``metrics.csv`` (Lightning's deletes it) and :meth:`CSVLogger.rewind`
+  drops its rows past the checkpoint;
+- :class:`WandbLogger` logs with W&B ``step`` = the logging step (Lightning's lets W&B count rows), so the
+  CLI resumes the run with W&B's rewind (``resume_from="<id>?_step=N-1"``) at exactly that point.
+"""
 
 from __future__ import annotations
 
 import csv
+import os
+from collections.abc import Mapping
 from typing import Any
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
 
 
 class AppendingExperimentWriter(ExperimentWriter):
@@ -32,10 +47,63 @@ class CSVLogger(LightningCSVLogger):
             self._experiment = AppendingExperimentWriter(log_dir=self.log_dir)
         return self._experiment  # type: ignore[return-value]
 
+    @rank_zero_only
+    def rewind(self, last_step: int) -> int:
+        """Drop the rows of ``metrics.csv`` logged at steps after ``last_step`` (written by a run that went on
+        past the checkpoint it is resumed from); the file is replaced atomically. Returns the rows dropped."""
+        path = os.path.join(self.log_dir, ExperimentWriter.NAME_METRICS_FILE)
+        if not os.path.isfile(path):
+            return 0
+        with open(path, newline="") as file:
+            reader = csv.DictReader(file)
+            header, rows = list(reader.fieldnames or []), list(reader)
+        kept = [row for row in rows if not row.get("step") or int(float(row["step"])) <= last_step]
+        if len(kept) < len(rows):
+            tmp = f"{path}.rewind"
+            with open(tmp, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=header)
+                writer.writeheader()
+                writer.writerows(kept)
+            os.replace(tmp, path)
+        return len(rows) - len(kept)
 
-def wandb_loggers(trainer: Any) -> list[WandbLogger]:
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's ``WandbLogger`` that logs each row at W&B ``step`` = the trainer's logging step (rows of
+    one step merge into one W&B row), so a resumed run can rewind W&B to its checkpoint's step.
+
+    Rows logged without a step (tables, images) go to the latest step; a step lower than one already
+    logged (which W&B would drop) is logged at the latest step, keeping ``trainer/global_step`` as given.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._latest_step = 0
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        row = dict(_add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR))
+        if step is not None:
+            row["trainer/global_step"] = step
+        self._latest_step = max(self._latest_step, step if step is not None else 0)
+        self.experiment.log(row, step=self._latest_step)
+
+
+def rewind_point(global_step: int) -> int:
+    """The last logging step a checkpoint at optimizer step ``global_step`` covers."""
+    return global_step - 1
+
+
+def rewind_csv_loggers(trainer: Any, global_step: int) -> None:
+    """Drop CSV rows past a checkpoint at ``global_step`` (called when a fit resumes from it)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            logger.rewind(rewind_point(global_step))
+
+
+def wandb_loggers(trainer: Any) -> list[LightningWandbLogger]:
     """The trainer's W&B loggers (empty when W&B is not used)."""
-    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+    return [logger for logger in trainer.loggers if isinstance(logger, LightningWandbLogger)]
 
 
 def csv_logger(trainer: Any) -> LightningCSVLogger | None:

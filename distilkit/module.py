@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from distilkit.errors import ConfigError, TrainingStopped, check_range
 from distilkit.heads import BodyOutput, OutputHead, body_features, check_head, output_head
-from distilkit.loggers import wandb_loggers
+from distilkit.loggers import rewind_csv_loggers, wandb_loggers
 from distilkit.losses import DistillationLoss, ForwardKLLoss, HiddenStateLoss
 from distilkit.losses.chunked import HeadLossPlan, auto_chunk_size, chunk_slices, head_losses
 from distilkit.metrics import DistillationKL, TokenPerplexity, TopKAgreement
@@ -405,7 +405,10 @@ class DistillationModule(L.LightningModule):
         checkpoint["distilkit"] = extra
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the random state of the interrupted run (dropout masks continue as they would have)."""
+        """Restore the random state of the interrupted run (dropout masks continue as they would have).
+        A resumed fit drops the CSV rows the interrupted run logged past this checkpoint (logged again)."""
+        if self._trainer is not None and self._trainer.state.fn == "fit":
+            rewind_csv_loggers(self._trainer, int(checkpoint.get("global_step", 0)))
         rng = checkpoint.get("distilkit", {}).get("rng")
         if not rng:
             return

@@ -15,9 +15,11 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from distilkit.errors import ConfigError
-from distilkit.loggers import wandb_loggers
+from distilkit.loggers import rewind_point, wandb_loggers
 
 CSV_LOGGER = "distilkit.loggers.CSVLogger"
+WANDB_LOGGER = "distilkit.loggers.WandbLogger"
+_LIGHTNING_WANDB = ("lightning.pytorch.loggers.WandbLogger", "lightning.pytorch.loggers.wandb.WandbLogger")
 _RUN_MARKERS = ("config.yaml", "metrics.csv", "checkpoints")
 
 
@@ -33,20 +35,25 @@ def refuse_existing_run(root: str, resuming: bool) -> None:
         )
 
 
-def wandb_run_id(root: str, ckpt_path: str | None) -> str | None:
-    """The W&B run id a checkpoint was written under (``--ckpt_path last`` means the run's last.ckpt)."""
+def resume_point(root: str, ckpt_path: str | None) -> tuple[str | None, int]:
+    """``(W&B run id, global step)`` of the checkpoint a fit resumes from (``--ckpt_path last`` means the
+    run's ``last.ckpt``); ``(None, 0)`` when the fit does not resume."""
     if not ckpt_path:
-        return None
+        return None, 0
     path = Path(root) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
-        return None
+        return None, 0
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return checkpoint.get("distilkit", {}).get("wandb_run_id")
+    return checkpoint.get("distilkit", {}).get("wandb_run_id"), int(checkpoint.get("global_step", 0))
 
 
-def place_loggers(trainer_config: Namespace, root: str, resume_wandb_id: str | None = None) -> None:
+def place_loggers(
+    trainer_config: Namespace, root: str, resume_wandb_id: str | None = None, resume_step: int = 0
+) -> None:
     """Put every logger's files under ``root`` and make sure a CSV logger writes ``root/metrics.csv``
-    (distilkit's :class:`~distilkit.loggers.CSVLogger`, which appends when a run resumes).
+    (distilkit's :class:`~distilkit.loggers.CSVLogger`, which appends when a run resumes). Lightning's
+    CSV and W&B loggers become distilkit's (:mod:`distilkit.loggers`); a resumed fit continues the W&B run
+    ``resume_wandb_id``, rewound to the checkpoint at optimizer step ``resume_step``.
 
     Loggers are jsonargparse namespaces here (``class_path`` + ``init_args``), edited before they are built.
     """
@@ -57,6 +64,8 @@ def place_loggers(trainer_config: Namespace, root: str, resume_wandb_id: str | N
     for entry in entries:
         if _class_path(entry).endswith(".CSVLogger"):
             entry["class_path"] = CSV_LOGGER  # Lightning's own deletes metrics.csv when a run resumes
+        if _class_path(entry) in _LIGHTNING_WANDB:
+            entry["class_path"] = WANDB_LOGGER  # logs at the trainer's step, so a resume can rewind
     if not any(_class_path(entry) == CSV_LOGGER for entry in entries):
         entries.insert(0, Namespace(class_path=CSV_LOGGER, init_args=Namespace()))
     for entry in entries:
@@ -69,6 +78,10 @@ def place_loggers(trainer_config: Namespace, root: str, resume_wandb_id: str | N
             args["save_dir"] = root
         if _class_path(entry).endswith("WandbLogger") and resume_wandb_id and not args.get("id"):
             args["id"] = resume_wandb_id  # Lightning passes resume="allow": the same run continues
+            if _class_path(entry) == WANDB_LOGGER and resume_step > 0:
+                # W&B's rewind: keep the rows up to the checkpoint, drop those the killed run logged after
+                args["resume"] = None
+                args["resume_from"] = f"{resume_wandb_id}?_step={rewind_point(resume_step)}"
         if _class_path(entry).endswith("WandbLogger") and not wandb_can_go_online():
             args["offline"] = True
             args["log_model"] = False  # artifacts cannot be uploaded offline (Lightning refuses the pair)

@@ -123,7 +123,7 @@ def test_fit_export_reload_generate(tmp_path, corpus, tokenizer_dir, cache_dir):
 def test_resume_from_a_checkpoint(tmp_path, corpus, tokenizer_dir, cache_dir):
     recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir)
     run_dir = tmp_path / "run"
-    fit_run(recipe, run_dir)
+    fit_run(recipe, run_dir, "--trainer.enable_progress_bar", "false")  # drops the CLI's progress bar
     first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert first["global_step"] == 4
     config_before = (run_dir / "config.yaml").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import torch
 from conftest import make_datamodule, tiny_module, tiny_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from test_cli import tiny_recipe
+from wandb_records import branch_point, read_records, rewound_history, run_file
 
 from distilkit.sampling import ResumableBatchSampler
 
@@ -96,20 +98,48 @@ def _run(command: list[str], run_dir: Path, env: dict[str, str], *extra: str) ->
     )
 
 
-def _assert_same_student(straight_dir: Path, resumed_dir: Path, steps: int) -> None:
+def _assert_same_student(straight_dir: Path, resumed_dir: Path, steps: int, name: str = "last.ckpt") -> None:
     """The resumed run reached ``steps`` with the uninterrupted run's weights (max abs difference ≤ 1e-6)."""
-    a = torch.load(straight_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(resumed_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    a = torch.load(straight_dir / "checkpoints" / name, weights_only=True)["state_dict"]
+    b = torch.load(resumed_dir / "checkpoints" / name, weights_only=True)
     assert b["global_step"] == steps
     assert max(float((a[k] - b["state_dict"][k]).abs().max()) for k in a) <= 1e-6
 
 
+def _csv_rows(run_dir: Path) -> list[tuple[int, float | None, float | None]]:
+    """``(step, train/loss, val/loss)`` of every row of ``metrics.csv``."""
+    with open(run_dir / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    number = lambda text: float(text) if text else None  # noqa: E731
+    return [(int(r["step"]), number(r.get("train/loss")), number(r.get("val/loss"))) for r in rows]
+
+
+def _wandb_losses(files: list[Path]) -> list[tuple[int, int, float | None, float | None]]:
+    """``(W&B step, trainer/global_step, train/loss, val/loss)`` of the history W&B shows after a sync."""
+    return [
+        (int(row["_step"]), int(row["trainer/global_step"]), row.get("train/loss"), row.get("val/loss"))  # type: ignore[arg-type]
+        for row in rewound_history(files)
+        if "trainer/global_step" in row
+    ]
+
+
+def _assert_same_logs(straight, resumed) -> None:
+    assert [row[:-2] for row in resumed] == [row[:-2] for row in straight], "a step dropped or logged twice"
+    for a, b in zip(straight, resumed, strict=True):
+        for x, y in zip(a[-2:], b[-2:], strict=True):
+            assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-5 * max(1.0, abs(x)))
+
+
 @pytest.mark.slow
-def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, corpus, tokenizer_dir, cache_dir):
+def test_a_run_killed_with_sigkill_resumes_to_the_same_weights_and_logs(
+    tmp_path, corpus, tokenizer_dir, cache_dir
+):
+    """Weights, ``metrics.csv`` and the W&B history (offline) of a SIGKILLed and resumed run match an
+    uninterrupted run's: the rows the killed run logged past its checkpoint are replaced, not repeated."""
     recipe = tiny_recipe(
         tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir, max_steps=12, val_check_interval=4
     )
-    cli = _cli(recipe, "--checkpoint.every_n_train_steps", "1")
+    cli = _cli(recipe, "--checkpoint.every_n_train_steps", "1", "--trainer.logger", WANDB)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     _run(cli, tmp_path / "straight", env)
 
@@ -133,14 +163,28 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path, corpus,
 
     _run(cli, killed_dir, env, "--ckpt_path", "last")
     _assert_same_student(tmp_path / "straight", killed_dir, 12)
+    _assert_same_logs(_csv_rows(tmp_path / "straight"), _csv_rows(killed_dir))
+    # W&B: the resumed part rewinds to the checkpoint and logs every later step once. (What the killed part
+    # wrote offline is lost with it: W&B's service buffers its file and dies with the process.)
+    resumed_part = run_file(killed_dir)
+    assert branch_point(read_records(resumed_part)) == killed_at - 1
+    straight = _wandb_losses([run_file(tmp_path / "straight")])
+    _assert_same_logs(straight[killed_at:], _wandb_losses([resumed_part]))
+
+
+WANDB = '[{"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "t"}}]'
 
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(tmp_path, corpus, tokenizer_dir, cache_dir):
+    """SIGTERM writes last.ckpt and exits 143. Resuming from the earlier step-4 checkpoint instead, past which
+    the stopped run has logged more steps, still gives the uninterrupted run's weights, metrics.csv and
+    W&B history: those rows are replaced (CSV rewind, W&B ``resume_from`` rewind), not repeated. (An explicit
+    checkpoint path also checks that the recipe's loss is kept, not the checkpoint's partial hparams.)"""
     recipe = tiny_recipe(
         tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir, max_steps=12, val_check_interval=4
     )
-    cli = _cli(recipe)
+    cli = _cli(recipe, "--checkpoint.every_n_train_steps", "4", "--trainer.logger", WANDB)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     _run(cli, tmp_path / "straight", env)
 
@@ -162,6 +206,14 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(tmp_path, corp
     assert process.returncode == 143, err[-2000:]
     stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert 5 <= stopped_at < 12
+    (step_4,) = (run_dir / "checkpoints").glob("*step=4.ckpt")
+    assert max(row[0] for row in _csv_rows(run_dir)) == stopped_at - 1, "rows past the step-4 checkpoint"
 
-    _run(cli, run_dir, env, "--ckpt_path", "last")
-    _assert_same_student(tmp_path / "straight", run_dir, 12)
+    _run(cli, run_dir, env, "--ckpt_path", str(step_4))
+    # (Lightning leaves the stopped run's last.ckpt alone when the resume started elsewhere: last-v1.ckpt)
+    _assert_same_student(tmp_path / "straight", run_dir, 12, name="epoch=0-step=12.ckpt")
+    _assert_same_logs(_csv_rows(tmp_path / "straight"), _csv_rows(run_dir))
+    run_file(run_dir)  # the resumed part has finished writing
+    parts = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(parts) == 2 and branch_point(read_records(parts[1])) == 3
+    _assert_same_logs(_wandb_losses([run_file(tmp_path / "straight")]), _wandb_losses(parts))

@@ -8,6 +8,7 @@ of records, each with a 7-byte header (u32 checksum, u16 length little-endian, u
 
 from __future__ import annotations
 
+import json
 import struct
 import time
 from pathlib import Path
@@ -74,3 +75,36 @@ def history_keys(records) -> set[str]:
 def config_keys(records) -> set[str]:
     """Every top-level config key the run was given."""
     return _keys(item for r in records if r.HasField("config") for item in r.config.update)
+
+
+def history_rows(records) -> list[dict[str, object]]:
+    """The run's history rows in order, values decoded from JSON (``_step`` included)."""
+    return [
+        {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+        for r in records
+        if r.HasField("history")
+    ]
+
+
+def branch_point(records) -> int | None:
+    """The step a run was rewound to (``resume_from="<id>?_step=N"``), or None."""
+    for r in records:
+        if r.HasField("run"):
+            for item in r.run.config.update:
+                if item.key == "_wandb":
+                    point = json.loads(item.value_json).get("branch_point")
+                    return None if point is None else int(point["step"])
+    return None
+
+
+def rewound_history(files: list[Path]) -> list[dict[str, object]]:
+    """The history W&B shows after syncing a run's offline parts in order: each part that was started with
+    a rewind drops the earlier rows past its branch point (the rows the interrupted part logged again)."""
+    rows: list[dict[str, object]] = []
+    for path in files:
+        records = read_records(path)
+        point = branch_point(records)
+        if point is not None:
+            rows = [row for row in rows if int(row["_step"]) <= point]  # type: ignore[call-overload]
+        rows += history_rows(records)
+    return rows
