@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from distilkit.corpus import BUILTIN_PREFIX, builtin_corpus_path
 from distilkit.errors import ConfigError
-from distilkit.sampling import ResumableBatchSampler
+from distilkit.sampling import ResumableSampler
 from distilkit.tokenizer import resolve_tokenizer
 
 IGNORE_INDEX = -100
@@ -139,28 +139,22 @@ class TextDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled full batches in an order that a resumed run continues exactly (see :meth:`state_dict`).
+        """Shuffled full batches in an order a resumed run continues exactly (see :meth:`state_dict`).
 
-        With several processes (DDP) this falls back to a plain shuffled loader, into which Lightning
-        injects its ``DistributedSampler``: the data is sharded correctly, but a mid-epoch resume is not
-        yet exact there.
-        """
-        if _world_size() > 1:
-            return DataLoader(
-                self.datasets["train"],
-                batch_size=self.batch_size,
-                shuffle=True,
-                drop_last=True,
-                num_workers=self.num_workers,
-                generator=self._own_generator(),
-            )
-        self.batch_sampler = ResumableBatchSampler(len(self.datasets["train"]), self.batch_size, self.seed)
+        Under DDP each process takes its share of every global batch (:class:`.ResumableSampler`), so ``W``
+        processes with ``batch_size`` train on what one process with ``W * batch_size`` would."""
+        world_size, rank = _world_size_and_rank(self.trainer)
+        self.sampler = ResumableSampler(
+            len(self.datasets["train"]), self.batch_size, self.seed, num_replicas=world_size, rank=rank
+        )
         if self._resume_position is not None:
-            self.batch_sampler.resume_at(*self._resume_position)
+            self.sampler.resume_at(*self._resume_position)
             self._resume_position = None
         return DataLoader(
             self.datasets["train"],
-            batch_sampler=self.batch_sampler,
+            batch_size=self.batch_size,
+            sampler=self.sampler,
+            drop_last=True,
             num_workers=self.num_workers,
             generator=self._own_generator(),
         )
@@ -170,11 +164,11 @@ class TextDataModule(L.LightningDataModule):
 
         Counted from the trainer's progress, not the loader's, since the loop fetches a batch ahead.
         """
-        sampler = getattr(self, "batch_sampler", None)
+        sampler = getattr(self, "sampler", None)
         trainer = self.trainer
         if sampler is None or trainer is None:
             return {}
-        epoch = max(sampler.epoch, 0)
+        epoch = int(sampler.epoch)
         progress: Any = trainer.fit_loop.epoch_loop.batch_progress
         done = int(progress.current.processed)  # the batch being finished included
         if done >= trainer.num_training_batches:  # saved at the end of an epoch: the next one is due
@@ -338,9 +332,14 @@ def _load(builder: str, files: list[str], field: str, cache_dir: Path) -> datase
         ) from err
 
 
-def _world_size() -> int:
+def _world_size_and_rank(trainer: Any) -> tuple[int, int]:
+    """The processes training and this one's rank: from the trainer when attached, else torch.distributed."""
+    if trainer is not None:
+        return int(trainer.world_size), int(trainer.global_rank)
     dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
 
 
 def check_utf8(field: str, path: Path, chunk_bytes: int = 2**20) -> None:

@@ -262,8 +262,10 @@ class DistillationModule(L.LightningModule):
             return None  # Lightning skips backward and the optimizer step
         self._skips_in_a_row = 0
         size = batch["input_ids"].shape[0]
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=size)
-        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=size)
+        # sync_dist: under DDP the logged loss is the mean over processes (one all-reduce of a few scalars)
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=size, sync_dist=True)
+        terms = {f"train/{k}": v for k, v in losses.items() if k != "loss"}
+        self.log_dict(terms, batch_size=size, sync_dist=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
         return losses["loss"]
 
@@ -321,8 +323,8 @@ class DistillationModule(L.LightningModule):
                 metrics["top1_agreement"].update(student_logits, teacher_logits)
                 metrics["kl"].update(student_logits, teacher_logits)
         size = max(labels.numel(), 1)
-        self.log(f"{stage}/loss", plan.weighted(sums), prog_bar=True, batch_size=size)
-        self.log_dict({f"{stage}/{k}": v for k, v in sums.items()}, batch_size=size)
+        self.log(f"{stage}/loss", plan.weighted(sums), prog_bar=True, batch_size=size, sync_dist=True)
+        self.log_dict({f"{stage}/{k}": v for k, v in sums.items()}, batch_size=size, sync_dist=True)
         self.log(f"{stage}/ppl", metrics["ppl"], prog_bar=True)
         if self.teacher is not None:
             self.log(f"{stage}/teacher_ppl", metrics["teacher_ppl"])

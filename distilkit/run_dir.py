@@ -12,6 +12,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from distilkit.errors import ConfigError
@@ -24,7 +25,10 @@ _RUN_MARKERS = ("config.yaml", "metrics.csv", "checkpoints")
 
 
 def refuse_existing_run(root: str, resuming: bool) -> None:
-    """Raise if ``root`` already holds a run and this fit does not resume it."""
+    """Raise if ``root`` already holds a run and this fit does not resume it. Only the first process checks:
+    under DDP the others start once it has begun writing the run."""
+    if rank_zero_only.rank != 0:
+        return
     found = [name for name in _RUN_MARKERS if (Path(root) / name).exists()]
     if found and not resuming:
         raise ConfigError(

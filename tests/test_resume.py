@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from test_cli import tiny_recipe
 from wandb_records import branch_point, read_records, rewound_history, run_file
 
-from distilkit.sampling import ResumableBatchSampler
+from distilkit.sampling import ResumableSampler
 
 
 class BatchLog(Callback):
@@ -28,15 +28,31 @@ class BatchLog(Callback):
         self.first_ids.append(int(batch["input_ids"][0, 0]))
 
 
+def _batches(sampler: ResumableSampler, epoch: int) -> list[list[int]]:
+    sampler.set_epoch(epoch)  # as Lightning does before each epoch
+    items = list(sampler)
+    return [items[i : i + sampler.batch_size] for i in range(0, len(items), sampler.batch_size)]
+
+
 def test_the_sampler_resumes_mid_epoch_and_at_an_epoch_end():
-    straight = ResumableBatchSampler(10, 3, seed=7)
-    epochs = [list(straight) for _ in range(3)]
-    resumed = ResumableBatchSampler(10, 3, seed=7)
+    straight = ResumableSampler(10, 3, seed=7)
+    epochs = [_batches(straight, epoch) for epoch in range(3)]
+    assert len(epochs[0]) == 3 and epochs[0] != epochs[1]
+    resumed = ResumableSampler(10, 3, seed=7)
     resumed.resume_at(1, 2)
-    assert list(resumed) == epochs[1][2:] and list(resumed) == epochs[2]
-    at_end = ResumableBatchSampler(10, 3, seed=7)
-    at_end.resume_at(0, 3)
-    assert list(at_end) == epochs[1]
+    assert _batches(resumed, 1) == epochs[1][2:] and _batches(resumed, 2) == epochs[2]
+    at_end = ResumableSampler(10, 3, seed=7)
+    at_end.resume_at(1, 0)  # what TextDataModule.state_dict says after an epoch's last batch
+    assert _batches(at_end, 1) == epochs[1]
+
+
+def test_processes_share_out_each_global_batch():
+    """Two processes with batch 3 see, step by step, the items one process with batch 6 sees."""
+    one = ResumableSampler(20, 6, seed=3)
+    ranks = [ResumableSampler(20, 3, seed=3, num_replicas=2, rank=rank) for rank in (0, 1)]
+    for epoch in range(2):
+        shares = [_batches(sampler, epoch) for sampler in ranks]
+        assert _batches(one, epoch) == [a + b for a, b in zip(*shares, strict=True)]
 
 
 def _fit(datamodule, root: Path, max_steps: int, ckpt_path: str | None = None):

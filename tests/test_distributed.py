@@ -1,0 +1,65 @@
+"""Two CPU processes under DDP (gloo) train exactly as one process with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TINY_STUDENT, TINY_TEACHER
+from test_cli import tiny_recipe
+from test_resume import _csv_rows
+
+NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # dropout masks differ per process
+
+
+def _fit(recipe, run_dir, *overrides: str) -> str:
+    command = [sys.executable, "-m", "distilkit.cli", "fit", "--config", str(recipe)]
+    command += ["--trainer.default_root_dir", str(run_dir), *overrides]
+    result = subprocess.run(command, env={**os.environ}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_match_one_process_with_the_same_global_batch(
+    tmp_path, corpus, tokenizer_dir, cache_dir
+):
+    recipe = tiny_recipe(
+        tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir, max_steps=6, val_check_interval=3
+    )
+    models = [
+        "--model.init_args.student",
+        str({**TINY_STUDENT, **NO_DROPOUT}),
+        "--model.init_args.teacher",
+        str({**TINY_TEACHER, **NO_DROPOUT}),
+    ]
+    _fit(recipe, tmp_path / "one", *models, "--data.init_args.batch_size", "4")
+    output = _fit(
+        recipe,
+        tmp_path / "two",
+        *models,
+        "--data.init_args.batch_size",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",  # find_unused_parameters off: an unused parameter (the teacher's) would be an error
+    )
+    assert "Starting with 2 processes" in output and "gloo" in output
+
+    one, two = _csv_rows(tmp_path / "one"), _csv_rows(tmp_path / "two")
+    train = lambda rows: [(step, loss) for step, loss, _ in rows if loss is not None]  # noqa: E731
+    assert [step for step, _ in train(two)] == [step for step, _ in train(one)] == list(range(6))
+    losses_one, losses_two = (torch.tensor([loss for _, loss in train(rows)]) for rows in (one, two))
+    torch.testing.assert_close(losses_two, losses_one, rtol=1e-5, atol=0)
+    a = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 6
+    assert not any(key.startswith("teacher.") for key in b["state_dict"]), "the teacher stays frozen and out"
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-4, atol=1e-5)
