@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from distilkit.errors import ConfigError, TrainingStopped, check_range
@@ -19,6 +20,7 @@ from distilkit.losses import DistillationLoss, ForwardKLLoss, HiddenStateLoss
 from distilkit.losses.chunked import HeadLossPlan, auto_chunk_size, chunk_slices, head_losses
 from distilkit.metrics import DistillationKL, TokenPerplexity, TopKAgreement
 from distilkit.models import ModelSpec, check_context, load_causal_lm, parse_dtype, shared_vocab_size
+from distilkit.sharding import average_replicated_gradients, local_shard, shard_blocks
 
 Batch = Mapping[str, Tensor]
 IGNORE_INDEX = -100
@@ -135,6 +137,7 @@ class DistillationModule(L.LightningModule):
         self.nonfinite, self.max_nonfinite_skips = nonfinite, max_nonfinite_skips
         self._skips_in_a_row = 0
         self._skips_total = 0
+        self._shard_group: Any = None  # the data-parallel process group once configure_model sharded
 
     @property
     def kd_ratio(self) -> float:
@@ -341,6 +344,32 @@ class DistillationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------------------ hooks
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy``, shard the transformer blocks of the student and the
+        teacher with FSDP2 over the data-parallel processes (:mod:`distilkit.sharding`)."""
+        mesh = self._device_mesh  # set by ModelParallelStrategy; None under any other strategy
+        if mesh is None or self._shard_group is not None:
+            return
+        if mesh["tensor_parallel"].size() != 1:
+            raise ConfigError(
+                "trainer.strategy.tensor_parallel_size",
+                mesh["tensor_parallel"].size(),
+                "is not supported (distilkit shards data-parallel only)",
+                "set tensor_parallel_size: 1 and data_parallel_size to the number of processes",
+            )
+        data_parallel = mesh["data_parallel"]
+        counts = [shard_blocks(m, data_parallel) for m in (self.student, self.teacher) if m is not None]
+        rank_zero_info(
+            f"distilkit: FSDP2 shards {' and '.join(map(str, counts))} blocks (student, teacher) "
+            f"over {data_parallel.size()} processes"
+        )
+        self._shard_group = data_parallel.get_group()
+        self.strict_loading = False  # the strategy loads state itself; checkpoints hold no teacher
+
+    def on_after_backward(self) -> None:
+        if self._shard_group is not None:  # what FSDP does not shard is kept in step as DDP would
+            average_replicated_gradients(self, self._shard_group)
+
     def on_fit_start(self) -> None:
         self._check_heads()
 
@@ -405,6 +434,9 @@ class DistillationModule(L.LightningModule):
         if wandb_ids:
             extra["wandb_run_id"] = str(wandb_ids[0])  # a resumed fit continues this W&B run
         checkpoint["distilkit"] = extra
+        state = checkpoint.get("state_dict") or {}
+        for key in [key for key in state if key.startswith("teacher.")]:  # strategies that gather state
+            del state[key]  # themselves (FSDP2) bypass this module's state_dict
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the random state of the interrupted run (dropout masks continue as they would have).
@@ -477,7 +509,9 @@ def all_finite(tensors: list[Tensor]) -> bool:
 
     A finite L2 norm of all the norms means no NaN or inf anywhere; only a non-finite norm (a bad value, or
     an overflow of the squares) needs the exact element-wise check. Called on every step's gradients.
+    Sharded tensors (FSDP2) are checked by their local shard; callers combine the processes' answers.
     """
+    tensors = [local_shard(t) for t in tensors]
     if not tensors:
         return True
     if bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):

@@ -27,7 +27,7 @@ _RUN_MARKERS = ("config.yaml", "metrics.csv", "checkpoints")
 def refuse_existing_run(root: str, resuming: bool) -> None:
     """Raise if ``root`` already holds a run and this fit does not resume it. Only the first process checks:
     under DDP the others start once it has begun writing the run."""
-    if rank_zero_only.rank != 0:
+    if getattr(rank_zero_only, "rank", 0) != 0:
         return
     found = [name for name in _RUN_MARKERS if (Path(root) / name).exists()]
     if found and not resuming:

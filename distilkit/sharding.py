@@ -1,0 +1,80 @@
+"""Sharding student and teacher with FSDP2 (``fully_shard``) under Lightning's ``ModelParallelStrategy``.
+
+Each transformer block of both models (the classes a Hugging Face model lists in ``_no_split_modules``)
+becomes its own FSDP unit over the data-parallel mesh: its weights live in shards, are gathered for the
+block's forward and backward, and the student's gradients are reduce-scattered. Blocks hold nearly all the
+weights of an LLM. Embeddings, final norm and output head stay whole on every process, because the
+chunked loss reads the head directly, outside any forward; the student's are kept in step by averaging
+their gradients over the processes (:func:`average_replicated_gradients`), as DDP would.
+
+Usage: ``recipes/fsdp.yaml`` (GPUs), or ``--trainer.strategy ModelParallelStrategy`` with
+``data_parallel_size`` = the number of processes and ``tensor_parallel_size: 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from distilkit.errors import ConfigError
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` whose class it names in ``_no_split_modules`` (``GPT2Block``, ...)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [module for module in model.modules() if type(module).__name__ in names]
+    if not blocks:
+        raise ConfigError(
+            "trainer.strategy",
+            "ModelParallelStrategy",
+            f"cannot shard a {type(model).__name__}: it names no transformer block in _no_split_modules",
+            "use a Hugging Face causal LM, or DDP",
+        )
+    return blocks
+
+
+def shard_blocks(model: nn.Module, mesh: Any, mp_policy: Any = None) -> int:
+    """``fully_shard`` every transformer block of ``model`` over ``mesh``; returns how many were sharded."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        # explicit: each block is its own FSDP root, and a root left on its default keeps its weights whole
+        # after forward (and a no-grad teacher's for good, as no backward reshards them)
+        policy = mp_policy or MixedPrecisionPolicy()
+        fully_shard(block, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
+    return len(blocks)
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a sharded parameter or its gradient)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a sharded tensor; any other tensor as it is."""
+    return tensor.to_local() if is_sharded(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def replicated_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Trainable parameters FSDP does not manage (embeddings, final norm, head)."""
+    return (p for p in model.parameters() if p.requires_grad and not is_sharded(p))
+
+
+def average_replicated_gradients(model: nn.Module, group: Any) -> None:
+    """Average the gradients of the parameters every process keeps whole (one all-reduce of them all)."""
+    grads = [p.grad for p in replicated_parameters(model) if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat, group=group)
+    flat /= torch.distributed.get_world_size(group)
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
