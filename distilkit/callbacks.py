@@ -31,6 +31,10 @@ class TokenThroughput(ThroughputMonitor):
     def __init__(self, window_size: int = 20) -> None:
         super().__init__(batch_size_fn=_batch_size, length_fn=batch_tokens, window_size=window_size)
 
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        """Training throughput only: Lightning's would log validation rates at validation batch counts, steps
+        that run behind the training step (validation time is still left out of the training rate)."""
+
 
 class SampleTable(Callback):
     """Every ``every_n_validations`` validations, continue each prompt with the teacher and the student

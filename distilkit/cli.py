@@ -70,7 +70,8 @@ class DistilCLI(LightningCLI):
         if self.subcommand == "fit":
             refuse_existing_run(root, resuming=config.get("ckpt_path") is not None)
         wandb_id, step = resume_point(root, config.get("ckpt_path"))
-        place_loggers(config.trainer, root, resume_wandb_id=wandb_id, resume_step=step)
+        rewind_to = step if self.subcommand == "fit" else 0  # validate/test never rewind a run's history
+        place_loggers(config.trainer, root, resume_wandb_id=wandb_id, resume_step=rewind_to)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """The trainer, writing checkpoints atomically unless the config names its own plugins."""
