@@ -101,21 +101,6 @@ def test_evaluate_against_an_identical_teacher_gives_full_agreement_and_zero_kl(
     assert student_row["kl"] == pytest.approx(0.0, abs=1e-5)
 
 
-def test_evaluate_cli_prints_a_table(tmp_path, tiny_run, corpus, capsys):
-    run_cli(
-        "evaluate",
-        "--models",
-        f"[{tiny_run}]",
-        "--data_files",
-        str(corpus),
-        "--block_size",
-        "32",
-        "--output_json",
-        str(tmp_path / "e.json"),
-    )
-    assert "ppl" in capsys.readouterr().out and (tmp_path / "e.json").is_file()
-
-
 @pytest.mark.slow
 def test_the_seqkd_recipe_runs_a_few_steps_on_teacher_samples(tmp_path, cache_dir):
     samples = generate(str(TEACHER), str(tmp_path / "teacher.jsonl"), num_samples=8, max_new_tokens=40)

@@ -108,7 +108,9 @@ def test_the_shipped_task_holds_out_what_training_validates_on(cache_dir):
     assert torch.equal(val.tokens[val.valid], torch.tensor(stream))
 
 
-def test_evaluate_cli_runs_the_shipped_task_on_a_checkpoint(tmp_path, tiny_run, corpus, capsys):
+def test_evaluate_cli_prints_both_tables_and_runs_the_shipped_task_on_a_checkpoint(
+    tmp_path, tiny_run, corpus, capsys
+):
     run_cli(
         "evaluate",
         "--models",
@@ -125,7 +127,7 @@ def test_evaluate_cli_runs_the_shipped_task_on_a_checkpoint(tmp_path, tiny_run, 
         str(tmp_path / "e.json"),
     )
     out = capsys.readouterr().out
-    assert "lm-evaluation-harness" in out and "bits_per_byte" in out
+    assert "ppl" in out and "lm-evaluation-harness" in out and "bits_per_byte" in out  # both tables
     (row,) = json.loads((tmp_path / "e.json").read_text())
     scores = row["lm_eval"]["distilkit_python_reference"]
     assert set(scores) == {"bits_per_byte", "byte_perplexity", "word_perplexity"}
