@@ -20,7 +20,7 @@ from distilkit.losses import DistillationLoss, ForwardKLLoss, HiddenStateLoss
 from distilkit.losses.chunked import HeadLossPlan, auto_chunk_size, chunk_slices, head_losses
 from distilkit.metrics import DistillationKL, TokenPerplexity, TopKAgreement
 from distilkit.models import ModelSpec, check_context, load_causal_lm, parse_dtype, shared_vocab_size
-from distilkit.sharding import average_replicated_gradients, local_shard, shard_blocks
+from distilkit.sharding import average_replicated_gradients, clip_gradients, local_shard, shard_blocks
 
 Batch = Mapping[str, Tensor]
 IGNORE_INDEX = -100
@@ -273,7 +273,10 @@ class DistillationModule(L.LightningModule):
         return losses["loss"]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Catch a non-finite gradient with a finite loss; with ``skip`` the step updates nothing."""
+        """Catch a non-finite gradient with a finite loss; with ``skip`` the step updates nothing. Sharded
+        (FSDP2): first average the gradients FSDP does not manage, once per optimizer step, as DDP would."""
+        if self._shard_group is not None:
+            average_replicated_gradients(self, self._shard_group)
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         finite = all_finite(grads)
         if self.trainer.strategy.reduce_boolean_decision(not finite, all=False):
@@ -366,9 +369,18 @@ class DistillationModule(L.LightningModule):
         self._shard_group = data_parallel.get_group()
         self.strict_loading = False  # the strategy loads state itself; checkpoints hold no teacher
 
-    def on_after_backward(self) -> None:
-        if self._shard_group is not None:  # what FSDP does not shard is kept in step as DDP would
-            average_replicated_gradients(self, self._shard_group)
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, or under FSDP2 :func:`~distilkit.sharding.clip_gradients` (sharded and whole
+        gradients together)."""
+        if self._shard_group is None or not gradient_clip_val:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        clip_gradients(self, float(gradient_clip_val), gradient_clip_algorithm or "norm", self._shard_group)
 
     def on_fit_start(self) -> None:
         self._check_heads()

@@ -78,3 +78,25 @@ def average_replicated_gradients(model: nn.Module, group: Any) -> None:
     for grad in grads:
         grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
         offset += grad.numel()
+
+
+def clip_gradients(model: nn.Module, max_value: float, algorithm: str, group: Any) -> None:
+    """Gradient clipping over sharded and whole gradients together (``clip_grad_norm_`` cannot mix them).
+
+    ``norm``: the global L2 norm ``sqrt(sum of the shards' squares over the processes + the whole ones')``,
+    and every gradient scaled by ``min(1, max_value / (norm + 1e-6))``, as ``clip_grad_norm_`` does.
+    ``value``: every element clamped to ``[-max_value, max_value]``.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if algorithm == "value":
+        for grad in grads:
+            local_shard(grad).clamp_(-max_value, max_value)
+        return
+    squares = [local_shard(g).float().pow(2).sum() for g in grads if is_sharded(g)]
+    sharded = torch.stack(squares).sum() if squares else torch.zeros(())
+    torch.distributed.all_reduce(sharded, group=group)  # the shards' squares, summed over processes
+    whole = sum((g.float().pow(2).sum() for g in grads if not is_sharded(g)), torch.zeros(()))
+    norm = (sharded + whole).sqrt()
+    scale = (max_value / (norm + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        local_shard(grad).mul_(scale.to(grad.dtype))

@@ -46,6 +46,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
         tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir, max_steps=6, val_check_interval=3
     )
     models = [
+        "--trainer.gradient_clip_val",  # clipping across shards and whole gradients must match one process
+        "0.5",
         "--model.init_args.student",
         str({**TINY_STUDENT, **NO_DROPOUT}),
         "--model.init_args.teacher",
