@@ -19,6 +19,8 @@ from wandb_records import branch_point, read_records, rewound_history, run_file
 
 from distilkit.sampling import ResumableSampler
 
+WANDB = '[{"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "t"}}]'
+
 
 class BatchLog(Callback):
     def __init__(self) -> None:
@@ -186,9 +188,6 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights_and_logs(
     assert branch_point(read_records(resumed_part)) == killed_at - 1
     straight = _wandb_losses([run_file(tmp_path / "straight")])
     _assert_same_logs(straight[killed_at:], _wandb_losses([resumed_part]))
-
-
-WANDB = '[{"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "t"}}]'
 
 
 @pytest.mark.slow
