@@ -19,8 +19,8 @@ dev: $(PY)
 quickstart: venv
 	$(VENV)/bin/distilkit fit --config recipes/quickstart.yaml --trainer.default_root_dir $(RUN_DIR)
 
-test: dev
-	$(PY) -m pytest -q
+test: dev  # the whole suite, slow end-to-end tests included (plain `pytest` skips those)
+	$(PY) -m pytest -q -m "slow or not slow"
 
 lint: dev
 	$(VENV)/bin/ruff check distilkit tests benchmarks
