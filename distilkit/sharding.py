@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor  # imported by Lightning already: no cost at import
 
 from distilkit.errors import ConfigError
 
@@ -51,14 +52,12 @@ def shard_blocks(model: nn.Module, mesh: Any, mp_policy: Any = None) -> int:
 
 def is_sharded(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a ``DTensor`` (a sharded parameter or its gradient)."""
-    from torch.distributed.tensor import DTensor
-
     return isinstance(tensor, DTensor)
 
 
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     """This process's part of a sharded tensor; any other tensor as it is."""
-    return tensor.to_local() if is_sharded(tensor) else tensor  # type: ignore[attr-defined]
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def replicated_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
@@ -88,14 +87,16 @@ def clip_gradients(model: nn.Module, max_value: float, algorithm: str, group: An
     ``value``: every element clamped to ``[-max_value, max_value]``.
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
     if algorithm == "value":
         for grad in grads:
             local_shard(grad).clamp_(-max_value, max_value)
         return
-    squares = [local_shard(g).float().pow(2).sum() for g in grads if is_sharded(g)]
-    sharded = torch.stack(squares).sum() if squares else torch.zeros(())
+    zero = torch.zeros((), device=local_shard(grads[0]).device)  # on the gradients' device (NCCL needs it)
+    sharded = sum((local_shard(g).float().pow(2).sum() for g in grads if is_sharded(g)), zero)
     torch.distributed.all_reduce(sharded, group=group)  # the shards' squares, summed over processes
-    whole = sum((g.float().pow(2).sum() for g in grads if not is_sharded(g)), torch.zeros(()))
+    whole = sum((g.float().pow(2).sum() for g in grads if not is_sharded(g)), zero)
     norm = (sharded + whole).sqrt()
     scale = (max_value / (norm + 1e-6)).clamp(max=1.0)
     for grad in grads:
