@@ -48,6 +48,16 @@ class CSVLogger(LightningCSVLogger):
         return self._experiment  # type: ignore[return-value]
 
     @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Lightning's, except that a row repeated at the same step (see :func:`log_step_before_checkpoint`)
+        is written once."""
+        row = (step, dict(metrics))
+        if row == getattr(self, "_last_row", None):
+            return
+        self._last_row = row
+        super().log_metrics(metrics, step)
+
+    @rank_zero_only
     def rewind(self, last_step: int) -> int:
         """Drop the rows of ``metrics.csv`` logged at steps after ``last_step`` (written by a run that went on
         past the checkpoint it is resumed from); the file is replaced atomically. Returns the rows dropped."""
@@ -87,6 +97,22 @@ class WandbLogger(LightningWandbLogger):
             row["trainer/global_step"] = step
         self._latest_step = max(self._latest_step, step if step is not None else 0)
         self.experiment.log(row, step=self._latest_step)
+
+
+def log_step_before_checkpoint(trainer: Any) -> None:
+    """Write the finishing training step's row to the loggers now, before a checkpoint of that step.
+
+    A checkpoint saved in ``on_train_batch_end`` (``every_n_train_steps``) comes before Lightning logs the
+    step; a kill between the two lost that row for good, since the resumed run starts after the step.
+    Lightning logs the row again afterwards: :class:`CSVLogger` drops the repeat, W&B merges rows of one
+    step. Only inside ``on_train_batch_end`` (the batch processed, not yet completed) and when Lightning
+    will log this step.
+    """
+    connector, progress = trainer._logger_connector, trainer.fit_loop.epoch_loop.batch_progress.current
+    inside_batch_end = trainer.training and progress.processed > progress.completed
+    if not inside_batch_end or trainer.fit_loop._should_accumulate() or not connector.should_update_logs:
+        return
+    connector.log_metrics(connector.metrics["log"])  # also flushes each logger (CSV written to disk)
 
 
 def rewind_point(global_step: int) -> int:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from distilkit.errors import ConfigError, TrainingStopped, check_range
 from distilkit.heads import BodyOutput, OutputHead, body_features, check_head, output_head
-from distilkit.loggers import rewind_csv_loggers, wandb_loggers
+from distilkit.loggers import log_step_before_checkpoint, rewind_csv_loggers, wandb_loggers
 from distilkit.losses import DistillationLoss, ForwardKLLoss, HiddenStateLoss
 from distilkit.losses.chunked import HeadLossPlan, auto_chunk_size, chunk_slices, head_losses
 from distilkit.metrics import DistillationKL, TokenPerplexity, TopKAgreement
@@ -434,6 +434,8 @@ class DistillationModule(L.LightningModule):
         if config is not None:
             extra["student_config"] = config.to_dict()
         trainer = self._trainer  # None when saved outside a fit
+        if trainer is not None:
+            log_step_before_checkpoint(trainer)  # no logged row may be lost to a kill right after this save
         tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
         if tokenizer is not None:
             if self._tokenizer_files is None or self._tokenizer_files[0] is not tokenizer:

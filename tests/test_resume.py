@@ -232,3 +232,30 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(tmp_path, corp
     parts = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(parts) == 2 and branch_point(read_records(parts[1])) == 3
     _assert_same_logs(_wandb_losses([run_file(tmp_path / "straight")]), _wandb_losses(parts))
+
+
+def test_a_step_is_logged_to_disk_before_its_checkpoint_is_written(tmp_path, datamodule):
+    """A kill right after a checkpoint of step N must not lose step N's row: it is on disk already."""
+    from distilkit import DistillationModule
+    from distilkit.loggers import CSVLogger
+
+    rows_at_save: dict[int, list[int]] = {}
+
+    class Recording(DistillationModule):
+        def on_save_checkpoint(self, checkpoint):
+            super().on_save_checkpoint(checkpoint)
+            rows_at_save[self.global_step] = [step for step, _, _ in _csv_rows(tmp_path)]
+
+    logger = CSVLogger(save_dir=str(tmp_path), name="", version="")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    trainer = tiny_trainer(
+        tmp_path,
+        max_steps=3,
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=True,
+        callbacks=[checkpoint],
+    )
+    trainer.fit(tiny_module(datamodule, cls=Recording), datamodule)
+    assert {step: rows[-1] for step, rows in rows_at_save.items()} == {1: 0, 2: 1, 3: 2}
+    assert [step for step, _, _ in _csv_rows(tmp_path)] == [0, 1, 2], "and each row written once"
