@@ -1,6 +1,11 @@
-"""distilkit: knowledge distillation for GPT-style causal language models, on PyTorch Lightning."""
+"""distilkit: knowledge distillation for GPT-style causal language models, on PyTorch Lightning.
 
-from distilkit.curriculum import CurriculumCallback, Stage
+The layers, lowest first (each imports only from those below it; ``tests/test_architecture.py`` checks):
+``errors``, ``files``, ``batch`` -> ``data/`` -> ``models/`` -> ``losses/``, ``metrics`` -> ``guards``,
+``module`` -> ``run/`` -> ``callbacks/`` -> ``commands/`` -> ``cli``.
+"""
+
+from distilkit.callbacks import CurriculumCallback, Stage
 from distilkit.data import TextDataModule
 from distilkit.losses import (
     DistillationLoss,
@@ -16,7 +21,7 @@ from distilkit.losses import (
 from distilkit.metrics import DistillationKL, TokenPerplexity, TopKAgreement
 from distilkit.module import DistillationModule
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "CurriculumCallback",

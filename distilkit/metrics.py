@@ -6,7 +6,8 @@ Each is updated chunk by chunk (the validation step walks the logits in chunks, 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 from distilkit.losses.base import kl_from_log_probs
@@ -93,3 +94,29 @@ class DistillationKL(Metric):
 
     def compute(self) -> Tensor:
         return (self.kl_sum / self.count.clamp(min=1)).float()
+
+
+class EvaluationMetrics(nn.Module):
+    """The validation metrics of a distillation run, updated from each chunk of logits the loss forms.
+
+    ``ppl`` (the student's), and with a teacher ``teacher_ppl``, ``top1_agreement`` and ``kl``
+    (KL(teacher‖student) at temperature 1). :meth:`observe` is a chunk observer of the loss's chunk loop.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ppl, self.teacher_ppl = TokenPerplexity(), TokenPerplexity()
+        self.top1_agreement, self.kl = TopKAgreement(k=1), DistillationKL()
+
+    def observe(self, rows: slice, student: Tensor, teacher: Tensor | None, labels: Tensor) -> None:
+        """Update from one chunk: logits ``(n, V)`` of the student and teacher, targets ``(n,)``."""
+        self.ppl.update(F.cross_entropy(student.float(), labels, reduction="none"))
+        if teacher is not None:
+            self.teacher_ppl.update(F.cross_entropy(teacher.float(), labels, reduction="none"))
+            self.top1_agreement.update(student, teacher)
+            self.kl.update(student, teacher)
+
+    def logged(self, with_teacher: bool) -> dict[str, Metric]:
+        """The metrics to log, by name (the teacher's only when there is a teacher)."""
+        names = ("ppl", "teacher_ppl", "top1_agreement", "kl") if with_teacher else ("ppl",)
+        return {name: getattr(self, name) for name in names}

@@ -9,65 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_STUDENT, TINY_TEACHER
+from helpers import fit_run, resume_run, run_cli, tiny_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distilkit import DistillationModule
-from distilkit.cli import main
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
-
-
-def tiny_recipe(path: Path, corpus: Path, tokenizer: Path | dict, cache_dir: Path, **trainer) -> Path:
-    """Write a recipe of tiny models that fits in seconds."""
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "max_steps": 4,
-            "val_check_interval": 2,
-            "check_val_every_n_epoch": None,
-            "limit_val_batches": 2,
-            "log_every_n_steps": 1,
-            "enable_model_summary": False,
-            **trainer,
-        },
-        "model": {
-            "class_path": "distilkit.DistillationModule",
-            "init_args": {
-                "student": TINY_STUDENT,
-                "teacher": TINY_TEACHER,
-                "loss": {"class_path": "distilkit.losses.ForwardKLLoss", "init_args": {"temperature": 2.0}},
-                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}},
-            },
-        },
-        "data": {
-            "class_path": "distilkit.TextDataModule",
-            "init_args": {
-                "train_files": str(corpus),
-                "tokenizer": tokenizer if isinstance(tokenizer, dict) else str(tokenizer),
-                "block_size": 32,
-                "batch_size": 4,
-                "val_fraction": 0.1,
-                "cache_dir": str(cache_dir),
-            },
-        },
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def run_cli(*args: str) -> None:
-    main(list(args))
-
-
-def fit_run(recipe: Path, run_dir: Path, *overrides: str) -> None:
-    """`distilkit fit` of ``recipe`` into ``run_dir``."""
-    run_cli("fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir), *overrides)
-
-
-def resume_run(recipe: Path, run_dir: Path, max_steps: int, *overrides: str) -> None:
-    """Resume the run in ``run_dir`` from its last checkpoint and train on to ``max_steps``."""
-    fit_run(recipe, run_dir, *overrides, "--trainer.max_steps", str(max_steps), "--ckpt_path", "last")
 
 
 def recipe_command(recipe: Path) -> list[str]:

@@ -9,9 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_STUDENT, TINY_TEACHER
-from test_cli import tiny_recipe
-from test_resume import _csv_rows
+from helpers import TINY_STUDENT, TINY_TEACHER, csv_rows, tiny_recipe
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # dropout masks differ per process
 
@@ -70,7 +68,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     if strategy is FSDP:
         assert "FSDP2 shards 1 and 2 blocks (student, teacher) over 2 processes" in output
 
-    one, two = _csv_rows(tmp_path / "one"), _csv_rows(tmp_path / "two")
+    one, two = csv_rows(tmp_path / "one"), csv_rows(tmp_path / "two")
     train = lambda rows: [(step, loss) for step, loss, _ in rows if loss is not None]  # noqa: E731
     assert [step for step, _ in train(two)] == [step for step, _ in train(one)] == list(range(9))
     losses_one, losses_two = (torch.tensor([loss for _, loss in train(rows)]) for rows in (one, two))

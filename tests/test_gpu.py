@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distilkit.export import load_student
+from distilkit.models.checkpoint import load_model_and_tokenizer
 
 ROOT = Path(__file__).parents[1]
 
@@ -49,5 +49,5 @@ def test_the_fsdp_recipe_shards_student_and_teacher_and_writes_an_exportable_che
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 20
     assert not any(key.startswith("teacher.") for key in checkpoint["state_dict"])
-    student, tokenizer = load_student(run_dir / "checkpoints" / "last.ckpt")
+    student, tokenizer = load_model_and_tokenizer(run_dir / "checkpoints" / "last.ckpt")
     assert tokenizer is not None and sum(p.numel() for p in student.parameters()) > 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_STUDENT, TINY_TEACHER, tiny_module, tiny_trainer
+from helpers import TINY_STUDENT, TINY_TEACHER, tiny_module, tiny_trainer
 
 from distilkit import DistillationModule, ForwardKLLoss, GeneralizedJSDLoss
 from distilkit.errors import ConfigError
@@ -268,7 +268,7 @@ def test_skip_skips_the_update_counts_it_and_stops_after_too_many_in_a_row(datam
     trainer.fit(module, datamodule)
     assert all(torch.isfinite(p).all() for p in module.student.parameters())
     assert (
-        module._skips_total == 2 and trainer.global_step == 5
+        module.guard.total == 2 and trainer.global_step == 5
     )  # a skipped step consumes its batch, updates nothing
 
     stubborn = poisoned(datamodule, set(range(100)), nonfinite="skip", max_nonfinite_skips=3)
@@ -278,16 +278,17 @@ def test_skip_skips_the_update_counts_it_and_stops_after_too_many_in_a_row(datam
 
 def test_a_non_finite_student_is_never_checkpointed(datamodule, tmp_path):
     from distilkit.errors import TrainingStopped
+    from distilkit.run import RunState
 
     module = tiny_module(datamodule)
     with torch.no_grad():
         next(module.student.parameters()).fill_(float("nan"))
     with pytest.raises(TrainingStopped, match="no checkpoint was written"):
-        module.on_save_checkpoint({})
+        RunState().on_save_checkpoint(tiny_trainer(tmp_path), module, {})
 
 
 def test_all_finite_is_exact_even_when_the_norm_overflows():
-    from distilkit.module import all_finite
+    from distilkit.models.sharding import all_finite
 
     assert all_finite([torch.full((4,), 1e30), torch.ones(3)])  # squares overflow float32, values are finite
     assert not all_finite([torch.ones(3), torch.tensor([1.0, float("nan")])])

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cli import tiny_recipe
-from wandb_records import read_records, run_file
+from helpers import read_records, run_file, tiny_recipe
 
 GUARD = Path(__file__).parent / "offline_guard"  # sitecustomize.py: refuses and records outside connections
 WANDB = '[{"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "offline"}}]'

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from distilkit.batch import IGNORE_INDEX
 from distilkit.errors import ConfigError
 
 
@@ -21,12 +23,18 @@ class DistillationLoss(nn.Module):
     (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network": the T² keeps gradient size
     independent of T). The result is exactly 0, with a gradient path, when every position is masked.
 
+    A subclass with settings of its own lists them in :attr:`knobs` (validated by their property setters):
+    those are what a curriculum stage may change between steps.
+
     Args:
         temperature: softening temperature T > 0 (default 1.0). Settable between steps (a curriculum does).
         ignore_index: label value whose positions are skipped (default -100, the Hugging Face convention).
     """
 
-    def __init__(self, temperature: float = 1.0, ignore_index: int = -100) -> None:
+    #: Settings a curriculum stage may set between steps; each validates the values it is given.
+    knobs: ClassVar[tuple[str, ...]] = ("temperature",)
+
+    def __init__(self, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         self.temperature = temperature
         self.ignore_index = ignore_index
@@ -40,6 +48,17 @@ class DistillationLoss(nn.Module):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ConfigError("loss.temperature", value, "must be a finite number > 0", "use e.g. 1.0 or 2.0")
         self._temperature = float(value)
+
+    def set_knob(self, name: str, value: float) -> None:
+        """Set one of :attr:`knobs` (its setter validates ``value``)."""
+        if name not in self.knobs:
+            raise ConfigError(
+                f"knob {name}",
+                value,
+                f"is not a knob of {type(self).__name__}",
+                f"use one of {list(self.knobs)}",
+            )
+        setattr(self, name, value)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None) -> Tensor:
         """Mean divergence over unmasked positions.

@@ -10,6 +10,9 @@ to the student's hidden states and head weight, so the backward pass only scales
 chunk is recomputed, and memory beyond the inputs is one chunk of logits plus a gradient the size of
 the head weight. The gradient of each chunk's terms with respect to its logits comes from autograd on
 that chunk alone, so any :class:`~distilkit.losses.DistillationLoss` works unchanged.
+
+Evaluation walks the same loop (no gradients formed) with an observer that updates its metrics from each
+chunk's logits: one chunk loop for training and evaluation.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from distilkit.heads import OutputHead
+from distilkit.errors import ConfigError
+from distilkit.models.heads import OutputHead
 
 #: ``(student_logits (n, V), teacher_logits (n, V) or None, labels (n,)) -> {name: mean over the chunk}``
 TermsFn = Callable[[Tensor, "Tensor | None", Tensor], dict[str, Tensor]]
@@ -35,11 +39,30 @@ def auto_chunk_size(vocab_size: int, budget_bytes: int = CHUNK_BUDGET_BYTES) -> 
     return int(min(8192, max(16, budget_bytes // (vocab_size * 4 * _LIVE_COPIES))))
 
 
+def resolve_chunk_size(chunk_size: int | str | None, vocab_size: int) -> int | None:
+    """``"auto"`` -> :func:`auto_chunk_size`; a positive integer or None (unchunked) as it is."""
+    if chunk_size == "auto":
+        return auto_chunk_size(vocab_size)
+    positive = isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0
+    if chunk_size is None or positive:
+        return chunk_size  # type: ignore[return-value]
+    raise ConfigError("model.chunk_size", chunk_size, "must be a positive integer", 'use "auto" or null')
+
+
 def chunk_slices(total: int, chunk_size: int | None) -> Iterator[slice]:
-    """Consecutive slices of ``range(total)`` of at most ``chunk_size`` (one slice when None)."""
+    """Consecutive slices of ``range(total)`` of at most ``chunk_size`` (one slice when None; one empty slice
+    when ``total`` is 0, so that every term exists)."""
+    if total == 0:
+        yield slice(0, 0)
+        return
     step = total if chunk_size is None else max(1, chunk_size)
     for start in range(0, total, max(step, 1)):
         yield slice(start, min(start + step, total))
+
+
+#: Called on every chunk the loop walks: ``(rows, student_logits (n, V), teacher_logits (n, V) | None,
+#: labels (n,))``; evaluation updates its metrics this way, on the logits the loss already formed.
+ChunkObserver = Callable[[slice, Tensor, "Tensor | None", Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -54,7 +77,8 @@ class HeadLossPlan:
         terms: the per-chunk terms; returns exactly the keys in ``names``.
         names: the names of the terms, in a fixed order.
         weights: total = Σ weights[name] · term[name]; terms not named get weight 0 (logged only).
-        chunk_size: tokens per chunk.
+        chunk_size: tokens per chunk (None: one chunk).
+        observer: optional, called on every chunk (see :data:`ChunkObserver`).
     """
 
     student_head: OutputHead
@@ -65,6 +89,7 @@ class HeadLossPlan:
     names: tuple[str, ...]
     weights: Mapping[str, float]
     chunk_size: int | None
+    observer: ChunkObserver | None = None
 
     def teacher_logits(self, rows: slice) -> Tensor | None:
         """The teacher's ``(n, V)`` logits at ``rows`` (no gradient), or None without a teacher."""
@@ -73,18 +98,19 @@ class HeadLossPlan:
         with torch.no_grad():
             return self.teacher_head(self.teacher_features[rows])
 
-    def chunk_terms(
-        self, student_raw: Tensor, rows: slice, teacher_logits: Tensor | None = None
-    ) -> dict[str, Tensor]:
+    def chunk_terms(self, student_raw: Tensor, rows: slice) -> dict[str, Tensor]:
         """Terms of one chunk from the student's raw logits ``(n, V)``; each is the chunk mean × n/N.
 
-        ``teacher_logits`` may be passed when the caller already formed them.
+        The one place a chunk is scored: both the training loss and evaluation come through here, and the
+        :attr:`observer` sees the same logits.
         """
-        if teacher_logits is None:
-            teacher_logits = self.teacher_logits(rows)
+        teacher_logits = self.teacher_logits(rows)
         labels = self.labels[rows]
+        student_logits = self.student_head.post(student_raw)  # (n, V)
+        if self.observer is not None:
+            self.observer(rows, student_logits.detach(), teacher_logits, labels)
         share = labels.numel() / max(self.labels.numel(), 1)
-        terms = self.terms(self.student_head.post(student_raw), teacher_logits, labels)
+        terms = self.terms(student_logits, teacher_logits, labels)
         return {name: value * share for name, value in terms.items()}
 
     def weighted(self, terms: Mapping[str, Tensor]) -> Tensor:
@@ -164,11 +190,15 @@ def head_losses(features: Tensor, plan: HeadLossPlan) -> dict[str, Tensor]:
 
     Returns:
         ``{"loss": total (differentiable), name: term (detached) ...}``. With ``plan.chunk_size`` None the
-        full ``(N, V)`` logits are formed at once and autograd does the rest (the reference path).
+        full ``(N, V)`` logits are formed at once and autograd does the rest (the reference path); without
+        gradients (evaluation) the chunks are scored one after another and nothing else is formed.
     """
-    if plan.chunk_size is None:
-        terms = plan.chunk_terms(plan.student_head.raw(features), slice(None))
-        return {"loss": plan.weighted(terms), **{k: v.detach() for k, v in terms.items()}}
+    if plan.chunk_size is None or not torch.is_grad_enabled():  # the reference path, or evaluation
+        sums: dict[str, Tensor] = {}
+        for rows in chunk_slices(features.shape[0], plan.chunk_size):
+            terms = plan.chunk_terms(plan.student_head.raw(features[rows]), rows)
+            sums = {name: sums.get(name, 0) + value for name, value in terms.items()}  # type: ignore[misc]
+        return {"loss": plan.weighted(sums), **{k: v.detach() for k, v in sums.items()}}
     head = plan.student_head
     total, values = ChunkedHeadLoss.apply(features, head.weight, head.bias, plan)
     return {"loss": total, **dict(zip(plan.names, values.unbind(0), strict=True))}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from distilkit.batch import IGNORE_INDEX
 from distilkit.errors import check_range
 from distilkit.losses.base import DistillationLoss, kl_from_log_probs, log_mixture
 
@@ -74,9 +75,21 @@ class SymmetricKLLoss(DistillationLoss):
         weight: w in [0, 1], the share of the forward KL (default 0.5).
     """
 
-    def __init__(self, weight: float = 0.5, temperature: float = 1.0, ignore_index: int = -100) -> None:
+    knobs = ("temperature", "weight")
+
+    def __init__(
+        self, weight: float = 0.5, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX
+    ) -> None:
         super().__init__(temperature, ignore_index)
-        self.weight = check_range("loss.weight", weight, 0.0, 1.0)
+        self.weight = weight
+
+    @property
+    def weight(self) -> float:
+        return self._weight
+
+    @weight.setter
+    def weight(self, value: float) -> None:
+        self._weight = check_range("loss.weight", value, 0.0, 1.0)
 
     def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         log_p, log_q = _log_probs(student_logits, teacher_logits)
@@ -97,7 +110,9 @@ class GeneralizedJSDLoss(DistillationLoss):
         beta: β in [0, 1] (default 0.5).
     """
 
-    def __init__(self, beta: float = 0.5, temperature: float = 1.0, ignore_index: int = -100) -> None:
+    knobs = ("temperature", "beta")
+
+    def __init__(self, beta: float = 0.5, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__(temperature, ignore_index)
         self.beta = beta
 
@@ -129,7 +144,11 @@ class SkewForwardKLLoss(DistillationLoss):
         alpha: α in [0, 1] (default 0.1).
     """
 
-    def __init__(self, alpha: float = 0.1, temperature: float = 1.0, ignore_index: int = -100) -> None:
+    knobs = ("temperature", "alpha")
+
+    def __init__(
+        self, alpha: float = 0.1, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX
+    ) -> None:
         super().__init__(temperature, ignore_index)
         self.alpha = alpha
 

@@ -48,6 +48,20 @@ class HiddenStateLoss(nn.Module):
         self.metric, self.weight = metric, float(weight)
         self.projections = nn.ModuleDict()
 
+    def bind_models(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Check the map against the two models' configs and create the projections (called by the module)."""
+        if teacher is None:
+            raise ConfigError(
+                "model.hidden_loss",
+                type(self).__name__,
+                "needs a teacher",
+                "set model.teacher or drop hidden_loss",
+            )
+        (student_width, student_depth), (teacher_width, teacher_depth) = map(
+            _width_and_depth, (student, teacher)
+        )
+        self.bind(student_width, teacher_width, student_depth, teacher_depth)
+
     def bind(self, student_width: int, teacher_width: int, student_layers: int, teacher_layers: int) -> None:
         """Check the map against the models and create the projections (called by the module)."""
         for s, t in self.layer_map.items():
@@ -88,3 +102,16 @@ class HiddenStateLoss(nn.Module):
                 distance = (1 - cosine).sum() / max(cosine.numel(), 1)
             total = total + distance
         return total / len(self.layer_map)
+
+
+def _width_and_depth(model: nn.Module) -> tuple[int, int]:
+    """(hidden size, number of blocks) from a Hugging Face config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ConfigError(
+            "model.hidden_loss",
+            type(model).__name__,
+            "has no config to read widths from",
+            "use Hugging Face causal LMs with hidden_loss",
+        )
+    return int(config.hidden_size), int(config.num_hidden_layers)

@@ -1,0 +1,5 @@
+"""``python -m distilkit``: the ``distilkit`` command."""
+
+from distilkit.cli import main
+
+main()

@@ -1,0 +1,63 @@
+"""The CLI's progress bar: Lightning's rich bar plus training tokens per second."""
+
+from __future__ import annotations
+
+from collections import deque
+from time import perf_counter
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
+
+from distilkit.callbacks.throughput import batch_tokens
+
+
+class DistilProgressBar(RichProgressBar):
+    """``RichProgressBar`` that also shows ``tok/s``: unpadded training tokens per second on this process,
+    over the last ``window`` steps (validation pauses are left out: the window restarts after each).
+    The loss and the curriculum stage appear because the module and the curriculum log them to the bar.
+
+    Args:
+        window: steps averaged.
+        **kwargs: ``RichProgressBar``'s own (``refresh_rate``, ``leave``, ``theme``, ...).
+    """
+
+    def __init__(self, window: int = 20, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._ends: deque[float] = deque(maxlen=window + 1)  # perf_counter at each step's end
+        self._tokens: deque[int] = deque(maxlen=window)  # tokens of the steps between those ends
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """The rate over the window; None until two steps have ended since the last pause."""
+        if len(self._ends) < 2:
+            return None
+        return sum(self._tokens) / max(self._ends[-1] - self._ends[0], 1e-9)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *args: Any
+    ) -> None:
+        if not self._ends:
+            self._ends.append(perf_counter())  # the first step of a window starts its clock
+        super().on_train_batch_start(trainer, pl_module, batch, *args)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._ends.append(perf_counter())
+        self._tokens.append(batch_tokens(batch))
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._ends.clear()
+        self._tokens.clear()
+        super().on_validation_start(trainer, pl_module)
+
+    def get_metrics(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> dict[str, int | str | float | dict[str, float]]:
+        metrics = super().get_metrics(trainer, pl_module)
+        rate = self.tokens_per_second
+        if rate is not None:
+            metrics["tok/s"] = f"{rate:,.0f}"
+        return metrics

@@ -1,0 +1,55 @@
+"""``distilkit export``: a checkpoint's student (or a peer) as a Hugging Face model directory, with its
+tokenizer, that ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from distilkit.files import atomic_directory, refuse_existing
+from distilkit.models.checkpoint import checkpoint_tokenizer, model_from_checkpoint, read_checkpoint
+from distilkit.models.loading import parse_dtype
+
+
+def export_student(
+    ckpt_path: str | Path,
+    output_dir: str | Path,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    model: str = "student",
+) -> Path:
+    """Write the model ``model`` of ``ckpt_path`` and the run's tokenizer to ``output_dir``.
+
+    The directory is staged beside its final place and renamed into it, so a failure leaves no half
+    export; an existing non-empty ``output_dir`` is refused unless ``overwrite`` (checked before any work).
+
+    Returns:
+        ``output_dir``.
+    """
+    out = Path(output_dir)
+    refuse_existing(out, overwrite=overwrite, field="output_dir")
+    torch_dtype = parse_dtype("dtype", dtype)
+    checkpoint = read_checkpoint(ckpt_path)
+    lm: Any = model_from_checkpoint(checkpoint, model, where="model")
+    tokenizer = checkpoint_tokenizer(checkpoint)
+    with atomic_directory(out, overwrite=overwrite) as staging:
+        lm.to(torch_dtype).save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    return out
+
+
+def export(
+    ckpt_path: str, output_dir: str, dtype: str = "float32", overwrite: bool = False, model: str = "student"
+) -> None:
+    """Write a checkpoint's student as a Hugging Face model directory with the run's tokenizer.
+
+    Args:
+        ckpt_path: a checkpoint written by ``distilkit fit`` (``RUN/checkpoints/last.ckpt``).
+        output_dir: the directory to write (refused if it exists and is not empty, unless ``--overwrite``).
+        dtype: dtype of the saved weights: ``float32``, ``bfloat16`` or ``float16``.
+        overwrite: replace an existing ``output_dir``.
+        model: which model of the checkpoint: ``student`` (default).
+    """
+    out = export_student(ckpt_path, output_dir, dtype, overwrite, model)
+    print(f"exported {model} to {out}")

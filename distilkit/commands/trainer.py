@@ -1,0 +1,143 @@
+"""``distilkit fit | validate | test | predict``: Lightning's own CLI, wired for distillation runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from rich.console import Console
+
+from distilkit.callbacks.learning_curve import LearningCurve
+from distilkit.callbacks.predictions import PredictionWriter
+from distilkit.callbacks.progress import DistilProgressBar
+from distilkit.data import TextDataModule
+from distilkit.module import DistillationModule
+from distilkit.run.checkpoint_io import AtomicCheckpointIO
+from distilkit.run.directory import (
+    SaveRunConfig,
+    evaluation_directory,
+    place_loggers,
+    refuse_existing_run,
+    resolve_checkpoint,
+    resume_point,
+)
+from distilkit.run.loggers import wandb_loggers
+from distilkit.run.signals import CheckpointOnSigterm
+
+PREDICTIONS_FILE = "predictions.jsonl"
+
+
+class DistilCLI(LightningCLI):
+    """LightningCLI wired for distillation runs.
+
+    - The data module's tokenizer fills the model's ``vocab_size``, ``block_size`` and ``eos_token_id``.
+    - Everything a fit writes goes under ``trainer.default_root_dir``: ``config.yaml``, ``metrics.csv``
+      (a CSV logger is always present), ``checkpoints/`` (``last.ckpt`` always kept, written atomically),
+      ``learning_curve.png``, other loggers' files. A fit refuses a directory that already holds a run
+      unless it resumes it (``--ckpt_path``).
+    - ``validate``, ``test`` and ``predict`` leave the run's files as they are: they write into their own
+      directory beside them (``RUN/validate``, ``RUN/predict-2`` ...); ``predict`` writes
+      ``predictions.jsonl`` there.
+    - ``--ckpt_path last`` is the run's newest ``last*.ckpt``, refused when there is none.
+    - SIGTERM writes ``last.ckpt`` and exits with status 143 (:class:`~distilkit.run.CheckpointOnSigterm`).
+    - The progress bar (``--progress_bar.*``) shows loss, curriculum stage and tokens per second.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for name in ("vocab_size", "block_size", "eos_token_id"):
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": None})
+        parser.add_class_arguments(DistilProgressBar, "progress_bar", instantiate=False)
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the config as given. LightningCLI would overwrite the model's config with the checkpoint's
+        ``hyper_parameters``, which leave out the loss, optimizer and scheduler (they are objects): a fit
+        resumed from an explicit checkpoint path silently went on with the default loss (temperature 1).
+        (Private in Lightning: see :mod:`distilkit.run.lightning_internals`.)"""
+
+    def before_instantiate_classes(self) -> None:
+        subcommand = str(self.subcommand)
+        config = self.config[subcommand]
+        root = config.trainer.get("default_root_dir") or "runs/default"
+        config.trainer.default_root_dir = root
+        config.ckpt_path = resolve_checkpoint(root, config.get("ckpt_path"), subcommand)
+        if subcommand == "fit":
+            refuse_existing_run(root, resuming=config.ckpt_path is not None)
+            wandb_id, step = resume_point(config.ckpt_path)
+            place_loggers(config.trainer, root, resume_wandb_id=wandb_id, resume_step=step)
+        else:  # an evaluation never writes into the run's own files
+            config.trainer.default_root_dir = evaluation_directory(root, subcommand)
+            place_loggers(config.trainer, config.trainer.default_root_dir)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer with distilkit's callbacks, writing checkpoints atomically unless the config names
+        its own plugins."""
+        config = self.config_init[self.subcommand]
+        if not config.trainer.get("plugins"):
+            kwargs.setdefault("plugins", [AtomicCheckpointIO()])
+        given = config.trainer.get("callbacks") or []
+        callbacks = [*(given if isinstance(given, list) else [given]), CheckpointOnSigterm()]
+        if config.trainer.get("enable_progress_bar") is not False:
+            callbacks.append(DistilProgressBar(**config.progress_bar))
+        if self.subcommand == "fit":
+            callbacks.append(LearningCurve())
+        if self.subcommand == "predict":
+            callbacks.append(PredictionWriter(Path(config.trainer.default_root_dir) / PREDICTIONS_FILE))
+        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+
+    def after_fit(self) -> None:
+        print_summary(self.trainer, Console())
+        finish_wandb(self.trainer)
+
+    def after_predict(self) -> None:
+        if self.trainer.is_global_zero:
+            print(f"wrote {Path(self.trainer.default_root_dir) / PREDICTIONS_FILE}")
+
+
+def run_lightning(args: list[str]) -> None:
+    """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``) with ``args``."""
+    DistilCLI(
+        DistillationModule,
+        TextDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=SaveRunConfig,
+        args=args,
+        auto_configure_optimizers=False,
+        parser_kwargs={"exit_on_error": False},
+    )
+
+
+def finish_wandb(trainer: Trainer) -> None:
+    """Close the W&B run the command started, so its files are complete when the command returns
+    (Lightning leaves it open, which only the end of the process would close)."""
+    if trainer.is_global_zero:
+        for logger in wandb_loggers(trainer):
+            logger.experiment.finish()
+
+
+def print_summary(trainer: Trainer, console: Console) -> None:
+    """Where the run is, the last validation perplexities, and how to export the student."""
+    if not trainer.is_global_zero:
+        return
+    metrics = trainer.callback_metrics
+    root = Path(trainer.default_root_dir)
+    checkpoint: Any = trainer.checkpoint_callback
+    last = getattr(checkpoint, "last_model_path", "") or ""
+    lines = [f"run directory      {root}"]
+    for key, label in (
+        ("val/teacher_ppl", "teacher val ppl"),
+        ("val/ppl", "student val ppl"),
+        ("val/top1_agreement", "top-1 agreement"),
+    ):
+        if key in metrics:
+            lines.append(f"{label:<18} {float(metrics[key]):.2f}")
+    console.rule("distilkit")
+    for line in lines:
+        console.print(line, highlight=False)
+    if last:  # printed whole (never wrapped), so it can be copied and run
+        print(f"export the student: distilkit export --ckpt_path '{last}' --output_dir '{root / 'export'}'")

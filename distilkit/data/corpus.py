@@ -1,0 +1,45 @@
+"""Built-in text that needs no network: name it in a recipe as ``builtin:<name>``.
+
+``builtin:python-reference`` is the language reference that CPython ships as ``pydoc_data.topics``:
+about 465 KB of English prose and code in 79 documents (one per help topic).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from distilkit.errors import ConfigError
+from distilkit.files import write_text
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def _python_reference() -> list[dict[str, str]]:
+    from pydoc_data.topics import topics
+
+    return [{"title": name, "text": text} for name, text in sorted(topics.items()) if text.strip()]
+
+
+_CORPORA = {"python-reference": _python_reference}
+
+
+def builtin_documents(name: str) -> list[dict[str, str]]:
+    """The documents (``{"title", "text"}``) of the built-in corpus ``name`` (no prefix), in file order."""
+    if name not in _CORPORA:
+        raise ConfigError(
+            "data.train_files",
+            f"{BUILTIN_PREFIX}{name}",
+            "is not a built-in corpus",
+            f"use one of {[BUILTIN_PREFIX + n for n in _CORPORA]} or a file path",
+        )
+    return _CORPORA[name]()
+
+
+def builtin_corpus_path(name: str, cache_dir: Path) -> Path:
+    """Write the built-in corpus ``name`` (no prefix) as jsonl under ``cache_dir``; return its path."""
+    documents = builtin_documents(name)
+    path = cache_dir / f"builtin-{name}.jsonl"
+    if not path.exists():
+        write_text(path, "".join(json.dumps(doc) + "\n" for doc in documents))
+    return path

@@ -1,0 +1,300 @@
+"""TextDataModule: documents from local files (or a ``datasets`` name), tokenized once, packed into blocks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import datasets
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from distilkit.batch import IGNORE_INDEX
+from distilkit.data.sampler import ResumableSampler
+from distilkit.data.sources import fingerprint, load_documents, resolve_sources
+from distilkit.data.tokenizer import resolve_tokenizer, tokenizer_hash
+from distilkit.errors import ConfigError
+
+
+def default_cache_dir() -> Path:
+    """``$DISTILKIT_CACHE``, else ``~/.cache/distilkit``."""
+    return Path(os.environ.get("DISTILKIT_CACHE", Path.home() / ".cache" / "distilkit"))
+
+
+class PackedBlocks(Dataset):
+    """Fixed-length blocks cut from one token stream, in the Hugging Face causal-LM convention.
+
+    Item ``i`` is ``{"input_ids": (T,), "attention_mask": (T,), "labels": (T,)}`` with labels equal to the
+    inputs; the tail of the last, partial block is padding (mask 0, label -100).
+
+    Args:
+        stream: ``(tokens,)`` the documents' token ids, each document followed by EOS.
+        block_size: T.
+        pad_id: the id written into padding.
+        doc_starts: ``(documents,)`` the stream offset where each document begins (for per-document scores).
+    """
+
+    def __init__(
+        self, stream: np.ndarray, block_size: int, pad_id: int, doc_starts: np.ndarray | None = None
+    ) -> None:
+        self.block_size = block_size
+        blocks = -(-len(stream) // block_size)  # ceil
+        padded = np.full(blocks * block_size, pad_id, dtype=np.int64)
+        padded[: len(stream)] = stream
+        self.tokens = torch.from_numpy(padded).view(blocks, block_size)  # (n_blocks, T)
+        self.valid = torch.arange(blocks * block_size).view(blocks, block_size) < len(stream)  # (n_blocks, T)
+        self.doc_starts = np.zeros(1, dtype=np.int64) if doc_starts is None else doc_starts
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids, valid = self.tokens[index], self.valid[index]
+        return {
+            "input_ids": ids,
+            "attention_mask": valid.long(),
+            "labels": torch.where(valid, ids, torch.full_like(ids, IGNORE_INDEX)),
+        }
+
+    def document_of(self, positions: np.ndarray) -> np.ndarray:
+        """The document index of each stream position (``block * T + t``)."""
+        return np.searchsorted(self.doc_starts, positions, side="right") - 1
+
+
+class TextDataModule(L.LightningDataModule):
+    """Text from ``.txt`` / ``.jsonl`` / ``.parquet`` files or a ``datasets`` name, packed for a causal LM.
+
+    Each ``.txt`` file is one document; each jsonl line or parquet row is one document (its
+    ``text_field``). Documents are tokenized once (cached on disk, keyed by the files and the tokenizer),
+    joined with EOS and packed into blocks of ``block_size`` tokens. Without ``val_files`` a deterministic
+    ``val_fraction`` of the documents (seeded) is held out; a single document is split at its last tokens.
+    ``predict`` scores ``predict_files`` when given, else the validation blocks.
+
+    Args:
+        train_files: paths, ``builtin:python-reference``, or one ``datasets`` name/path.
+        val_files: the same forms, or None to hold out part of the training documents.
+        predict_files: the same forms: what ``distilkit predict`` scores (default: the validation split).
+        text_field: the field holding the text in jsonl/parquet/datasets rows.
+        tokenizer: a tokenizer (or exported model) directory, or settings to train a byte-level BPE on the
+            training documents: ``{vocab_size: 4096, min_frequency: 2}`` (the default).
+        block_size: tokens per training example.
+        batch_size: examples per batch.
+        val_fraction: share of documents held out when there are no ``val_files``.
+        num_workers: data-loader worker processes.
+        cache_dir: where tokenizers and token ids are cached (default ``$DISTILKIT_CACHE`` or
+            ``~/.cache/distilkit``).
+        seed: seeds the held-out split and the shuffling.
+    """
+
+    def __init__(
+        self,
+        train_files: str | list[str],
+        val_files: str | list[str] | None = None,
+        predict_files: str | list[str] | None = None,
+        text_field: str = "text",
+        tokenizer: str | dict[str, Any] | None = None,
+        block_size: int = 128,
+        batch_size: int = 16,
+        val_fraction: float = 0.05,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("block_size", block_size), ("batch_size", batch_size)):
+            if not (isinstance(value, int) and value >= 2):
+                raise ConfigError(f"data.{name}", value, "must be an integer >= 2", "use e.g. 128 or 16")
+        if not 0.0 < val_fraction < 1.0:
+            raise ConfigError("data.val_fraction", val_fraction, "must lie in (0, 1)", "use e.g. 0.05")
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.train_sources = resolve_sources("data.train_files", train_files, self.cache_dir)
+        self.val_sources = (
+            None if val_files is None else resolve_sources("data.val_files", val_files, self.cache_dir)
+        )
+        self.predict_sources = (
+            None
+            if predict_files is None
+            else resolve_sources("data.predict_files", predict_files, self.cache_dir)
+        )
+        self.text_field = text_field
+        self.block_size, self.batch_size = block_size, batch_size
+        self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
+        self.tokenizer = resolve_tokenizer(
+            tokenizer if tokenizer is not None else {},
+            texts=lambda: self._documents(self.train_sources, "data.train_files")[self.text_field],
+            fingerprint=fingerprint(self.train_sources, text_field),
+            cache_dir=self.cache_dir,
+        )
+        self.datasets: dict[str, PackedBlocks] = {}
+        self._resume_position: tuple[int, int] | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's size, special tokens included."""
+        return len(self.tokenizer)
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        if not self.datasets:
+            train_docs = self._tokenized(self.train_sources, "data.train_files")
+            if self.val_sources is not None:
+                val_docs = self._tokenized(self.val_sources, "data.val_files")
+            else:
+                train_docs, val_docs = self._split(train_docs)
+            self.datasets = {"train": self._blocks(train_docs), "val": self._blocks(val_docs)}
+        if stage == "predict" and "predict" not in self.datasets:
+            if self.predict_sources is None:
+                self.datasets["predict"] = self.datasets["val"]
+            else:
+                self.datasets["predict"] = self._blocks(
+                    self._tokenized(self.predict_sources, "data.predict_files")
+                )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled full batches in an order a resumed run continues exactly (see :meth:`state_dict`).
+
+        Under DDP each process takes its share of every global batch (:class:`.ResumableSampler`), so ``W``
+        processes with ``batch_size`` train on what one process with ``W * batch_size`` would."""
+        world_size, rank = _world_size_and_rank(self.trainer)
+        self.sampler = ResumableSampler(
+            len(self.datasets["train"]), self.batch_size, self.seed, num_replicas=world_size, rank=rank
+        )
+        if self._resume_position is not None:
+            self.sampler.resume_at(*self._resume_position)
+            self._resume_position = None
+        return DataLoader(
+            self.datasets["train"],
+            batch_size=self.batch_size,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            generator=self._own_generator(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._in_order("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._in_order("val")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The predict blocks in order (``predict_files``, or the validation split)."""
+        return self._in_order("predict")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the data: the epoch being iterated and the batches the loop has finished.
+
+        Counted from the trainer's progress, not the loader's, since the loop fetches a batch ahead.
+        """
+        sampler = getattr(self, "sampler", None)
+        trainer = self.trainer
+        if sampler is None or trainer is None:
+            return {}
+        epoch = int(sampler.epoch)
+        progress: Any = trainer.fit_loop.epoch_loop.batch_progress
+        done = int(progress.current.processed)  # the batch being finished included
+        if done >= trainer.num_training_batches:  # saved at the end of an epoch: the next one is due
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches_done": done}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._resume_position = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
+
+    # -------------------------------------------------------------------------------------------- internals
+    def _in_order(self, split: str) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            generator=self._own_generator(),
+        )
+
+    def _own_generator(self) -> torch.Generator:
+        """Each loader draws its worker seed from this, not from the global generator, so iterating a loader
+        does not shift the dropout masks of the training that follows (exact resume needs that)."""
+        return torch.Generator().manual_seed(self.seed)
+
+    def _blocks(self, docs: datasets.Dataset) -> PackedBlocks:
+        stream, starts = _stream(docs)
+        return PackedBlocks(stream, self.block_size, int(self.tokenizer.pad_token_id), starts)
+
+    def _documents(self, sources: list[str], field: str) -> datasets.Dataset:
+        return load_documents(sources, field, self.text_field, self.cache_dir)
+
+    def _tokenized(self, sources: list[str], field: str) -> datasets.Dataset:
+        """Token ids per document, EOS appended; cached under ``cache_dir`` keyed by files and tokenizer."""
+        tokenizer, text_field = self.tokenizer, self.text_field
+        eos = self.eos_token_id
+        key = hashlib.sha256(
+            (fingerprint(sources, text_field) + tokenizer_hash(tokenizer)).encode()
+        ).hexdigest()[:16]
+        cache_file = self.cache_dir / f"tokens-{key}.arrow"
+
+        def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+            ids = tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]
+            return {"input_ids": [doc + [eos] for doc in ids]}
+
+        docs = self._documents(sources, field)
+        return docs.map(
+            encode,
+            batched=True,
+            remove_columns=[text_field],
+            cache_file_name=str(cache_file),
+            new_fingerprint=key,
+            desc="tokenizing",
+        )
+
+    def _split(self, docs: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset]:
+        """Seeded document-level split; one document is split at its last ``val_fraction`` of tokens."""
+        if len(docs) == 1:
+            ids = docs[0]["input_ids"]
+            cut = len(ids) - max(self.block_size, int(len(ids) * self.val_fraction))
+            if cut < self.block_size:
+                raise ConfigError(
+                    "data.train_files",
+                    self.train_sources,
+                    "is too short to hold out a validation block",
+                    "give more text, a smaller block_size, or val_files",
+                )
+            head = datasets.Dataset.from_dict({"input_ids": [ids[:cut]]})
+            tail = datasets.Dataset.from_dict({"input_ids": [ids[cut:]]})
+            return head, tail
+        train_idx, val_idx = held_out_split(len(docs), self.val_fraction, self.seed)
+        return docs.select(train_idx), docs.select(val_idx)
+
+
+def held_out_split(n_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ``(train, val)`` document indices: a seeded ``val_fraction`` of ``n_docs`` (at least one) is
+    held out. The split ``TextDataModule`` makes without ``val_files``; evaluation tasks reuse it."""
+    order = np.random.default_rng(seed).permutation(n_docs)
+    n_val = max(1, round(n_docs * val_fraction))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def _world_size_and_rank(trainer: Any) -> tuple[int, int]:
+    """The processes training and this one's rank: from the trainer when attached, else torch.distributed."""
+    if trainer is not None:
+        return int(trainer.world_size), int(trainer.global_rank)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _stream(docs: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """All token ids of ``docs`` concatenated in order ``(total_tokens,)`` int64, and where each document
+    starts in that stream ``(documents,)``."""
+    column = docs.with_format("arrow")["input_ids"]
+    chunked = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    stream = np.asarray(chunked.flatten(), dtype=np.int64)
+    starts = np.asarray(chunked.offsets, dtype=np.int64)[:-1] if len(chunked) else np.zeros(0, dtype=np.int64)
+    return stream, starts - (starts[0] if len(starts) else 0)

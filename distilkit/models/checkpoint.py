@@ -1,0 +1,135 @@
+"""Models inside distilkit checkpoints: what ``checkpoint["distilkit"]`` holds, and reading models back.
+
+A distilkit checkpoint is a Lightning checkpoint (``torch.load(weights_only=True)`` loads it) whose
+``state_dict`` holds the trainable models under their attribute names (``student.``, ``peers.0.`` ...) and
+never the teacher, plus one entry written by :class:`distilkit.run.RunState`:
+
+.. code-block:: python
+
+    checkpoint["distilkit"] = {
+        "vocab_size": 4096,                      # the logit width training compared
+        "models": {"student": {...}},            # the config (to_dict) of each exportable model, by prefix
+        "tokenizer_files": {"tokenizer.json": "...", ...},   # the run's tokenizer, save_pretrained's files
+        "rng": {"torch": ..., "python": [...], "cuda": [...]}, # random state, for an exact resume
+        "wandb_run_id": "abc123",                # present when the run logged to W&B
+    }
+
+Checkpoints written before the models map (distilkit 0.1) hold ``student_config`` instead; they read the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypedDict
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from distilkit.data.tokenizer import tokenizer_from_files
+from distilkit.errors import ConfigError
+from distilkit.models.loading import load_causal_lm
+
+
+class CheckpointExtras(TypedDict, total=False):
+    """The schema of ``checkpoint["distilkit"]`` (see the module docstring)."""
+
+    vocab_size: int
+    models: dict[str, dict[str, Any]]
+    tokenizer_files: dict[str, str]
+    rng: dict[str, Any]
+    wandb_run_id: str
+
+
+def read_checkpoint(path: str | Path, field: str = "ckpt_path") -> dict[str, Any]:
+    """A distilkit checkpoint, loaded on the CPU with ``weights_only=True``; a clear error for all else."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(field, str(path), "does not exist", "give a .ckpt file from a run's checkpoints/")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, not a torch file, unpickling refused ...
+        raise ConfigError(
+            field,
+            str(path),
+            f"could not be read as a checkpoint ({_first_line(err)})",
+            "give a complete .ckpt file written by distilkit fit",
+        ) from err
+    if not isinstance(checkpoint, dict) or not model_configs(checkpoint):
+        raise ConfigError(
+            field,
+            str(path),
+            "is not a distilkit checkpoint of a Hugging Face model",
+            "give a checkpoint written by distilkit fit",
+        )
+    return checkpoint
+
+
+def model_configs(checkpoint: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{state_dict prefix: config dict}`` of the exportable models of a checkpoint."""
+    extras = checkpoint.get("distilkit") or {}
+    if "models" in extras:
+        return dict(extras["models"])
+    if "student_config" in extras:  # written by distilkit 0.1
+        return {"student": extras["student_config"]}
+    return {}
+
+
+def model_from_checkpoint(
+    checkpoint: dict[str, Any], prefix: str = "student", *, where: str = "ckpt_path"
+) -> nn.Module:
+    """The model stored under ``prefix`` (a Hugging Face causal LM in float32, eval mode).
+
+    Raises a :class:`ConfigError` naming the prefixes present when ``prefix`` is not one of them, and when
+    the weights do not fit the stored config.
+    """
+    configs = model_configs(checkpoint)
+    if prefix not in configs:
+        raise ConfigError(where, prefix, "names no model of this checkpoint", f"use one of {sorted(configs)}")
+    fields = dict(configs[prefix])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    start = f"{prefix}."
+    state = {k[len(start) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(start)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or [key for key in missing if key not in tied]:
+        raise ConfigError(
+            where,
+            prefix,
+            f"does not match its stored config (missing {missing}, unexpected {unexpected})",
+            "use a checkpoint written by distilkit fit",
+        )
+    return model.eval()
+
+
+def checkpoint_tokenizer(checkpoint: dict[str, Any]) -> PreTrainedTokenizerBase | None:
+    """The run's tokenizer kept in a checkpoint, or None when it carries none."""
+    files = (checkpoint.get("distilkit") or {}).get("tokenizer_files") or {}
+    return tokenizer_from_files(files) if files else None
+
+
+def load_model_and_tokenizer(
+    name: str | Path, field: str = "model", prefix: str = "student"
+) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
+    """A causal LM (float32, eval mode) and its tokenizer from a distilkit checkpoint (``.ckpt``: the model
+    under ``prefix``) or a Hugging Face model directory (its tokenizer when it has one)."""
+    path = Path(name)
+    if path.suffix == ".ckpt":
+        checkpoint = read_checkpoint(path, field)
+        return model_from_checkpoint(checkpoint, prefix, where=field), checkpoint_tokenizer(checkpoint)
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            field,
+            str(name),
+            "is neither a .ckpt file nor a model directory with config.json",
+            "give a checkpoint from a run or a directory written by distilkit export",
+        )
+    model = load_causal_lm(str(path), field=field, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+    return model, tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,219 @@
+"""Loading teachers and students, and checking that they share a vocabulary.
+
+A model is given as one of:
+
+* a Hugging Face model directory (or a hub name when online): ``"runs/teacher/export"``;
+* a mapping of transformers config fields with ``model_type`` for random init:
+  ``{model_type: gpt2, n_layer: 2, n_embd: 128, n_head: 4}``; ``vocab_size``, the context length and the
+  special-token ids come from the tokenizer and ``block_size`` when the mapping leaves them out;
+* an ``nn.Module`` built in code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from distilkit.errors import ConfigError
+
+ModelSpec = str | Mapping[str, Any] | nn.Module
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(field: str, name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``; a clear error for anything else."""
+    if name not in _DTYPES:
+        raise ConfigError(field, name, "is not a known dtype", f"use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def load_causal_lm(
+    spec: ModelSpec,
+    *,
+    field: str,
+    dtype: torch.dtype = torch.float32,
+    defaults: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """Build or load a causal LM from a directory, a hub name, a config mapping or a module.
+
+    Args:
+        spec: the model, in one of the forms of this module's docstring.
+        field: the config field it came from (``"model.teacher"``), named in error messages.
+        dtype: the parameter dtype to load or build in (set explicitly: transformers 5 defaults to "auto").
+        defaults: config fields to fill in when a mapping leaves them out (vocab size, context length,
+            special-token ids).
+
+    Returns:
+        The model, in eval mode as ``from_pretrained`` returns it.
+    """
+    if isinstance(spec, nn.Module):
+        return spec
+    if isinstance(spec, Mapping):
+        config = config_from_mapping(spec, field=field, defaults=defaults or {})
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    if isinstance(spec, (str, os.PathLike)):
+        return _from_pretrained(str(spec), field=field, dtype=dtype)
+    raise ConfigError(field, spec, "is not a model", "give a model directory, a config mapping or a module")
+
+
+def _from_pretrained(name: str, *, field: str, dtype: torch.dtype) -> nn.Module:
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if looks_local or offline:
+        if not path.is_dir():
+            raise ConfigError(
+                field, name, "is not a directory", "give a Hugging Face model directory (with config.json)"
+            )
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                field, name, "has no config.json", "point at a directory written by save_pretrained or export"
+            )
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else name, dtype=dtype).eval()
+    except OSError as err:
+        raise ConfigError(
+            field, name, f"could not be loaded ({err})", "check the name or the directory"
+        ) from err
+
+
+def config_from_mapping(
+    spec: Mapping[str, Any], *, field: str, defaults: Mapping[str, Any]
+) -> PretrainedConfig:
+    """A transformers config from ``{model_type: ..., **fields}``; unknown fields are refused.
+
+    transformers itself accepts any keyword silently, so a typo such as ``n_layers`` for GPT-2 would
+    build a different model than asked; here it is an error that suggests the right name.
+    """
+    fields = dict(spec)
+    model_type = fields.pop("model_type", None)
+    if model_type is None:
+        raise ConfigError(
+            field, dict(spec), "has no model_type", "add e.g. model_type: gpt2 (or llama, qwen2)"
+        )
+    try:
+        config = AutoConfig.for_model(model_type)
+    except ValueError as err:
+        raise ConfigError(
+            f"{field}.model_type", model_type, "is not a transformers model type", "use e.g. gpt2, llama"
+        ) from err
+    known = _config_field_names(config)
+    for key in fields:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"see {type(config).__name__} for valid fields"
+            raise ConfigError(f"{field}.{key}", fields[key], f"is not a {model_type} config field", hint)
+    given = set(fields) | {config.attribute_map.get(k, k) for k in fields}
+    given |= {alias for alias, target in config.attribute_map.items() if target in given}
+    filled = {k: v for k, v in defaults.items() if v is not None and k not in given}
+    return AutoConfig.for_model(model_type, **{**_resolve_aliases(config, filled), **fields})
+
+
+def _config_field_names(config: PretrainedConfig) -> set[str]:
+    names = set(config.to_dict()) | set(config.attribute_map)
+    if dataclasses.is_dataclass(config):
+        names |= {f.name for f in dataclasses.fields(config)}
+    return names
+
+
+def _resolve_aliases(config: PretrainedConfig, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Rename generic names (``max_position_embeddings``) to the family's own (``n_positions``)."""
+    return {config.attribute_map.get(k, k): v for k, v in values.items()}
+
+
+def vocab_rows(model: nn.Module) -> int:
+    """Rows of the model's output head (its logit width), or its config's ``vocab_size``."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if isinstance(head, nn.Linear):
+        return head.out_features
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "vocab_size", None):
+        return int(config.vocab_size)
+    raise ConfigError(
+        "model", type(model).__name__, "has no output head or config.vocab_size", "use a causal LM"
+    )
+
+
+def shared_vocab_size(student: nn.Module, teacher: nn.Module | None, tokenizer_size: int | None) -> int:
+    """The logit width that student and teacher are compared on.
+
+    Equal head sizes are used as they are. Different sizes are fine only when both cover the tokenizer:
+    the rows beyond the tokenizer's size are padding (Qwen2.5 pads 151,665 tokens to 152,064 rows), so
+    both are cut to the tokenizer's size. Anything else is an error naming both sizes.
+    """
+    student_rows = vocab_rows(student)
+    if tokenizer_size is not None and tokenizer_size > student_rows:
+        raise ConfigError(
+            "model.student",
+            f"vocabulary of {student_rows}",
+            f"is smaller than the tokenizer's {tokenizer_size}",
+            "build the student with vocab_size >= the tokenizer's size (leave it out of a config mapping)",
+        )
+    if teacher is None:
+        return student_rows
+    teacher_rows = vocab_rows(teacher)
+    if teacher_rows == student_rows:
+        return student_rows
+    if tokenizer_size is not None and tokenizer_size <= min(teacher_rows, student_rows):
+        return tokenizer_size
+    raise ConfigError(
+        "model.teacher",
+        f"vocabulary of {teacher_rows}",
+        f"differs from the student's {student_rows}"
+        + (f" and the tokenizer's {tokenizer_size}" if tokenizer_size is not None else ""),
+        "teacher and student must share a tokenizer; give the student the teacher's tokenizer and vocab_size",
+    )
+
+
+def check_context(field: str, model: nn.Module | None, block_size: int | None) -> None:
+    """Refuse a ``block_size`` longer than the model's maximum positions (its position table overflows)."""
+    if block_size is None:
+        return
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) if config is not None else None
+    if limit and block_size > int(limit):
+        raise ConfigError(
+            "data.block_size",
+            block_size,
+            f"is longer than {field}'s {limit} positions",
+            f"use block_size <= {limit}, or a model with a longer context",
+        )
+
+
+def load_student_and_teacher(
+    student: ModelSpec,
+    teacher: ModelSpec | None,
+    *,
+    teacher_dtype: str = "float32",
+    vocab_size: int | None = None,
+    block_size: int | None = None,
+    eos_token_id: int | None = None,
+) -> tuple[nn.Module, nn.Module | None, int]:
+    """The student (float32, train mode), the frozen teacher (``teacher_dtype``, eval mode, no gradients) or
+    None, and the logit width they are compared on (:func:`shared_vocab_size`).
+
+    ``vocab_size``, ``block_size`` and ``eos_token_id`` (the tokenizer's) fill what config mappings leave
+    out; a ``block_size`` longer than either model's context is refused.
+    """
+    defaults = {"vocab_size": vocab_size, "max_position_embeddings": block_size}
+    defaults |= {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
+    student_model = load_causal_lm(student, field="model.student", dtype=torch.float32, defaults=defaults)
+    student_model.train()  # from_pretrained returns eval-mode models
+    teacher_model = None
+    if teacher is not None:
+        dtype = parse_dtype("model.teacher_dtype", teacher_dtype)
+        teacher_model = load_causal_lm(teacher, field="model.teacher", dtype=dtype, defaults=defaults)
+        teacher_model.requires_grad_(False).eval()
+    for field, model in (("model.student", student_model), ("model.teacher", teacher_model)):
+        check_context(field, model, block_size)
+    return student_model, teacher_model, shared_vocab_size(student_model, teacher_model, vocab_size)

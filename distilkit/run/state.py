@@ -1,0 +1,115 @@
+"""What a distilkit checkpoint carries for the run, besides the weights: one callback, one dict.
+
+:class:`RunState` writes ``checkpoint["distilkit"]`` (the schema is
+:class:`~distilkit.models.checkpoint.CheckpointExtras`) and reads it back when a fit resumes. The
+distillation modules add it themselves (``configure_callbacks``), so checkpoints written from Python are as
+complete as the CLI's.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Protocol
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from distilkit.data.tokenizer import tokenizer_files
+from distilkit.errors import TrainingStopped
+from distilkit.models.checkpoint import CheckpointExtras
+from distilkit.models.sharding import all_finite
+from distilkit.run.lightning_internals import log_pending_step
+from distilkit.run.loggers import rewind_csv_loggers, wandb_loggers
+
+KEY = "distilkit"
+
+
+class DistillationRun(Protocol):
+    """What :class:`RunState` needs of the module: its vocabulary width and the models ``export`` writes."""
+
+    vocab_size: int
+
+    def exportable_models(self) -> dict[str, Any]: ...
+
+
+class RunState(Callback):
+    """Keeps ``checkpoint["distilkit"]``: the exportable models' configs, the run's tokenizer, the random
+    state and the W&B run id; and on save, first writes the finishing step's log row (a kill right after
+    the save would lose it otherwise) and refuses to checkpoint non-finite weights.
+
+    On a resumed fit it restores the random state (dropout masks continue as they would have) and drops the
+    ``metrics.csv`` rows the interrupted run logged past the checkpoint (they are logged again).
+    """
+
+    def __init__(self) -> None:
+        self._tokenizer_files: tuple[Any, dict[str, str]] | None = None  # serialised once per run
+
+    @property
+    def state_key(self) -> str:
+        return "RunState"
+
+    def extras(self, trainer: L.Trainer, module: DistillationRun) -> CheckpointExtras:
+        """The whole ``checkpoint["distilkit"]`` dict for the current state of the run."""
+        extras: CheckpointExtras = {
+            "vocab_size": int(module.vocab_size),
+            "models": {
+                prefix: model.config.to_dict()
+                for prefix, model in module.exportable_models().items()
+                if getattr(model, "config", None) is not None
+            },
+            "rng": random_state(),
+        }
+        files = self._tokenizer(trainer)
+        if files:
+            extras["tokenizer_files"] = files
+        wandb_ids = [str(logger.version) for logger in wandb_loggers(trainer)]
+        if wandb_ids:
+            extras["wandb_run_id"] = wandb_ids[0]  # a resumed fit continues this W&B run
+        return extras
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        weights = [p for model in pl_module.exportable_models().values() for p in model.parameters()]
+        if not all_finite(weights):
+            raise TrainingStopped(
+                f"step {trainer.global_step}: the student has non-finite weights; no checkpoint was written. "
+                "Resume from the last good checkpoint with a lower learning rate."
+            )
+        log_pending_step(trainer)
+        checkpoint[KEY] = self.extras(trainer, pl_module)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn == "fit":
+            rewind_csv_loggers(trainer, int(checkpoint.get("global_step", 0)))
+        rng = (checkpoint.get(KEY) or {}).get("rng")
+        if rng:
+            restore_random_state(rng)
+
+    def _tokenizer(self, trainer: L.Trainer) -> dict[str, str]:
+        tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+        if tokenizer is None:
+            return {}
+        if self._tokenizer_files is None or self._tokenizer_files[0] is not tokenizer:
+            self._tokenizer_files = (tokenizer, tokenizer_files(tokenizer))
+        return self._tokenizer_files[1]
+
+
+def random_state() -> dict[str, Any]:
+    """The torch, Python and CUDA random states, in types ``torch.load(weights_only=True)`` accepts."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": _plain(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_random_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, inner, gauss = state["python"]
+    random.setstate((version, tuple(inner), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plain(state: Any) -> Any:
+    """Python's random state as lists and ints (tuples do not survive ``weights_only`` loading)."""
+    return [_plain(x) for x in state] if isinstance(state, tuple) else state

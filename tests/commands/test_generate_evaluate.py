@@ -1,0 +1,124 @@
+"""`distilkit generate` and `distilkit evaluate` end to end on tiny and shipped models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import ROOT, TEACHER, run_cli, tiny_recipe
+
+from distilkit.commands.evaluate import evaluate
+from distilkit.commands.generate import generate
+
+
+def test_generate_writes_jsonl_that_training_reads(tmp_path, tiny_run, corpus, tokenizer_dir, cache_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The for statement\nA function\n")
+    out = generate(
+        str(tiny_run),
+        str(tmp_path / "samples.jsonl"),
+        prompts_file=str(prompts),
+        num_samples=3,
+        max_new_tokens=12,
+        temperature=0.8,
+        top_p=0.9,
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6
+    assert [r["prompt"] for r in rows] == ["The for statement"] * 3 + ["A function"] * 3
+    assert all(r["text"] == r["prompt"] + r["completion"] and r["completion"] for r in rows)
+    # the samples are training data: a few steps of a fit on them
+    recipe = tiny_recipe(
+        tmp_path / "seq.yaml", out, tokenizer_dir, cache_dir, max_steps=2, val_check_interval=2
+    )
+    run_cli(
+        "fit",
+        "--config",
+        str(recipe),
+        "--trainer.default_root_dir",
+        str(tmp_path / "seq-run"),
+        "--data.init_args.val_files",
+        str(corpus),
+        "--data.init_args.block_size",
+        "8",
+    )
+    assert (tmp_path / "seq-run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_generate_unconditional_from_a_model_directory_and_refuses_to_overwrite(tmp_path):
+    out = generate(str(TEACHER), str(tmp_path / "u.jsonl"), num_samples=2, max_new_tokens=10, seed=1)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(r["prompt"] == "" and r["text"] for r in rows)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("generate", "--model", str(TEACHER), "--output_file", str(out))
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"model": "nowhere"}, "neither a .ckpt file"),
+    ],
+)
+def test_generate_bad_input(tmp_path, kwargs, match):
+    from distilkit.errors import ConfigError
+
+    options = {"model": str(TEACHER), "output_file": str(tmp_path / "x.jsonl"), **kwargs}
+    with pytest.raises(ConfigError, match=match):
+        generate(**options)
+
+
+def test_evaluate_scores_models_against_the_teacher(tmp_path, tiny_run, corpus):
+    out = tmp_path / "eval.json"
+    rows = evaluate(
+        [str(tiny_run)],
+        data_files=str(corpus),
+        teacher=None,
+        block_size=32,
+        batch_size=4,
+        output_json=str(out),
+    )
+    assert json.loads(out.read_text()) == rows
+    assert rows[0]["model"] == str(tiny_run) and rows[0]["ppl"] > 1
+
+
+def test_evaluate_against_an_identical_teacher_gives_full_agreement_and_zero_kl(tmp_path, tiny_run, corpus):
+    from distilkit.commands.export import export_student
+
+    exported = export_student(tiny_run, tmp_path / "student")
+    rows = evaluate(
+        [str(exported)], data_files=str(corpus), teacher=str(exported), block_size=32, batch_size=4
+    )
+    teacher_row, student_row = rows
+    assert teacher_row["ppl"] == pytest.approx(student_row["ppl"], rel=1e-5)
+    assert student_row["top1_agreement"] == pytest.approx(1.0)
+    assert student_row["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_the_seqkd_recipe_runs_a_few_steps_on_teacher_samples(tmp_path, cache_dir):
+    samples = generate(str(TEACHER), str(tmp_path / "teacher.jsonl"), num_samples=8, max_new_tokens=40)
+    run_cli(
+        "fit",
+        "--config",
+        str(ROOT / "recipes" / "seqkd.yaml"),
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        "--data.init_args.train_files",
+        str(samples),
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.limit_val_batches",
+        "2",
+        "--data.init_args.block_size",
+        "32",
+        "--data.init_args.batch_size",
+        "4",
+        "--data.init_args.cache_dir",
+        str(cache_dir),
+    )
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

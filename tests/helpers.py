@@ -1,0 +1,241 @@
+"""What the tests share: tiny models and data, recipes and CLI runs, metrics.csv and W&B file readers, and
+a callback for subprocess tests. Fixtures are in ``conftest.py``; everything else shared is here."""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+import time
+from pathlib import Path
+
+import yaml
+from lightning.pytorch.callbacks import Callback
+from wandb.proto import wandb_internal_pb2
+
+from distilkit.cli import main
+
+ROOT = Path(__file__).parents[1]
+TEACHER = ROOT / "recipes" / "teacher"  # the shipped, pretrained quickstart teacher
+TINY_TEACHER = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2}
+TINY_STUDENT = {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2}
+
+
+# ------------------------------------------------------------------------------------------ models and data
+def make_datamodule(corpus: Path, tokenizer_dir: Path, cache_dir: Path):
+    """A set-up TextDataModule over the test corpus: blocks of 32 tokens, batches of 4."""
+    from distilkit import TextDataModule
+
+    dm = TextDataModule(
+        str(corpus),
+        tokenizer=str(tokenizer_dir),
+        block_size=32,
+        batch_size=4,
+        val_fraction=0.1,
+        cache_dir=str(cache_dir),
+    )
+    dm.setup()
+    return dm
+
+
+def tiny_module(datamodule, teacher=TINY_TEACHER, student=TINY_STUDENT, cls=None, **kwargs):
+    """A DistillationModule (or subclass ``cls``) of tiny GPT-2s sized from the data module's tokenizer."""
+    from distilkit import DistillationModule
+
+    return (cls or DistillationModule)(
+        student=student,
+        teacher=teacher,
+        vocab_size=datamodule.vocab_size,
+        block_size=datamodule.block_size,
+        eos_token_id=datamodule.eos_token_id,
+        **kwargs,
+    )
+
+
+def tiny_trainer(tmp_path: Path, max_steps: int = 4, **kwargs):
+    import lightning as L
+
+    options = dict(
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+    )
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+# ---------------------------------------------------------------------------------------- recipes and runs
+def tiny_recipe(path: Path, corpus: Path, tokenizer: Path | dict, cache_dir: Path, **trainer) -> Path:
+    """Write a recipe of tiny models that fits in seconds."""
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_steps": 4,
+            "val_check_interval": 2,
+            "check_val_every_n_epoch": None,
+            "limit_val_batches": 2,
+            "log_every_n_steps": 1,
+            "enable_model_summary": False,
+            **trainer,
+        },
+        "model": {
+            "class_path": "distilkit.DistillationModule",
+            "init_args": {
+                "student": TINY_STUDENT,
+                "teacher": TINY_TEACHER,
+                "loss": {"class_path": "distilkit.losses.ForwardKLLoss", "init_args": {"temperature": 2.0}},
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}},
+            },
+        },
+        "data": {
+            "class_path": "distilkit.TextDataModule",
+            "init_args": {
+                "train_files": str(corpus),
+                "tokenizer": tokenizer if isinstance(tokenizer, dict) else str(tokenizer),
+                "block_size": 32,
+                "batch_size": 4,
+                "val_fraction": 0.1,
+                "cache_dir": str(cache_dir),
+            },
+        },
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(*args: str) -> None:
+    main(list(args))
+
+
+def fit_run(recipe: Path, run_dir: Path, *overrides: str) -> None:
+    """`distilkit fit` of ``recipe`` into ``run_dir``."""
+    run_cli("fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir), *overrides)
+
+
+def resume_run(recipe: Path, run_dir: Path, max_steps: int, *overrides: str) -> None:
+    """Resume the run in ``run_dir`` from its last checkpoint and train on to ``max_steps``."""
+    fit_run(recipe, run_dir, *overrides, "--trainer.max_steps", str(max_steps), "--ckpt_path", "last")
+
+
+# ------------------------------------------------------------------------------------------------ readers
+def csv_rows(run_dir: Path) -> list[tuple[int, float | None, float | None]]:
+    """``(step, train/loss, val/loss)`` of every row of ``metrics.csv``."""
+    with open(run_dir / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    number = lambda text: float(text) if text else None  # noqa: E731
+    return [(int(r["step"]), number(r.get("train/loss")), number(r.get("val/loss"))) for r in rows]
+
+
+# The records of an offline W&B run's ``run-<id>.wandb`` file. wandb 0.31 no longer ships a reader. The file
+# is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of records, each with a 7-byte header (u32
+# checksum, u16 length little-endian, u8 type: 1 full, 2 first, 3 middle, 4 last); a block tail shorter
+# than 7 bytes is padding. Payloads are ``wandb.proto.wandb_internal_pb2.Record`` messages.
+BLOCK = 32 * 1024
+HEADER = 7
+
+
+def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
+    data = path.read_bytes()
+    records, pending, offset = [], b"", HEADER
+    while offset + HEADER <= len(data):
+        room = BLOCK - offset % BLOCK
+        if room < HEADER:  # block tail padding
+            offset += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset : offset + HEADER])
+        payload = data[offset + HEADER : offset + HEADER + length]
+        offset += HEADER + length
+        if kind == 0 and length == 0:
+            break
+        if kind == 1:
+            pending = payload
+        elif kind in (2, 3):
+            pending = (pending if kind == 3 else b"") + payload
+            continue
+        elif kind == 4:
+            pending += payload
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(pending)
+        records.append(record)
+        pending = b""
+    return records
+
+
+def run_file(save_dir: Path, timeout: float = 60.0) -> Path:
+    """The run's ``.wandb`` file, once W&B's background service has written its exit record.
+
+    ``run.finish()`` returns before the service has flushed everything to disk, so wait for the end.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        files = sorted(Path(save_dir).glob("wandb/offline-run-*/run-*.wandb"))
+        try:
+            if files and any(r.HasField("exit") for r in read_records(files[-1])):
+                return files[-1]
+        except Exception:  # a record still being written does not parse yet
+            pass
+        assert time.monotonic() < deadline, f"no finished offline W&B run under {save_dir}"
+        time.sleep(0.2)
+
+
+def _keys(items) -> set[str]:
+    return {item.key or "/".join(item.nested_key) for item in items}
+
+
+def history_keys(records) -> set[str]:
+    """Every metric name the run logged."""
+    return _keys(item for r in records if r.HasField("history") for item in r.history.item)
+
+
+def config_keys(records) -> set[str]:
+    """Every top-level config key the run was given."""
+    return _keys(item for r in records if r.HasField("config") for item in r.config.update)
+
+
+def history_rows(records) -> list[dict[str, object]]:
+    """The run's history rows in order, values decoded from JSON (``_step`` included)."""
+    return [
+        {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+        for r in records
+        if r.HasField("history")
+    ]
+
+
+def branch_point(records) -> int | None:
+    """The step a run was rewound to (``resume_from="<id>?_step=N"``), or None."""
+    for r in records:
+        if r.HasField("run"):
+            for item in r.run.config.update:
+                if item.key == "_wandb":
+                    point = json.loads(item.value_json).get("branch_point")
+                    return None if point is None else int(point["step"])
+    return None
+
+
+def rewound_history(files: list[Path]) -> list[dict[str, object]]:
+    """The history W&B shows after syncing a run's offline parts in order: each part that was started with
+    a rewind drops the earlier rows past its branch point (the rows the interrupted part logged again)."""
+    rows: list[dict[str, object]] = []
+    for path in files:
+        records = read_records(path)
+        point = branch_point(records)
+        if point is not None:
+            rows = [row for row in rows if int(row["_step"]) <= point]  # type: ignore[call-overload]
+        rows += history_rows(records)
+    return rows
+
+
+# ------------------------------------------------------------------------------------ subprocess callbacks
+class SlowSteps(Callback):
+    def __init__(self, marker: str, at_step: int, seconds: float = 0.3) -> None:
+        self.marker, self.at_step, self.seconds = Path(marker), at_step, seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.at_step:
+            self.marker.touch()
+        time.sleep(self.seconds)
