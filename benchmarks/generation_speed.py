@@ -16,7 +16,7 @@ import torch
 from _common import interleaved_medians, print_table
 from transformers import AutoModelForCausalLM
 
-from distilkit.generation import sample_tokens
+from distilkit.models.generation import sample_tokens
 
 TEACHER = Path(__file__).resolve().parents[1] / "recipes" / "teacher"
 

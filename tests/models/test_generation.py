@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from distilkit.errors import ConfigError
-from distilkit.generation import (
+from distilkit.models.generation import (
     STOP_CHECK_EVERY,
     Sampled,
     generate_text,
