@@ -28,6 +28,7 @@ kept blocks run in sequence. The teacher is not modified.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 from collections.abc import Iterable, Mapping, Sequence
@@ -46,7 +47,7 @@ from distilkit.pruning_importance import (
     magnitude_scores,
     measure_activations,
 )
-from distilkit.pruning_layouts import BlockWeights, Layout, layout_for, supported_model_types
+from distilkit.pruning_layouts import BlockWeights, Layout, StateDict, layout_for, supported_model_types
 
 Importance = Literal["activation", "magnitude"]
 IMPORTANCES = ("activation", "magnitude")
@@ -165,51 +166,37 @@ def cut_from_teacher(
     config = teacher.config
     before = layout.sizes(config)
     after = _target_sizes(layout, config, targets, layers, field)
-    layers = _check_layers(layers, before["layers"], after["layers"], field)
+    named = _check_layers(layers, before["layers"], after["layers"], field)
     if importance not in IMPORTANCES:
         raise ConfigError(
             f"{field}.importance", importance, "is not a known importance", f"use one of {IMPORTANCES}"
         )
     cuts_width = any(after[r] != before[r] for r in ("hidden", "heads", "inner"))
-    _require_data(calibration, layers, before, after, importance, cuts_width, field)
+    _require_data(calibration, named, before, after, importance, cuts_width, field)
 
     head_dim = layout.head_dim(config)
-    named = layers is not None
-    scores = None
+    measured = None
     if calibration is not None:
-        scores = measure_activations(
-            teacher, layout, head_dim, calibration, field=f"{field}.calibration_batches"
-        )
-    if layers is None and after["layers"] == before["layers"]:
-        layers = list(range(before["layers"]))
-    elif layers is None:
-        assert scores is not None and scores.block_influence is not None  # _require_data checked
-        layers = _top(scores.block_influence, after["layers"]).tolist()
+        data_field = f"{field}.calibration_batches"
+        measured = measure_activations(teacher, layout, head_dim, calibration, field=data_field)
+    kept = named if named is not None else _rank_blocks(measured, before["layers"], after["layers"])
 
     sd = teacher.state_dict()
-    blocks = {i: layout.read_block(sd, f"{layout.blocks}.{i}.", head_dim) for i in layers}
-    if importance == "magnitude" or scores is None:
+    blocks = {i: layout.read_block(sd, f"{layout.blocks}.{i}.", head_dim) for i in kept}
+    if importance == "activation" and measured is not None:
+        width = Scores([measured.layers[i] for i in kept], measured.channels)
+    else:  # magnitude, or activation with nothing to cut in width (any ranking keeps everything)
         width = Scores([magnitude_scores(b) for b in blocks.values()], magnitude_outside_blocks(sd, layout))
-    else:
-        width = Scores([scores.layers[i] for i in layers], scores.channels)
     channels = _top(width.channels + sum(s.channels for s in width.layers), after["hidden"])
     plans = [
         _layer_plan(layout, config, source, target, s, before, after)
-        for target, (source, s) in enumerate(zip(layers, width.layers, strict=True))
+        for target, (source, s) in enumerate(zip(kept, width.layers, strict=True))
     ]
+    student = _build(
+        teacher, layout.new_config(config, after, kept), _cut_state(layout, sd, blocks, plans, channels)
+    )
 
-    new_sd = {}
-    for target, plan in enumerate(plans):
-        block = _slice_block(blocks[plan.source], plan, channels)
-        new_sd.update(layout.write_block(block, f"{layout.blocks}.{target}."))
-    for name in layout.matrices:
-        if name in sd:
-            new_sd[name] = sd[name].index_select(1, channels)  # (V, H')
-    for name in layout.final_vectors:
-        if name in sd:
-            new_sd[name] = sd[name].index_select(0, channels)  # (H',)
-    student = _build(teacher, layout.new_config(config, after, layers), new_sd)
-
+    influence = None if measured is None or measured.block_influence is None else measured.block_influence
     report = PruneReport(
         model_type=config.model_type,
         importance=importance,
@@ -218,11 +205,9 @@ def cut_from_teacher(
         sizes_after={name: after[role] for role, name in layout.fields.items() if name},
         params_before=_count(teacher),
         params_after=_count(student),
-        layers=list(layers),
-        layers_given=named,
-        block_scores=None
-        if scores is None or scores.block_influence is None
-        else scores.block_influence.tolist(),
+        layers=kept,
+        layers_given=named is not None,
+        block_scores=None if influence is None else influence.tolist(),
         heads=[p.heads.tolist() for p in plans],
         channels=channels.tolist(),
         kept_share=_kept_share(width, plans, channels),
@@ -431,6 +416,14 @@ def _top(scores: Tensor, k: int) -> Tensor:
     return order.sort().values.to(scores.device)
 
 
+def _rank_blocks(measured: Scores | None, count: int, target: int) -> list[int]:
+    """All blocks when none is dropped; else the ``target`` most influential, in the teacher's order."""
+    if target == count:
+        return list(range(count))
+    assert measured is not None and measured.block_influence is not None  # _require_data checked
+    return _top(measured.block_influence, target).tolist()
+
+
 def _layer_plan(
     layout: Layout,
     config: PretrainedConfig,
@@ -512,6 +505,24 @@ def _slice_block(block: BlockWeights, plan: _LayerPlan, channels: Tensor) -> Blo
     )
 
 
+def _cut_state(
+    layout: Layout, sd: StateDict, blocks: dict[int, BlockWeights], plans: list[_LayerPlan], channels: Tensor
+) -> dict[str, Tensor]:
+    """The student's state dict: each kept block sliced and renumbered, the embeddings, head and final
+    norm cut to the kept hidden channels."""
+    out: dict[str, Tensor] = {}
+    for target, plan in enumerate(plans):
+        block = _slice_block(blocks[plan.source], plan, channels)
+        out.update(layout.write_block(block, f"{layout.blocks}.{target}."))
+    for name in layout.matrices:
+        if name in sd:
+            out[name] = sd[name].index_select(1, channels.to(sd[name].device))  # (V, H')
+    for name in layout.final_vectors:
+        if name in sd:
+            out[name] = sd[name].index_select(0, channels.to(sd[name].device))  # (H',)
+    return out
+
+
 # -- building the student and the report --------------------------------------------------------------
 
 
@@ -530,6 +541,8 @@ def _build(teacher: PreTrainedModel, config: PretrainedConfig, state: dict[str, 
             f"unexpected {sorted(set(state) - expected)}"
         )
     student.load_state_dict(state, strict=True)
+    if getattr(teacher, "generation_config", None) is not None:
+        student.generation_config = copy.deepcopy(teacher.generation_config)  # generate as the teacher does
     return student.eval()
 
 
