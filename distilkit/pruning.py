@@ -278,8 +278,8 @@ def _target_sizes(
                 "cutting only shrinks: choose a smaller size",
             )
         given[role] = value
-    if layers is not None and "layers" not in given:
-        given["layers"] = len(layers)
+    if isinstance(layers, Sequence) and not isinstance(layers, str) and "layers" not in given:
+        given["layers"] = len(layers)  # checked against the blocks by _check_layers
     after = {**before, **given}
     _resolve_groups(layout, before, given, after, field)
     _check_heads(layout, config, before, after, field)
@@ -340,12 +340,13 @@ def _check_heads(
             "dimensions per head",
             f"keep {hidden}/{heads} >= {rotary} (cut {heads} along with {hidden})",
         )
-    if rotary and int(new_dim * (rotary / new_dim)) != rotary:
+    if rotary and int(new_dim * (rotary / new_dim)) != rotary:  # how transformers counts rotary dims
         raise ConfigError(
             f"{field}.{hidden}",
             after["hidden"],
-            "gives a head size whose rotary share rounds wrongly",
-            "choose another size",
+            f"a head size of {new_dim} cannot hold the teacher's {rotary} rotary dimensions exactly "
+            f"(int({new_dim} * {rotary}/{new_dim}) rounds to {int(new_dim * (rotary / new_dim))})",
+            f"choose {hidden} and {heads} for another head size",
         )
 
 

@@ -131,10 +131,16 @@ def test_keeping_everything_reproduces_the_teacher(model_type: str, importance: 
     }
 
 
-def test_sequential_neox_residual_is_reproduced_too() -> None:
-    teacher = tiny("gpt_neox", use_parallel_residual=False)
+@pytest.mark.parametrize(
+    ("model_type", "options"),
+    [("gpt_neox", {"use_parallel_residual": False}), ("llama", {"attention_bias": True, "mlp_bias": True})],
+)
+def test_other_variants_are_reproduced_too(model_type: str, options: dict[str, Any]) -> None:
+    teacher = tiny(model_type, **options)
     student, _ = cut(teacher, {}, importance="magnitude")
     assert torch.equal(logits(student), logits(teacher))
+    small, _ = cut(teacher, {"hidden_size": 16, "intermediate_size": 40}, importance="magnitude")
+    assert n_params(small) == n_params(AutoModelForCausalLM.from_config(small.config))
 
 
 # -- 2. depth only: the kept blocks run in sequence -----------------------------------------------------
@@ -158,6 +164,15 @@ def test_ranked_layers_reproduce_the_kept_blocks(model_type: str) -> None:
     dropped = ({0, 1, 2, 3} - set(report.layers)).pop()
     assert report.block_scores[dropped] == min(report.block_scores)
     torch.testing.assert_close(logits(student), logits(keep_blocks(teacher, report.layers)), rtol=0, atol=0)
+
+
+def test_gpt2_scaling_by_inverse_block_index_follows_the_kept_blocks() -> None:
+    teacher = tiny("gpt2", scale_attn_by_inverse_layer_idx=True)  # scores divided by (block index + 1)
+    student, _ = cut(teacher, {}, layers=[1, 3])
+    torch.testing.assert_close(logits(student), logits(keep_blocks(teacher, [1, 3])))
+    t, s = teacher.transformer.h[1].attn.c_attn, student.transformer.h[0].attn.c_attn
+    assert torch.equal(s.weight[:, :32], t.weight[:, :32] * 0.5)  # queries x (0 + 1) / (1 + 1)
+    assert torch.equal(s.weight[:, 32:], t.weight[:, 32:])  # keys and values as they were
 
 
 def test_qwen2_sliding_layer_types_follow_the_kept_blocks() -> None:
@@ -506,6 +521,7 @@ def test_unsupported_family_names_the_supported_ones() -> None:
         ),
         ("llama", {"num_attention_heads": 3}, "num_attention_heads", "must be 2 x num_key_value_heads"),
         ("gpt_neox", {"hidden_size": 4}, "hidden_size", "smaller than the 2 rotary dimensions"),
+        ("gpt2", {"n_layer": 2.0}, "n_layer", "positive integer"),
     ],
 )
 def test_bad_sizes(model_type: str, targets: dict[str, Any], key: str, match: str) -> None:
@@ -529,11 +545,25 @@ def test_gpt2_accepts_the_canonical_aliases_once() -> None:
         ([0, 1, 2], {"n_layer": 2}, "names 3 blocks but the target layer count is 2"),
         ([], {}, "non-empty list"),
         ("01", {}, "non-empty list"),
+        (2, {}, "non-empty list"),
+        ([0, 1.0], {}, "holds 1.0"),
     ],
 )
 def test_bad_layers(layers: Any, targets: dict[str, int], match: str) -> None:
     error = check_error(match, tiny("gpt2"), targets, layers=layers)
     assert error.field == f"{FIELD}.layers"
+
+
+def test_neox_head_size_that_cannot_hold_the_rotary_dims_exactly() -> None:
+    # D = 48 with 30 rotary dims (factor 0.625); D' = 44 would need factor 30/44, and int(44 * 30/44) == 29
+    teacher = tiny(
+        "gpt_neox", hidden_size=96, num_attention_heads=2, rope_parameters={"partial_rotary_factor": 0.625}
+    )
+    assert layout_for("gpt_neox").rotary_dims(teacher.config) == 30  # type: ignore[union-attr]
+    error = check_error(
+        "cannot hold the teacher's 30 rotary dimensions", teacher, {"hidden_size": 88}, importance="magnitude"
+    )
+    assert error.field == f"{FIELD}.hidden_size"
 
 
 def test_bad_importance() -> None:
