@@ -95,13 +95,14 @@ class PruneReport:
             f"  parameters: {_millions(self.params_before)} -> {_millions(self.params_after)} ({ratio:.1%})",
             f"  sizes: {sizes}",
         ]
-        how = "named" if self.layers_given else "ranked by block influence (1 - cos(input, output))"
+        dropped = len(self.layers) < next(iter(self.sizes_before.values()))  # the layer count comes first
+        how = "named" if self.layers_given else "ranked by block influence" if dropped else "all"
         out.append(f"  blocks kept ({how}): {self.layers}")
         if self.block_scores is not None:
             scores = ", ".join(
                 f"{i}: {s:.4f}" + ("*" if i in self.layers else "") for i, s in enumerate(self.block_scores)
             )
-            out.append(f"  block influence (* kept): {scores}")
+            out.append(f"  block influence 1 - cos(input, output) (* kept): {scores}")
         out.append(
             "  heads kept: "
             + "; ".join(f"block {i}: {h}" for i, h in zip(self.layers, self.heads, strict=True))

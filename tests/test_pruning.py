@@ -468,7 +468,8 @@ def test_report_prints_counts_sizes_ranking_and_heads() -> None:
     text = str(report)
     assert f"{report.params_before / 1e6:.2f} M -> {report.params_after / 1e6:.2f} M" in text
     assert "num_hidden_layers 4 -> 2" in text and "hidden_size 32 -> 16" in text
-    assert f"blocks kept (ranked by block influence (1 - cos(input, output))): {report.layers}" in text
+    assert f"blocks kept (ranked by block influence): {report.layers}" in text
+    assert "block influence 1 - cos(input, output) (* kept): 0: " in text
     assert "width ranked by activation" in text and "heads kept: block" in text
     assert len(report.lines()) == 7
 
