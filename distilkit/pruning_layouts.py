@@ -34,9 +34,6 @@ StateDict = Mapping[str, Tensor]
 Biases = tuple[Tensor | None, Tensor | None, Tensor | None]
 Attention = tuple[Tensor, Tensor, Tensor, Tensor, Biases]  # q, k, v, o and the q/k/v biases
 
-# Roles of the sizes a cut can change, in report order.
-ROLES = ("layers", "hidden", "heads", "kv_heads", "inner")
-
 
 @dataclasses.dataclass
 class BlockWeights:
