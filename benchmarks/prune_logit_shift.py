@@ -19,7 +19,7 @@ from _common import print_table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distilkit.corpus import builtin_documents
-from distilkit.pruning import cut_from_teacher
+from distilkit.models.pruning import cut_from_teacher
 
 Batch = dict[str, torch.Tensor]
 

@@ -2,7 +2,7 @@
 
 A layout reads one transformer block from a state dict into :class:`BlockWeights`, the same shapes for
 every family, and writes such weights back under the family's own parameter names, so that ranking and
-slicing (:mod:`distilkit.pruning`) are written once. Reading and writing are pure reshapes and
+slicing (:mod:`distilkit.models.pruning.cut`) are written once. Reading and writing are pure reshapes and
 transposes: a block read and written back is bit-identical.
 
 Letters in shapes: H hidden channels, N query heads, G key/value heads (N for gpt2 and gpt_neox), D head

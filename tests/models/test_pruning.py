@@ -11,8 +11,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from distilkit.errors import ConfigError
-from distilkit.pruning import PruneReport, cut_from_teacher
-from distilkit.pruning_layouts import layout_for
+from distilkit.models.pruning import PruneReport, cut_from_teacher
+from distilkit.models.pruning.layouts import layout_for
 
 VOCAB = 64
 FIELD = "model.student.from_teacher"

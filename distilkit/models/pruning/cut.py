@@ -10,7 +10,7 @@ Hugging Face model of the teacher's class and a :class:`PruneReport`:
 * **Depth**: ``layers=[0, 2]`` keeps exactly those blocks, in that order; otherwise the blocks with the
   largest influence on calibration data (mean 1 − cos(input, output)) are kept, in their original order.
   Ranking blocks needs data, whatever ``importance`` says: without it, name the blocks.
-* **Width**, ranked per kept block by ``importance`` (:mod:`distilkit.pruning_importance`): whole heads
+* **Width**, ranked per kept block by ``importance`` (:mod:`distilkit.models.pruning.importance`): whole heads
   (with grouped-query attention, whole key/value groups with all their query heads, so the target keeps
   the teacher's heads per group); MLP channels; and hidden channels, cut consistently through the
   embeddings, every block, every norm, the final norm and the LM head (tied heads stay tied).
@@ -40,14 +40,14 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from distilkit.errors import ConfigError
-from distilkit.pruning_importance import (
+from distilkit.models.pruning.importance import (
     LayerScores,
     Scores,
     magnitude_outside_blocks,
     magnitude_scores,
     measure_activations,
 )
-from distilkit.pruning_layouts import BlockWeights, Layout, StateDict, layout_for, supported_model_types
+from distilkit.models.pruning.layouts import BlockWeights, Layout, StateDict, layout_for, supported_model_types
 
 Importance = Literal["activation", "magnitude"]
 IMPORTANCES = ("activation", "magnitude")
