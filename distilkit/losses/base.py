@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from distilkit.errors import ConfigError
+from distilkit.losses.sparse import SparseTargets, check_sparse_mode, sampled_forward_kl, topk_buckets
 
 
 class DistillationLoss(nn.Module):
@@ -21,10 +23,19 @@ class DistillationLoss(nn.Module):
     (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network": the T² keeps gradient size
     independent of T). The result is exactly 0, with a gradient path, when every position is masked.
 
+    :meth:`sparse_forward` computes the same from sparse teacher targets (an offline teacher cache, see
+    :mod:`distilkit.losses.sparse`): on top-k targets the divergence is applied to the (K+1)-bucket
+    distributions; :attr:`sparse_modes` names the kinds of targets a loss accepts.
+
     Args:
         temperature: softening temperature T > 0 (default 1.0). Settable between steps (a curriculum does).
         ignore_index: label value whose positions are skipped (default -100, the Hugging Face convention).
     """
+
+    #: Kinds of sparse targets (:class:`SparseTargets` modes) this loss can be computed from; empty for a
+    #: loss that needs the teacher's full logits. A subclass that changes :meth:`divergence` keeps
+    #: ``("topk",)`` (any divergence applies to bucketed distributions) unless it needs full logits.
+    sparse_modes: ClassVar[tuple[str, ...]] = ("topk",)
 
     def __init__(self, temperature: float = 1.0, ignore_index: int = -100) -> None:
         super().__init__()
@@ -74,6 +85,63 @@ class DistillationLoss(nn.Module):
     def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         """Per-position divergence of float32, temperature-scaled logits ``(M, V)`` -> ``(M,)``."""
         raise NotImplementedError
+
+    def sparse_forward(
+        self, student_logits: Tensor, targets: SparseTargets, labels: Tensor | None = None
+    ) -> Tensor:
+        """Mean divergence over unmasked positions from sparse teacher targets instead of teacher logits.
+
+        T² · mean over unmasked positions of :meth:`sparse_divergence`, in float32, as :meth:`forward`.
+
+        Args:
+            student_logits: ``(..., V)`` logits of the student, any float dtype, already aligned.
+            targets: the teacher's targets at the same positions (leading dims ``...``), made at this
+                loss's temperature.
+            labels: ``(...)`` optional; positions equal to ``ignore_index`` are skipped.
+
+        Returns:
+            A float32 scalar.
+
+        Raises:
+            ConfigError: the loss cannot use targets of this mode, or their temperature differs.
+        """
+        self.check_sparse(targets.mode, targets.temperature)
+        if student_logits.shape[:-1] != targets.ids.shape[:-1]:
+            raise ValueError(
+                f"student_logits {tuple(student_logits.shape)} and targets {tuple(targets.ids.shape)} "
+                "cover different positions"
+            )
+        targets = targets.flatten()  # (N, K)
+        student = student_logits.reshape(-1, student_logits.shape[-1])  # (N, V)
+        if labels is not None:
+            keep = labels.reshape(-1) != self.ignore_index  # (N,)
+            if not bool(keep.all()):
+                student, targets = student[keep], targets[keep]  # (M, V), (M, K)
+        t = self.temperature
+        student = student.float() / t if t != 1.0 else student.float()
+        per_position = self.sparse_divergence(student, targets)  # (M,)
+        return per_position.sum() / max(per_position.numel(), 1) * (t * t)
+
+    def sparse_divergence(self, student_logits: Tensor, targets: SparseTargets) -> Tensor:
+        """Per-position divergence of float32, temperature-scaled student logits ``(M, V)`` from sparse
+        targets ``(M, K)`` -> ``(M,)``: :meth:`divergence` on the (K+1)-bucket distributions (top-k), the
+        Monte-Carlo forward KL (sample, forward KL only)."""
+        check_sparse_mode(type(self).__name__, self.sparse_modes, targets.mode)
+        if targets.mode == "sample":
+            return sampled_forward_kl(student_logits, targets)
+        return self.divergence(*topk_buckets(student_logits, targets))
+
+    def check_sparse(self, mode: str, temperature: float | None = None) -> None:
+        """Refuse, with a ConfigError, targets of ``mode`` this loss cannot use, or made at another
+        temperature (call it before training from a cache to fail early)."""
+        check_sparse_mode(type(self).__name__, self.sparse_modes, mode)
+        if temperature is not None and not math.isclose(temperature, self.temperature, rel_tol=1e-9):
+            raise ConfigError(
+                "loss.temperature",
+                self.temperature,
+                f"differs from the temperature the teacher's targets were made at ({temperature})",
+                f"set loss.temperature to {temperature}, or remake the cache at {self.temperature}",
+            )
 
 
 def kl_from_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:

@@ -1,0 +1,174 @@
+"""Distillation targets that keep a few entries of the teacher's distribution per position, and the losses
+computed from them without the teacher's full logits (an offline teacher cache stores such targets).
+
+Two kinds, both at the cache's temperature τ (the loss's temperature must equal it):
+
+- **top-k** (``mode="topk"``): the teacher's K most likely ids with their log p and the log of the tail
+  mass. The student's distribution is grouped the same way, q at the K ids plus
+  q_tail = 1 − Σ_K q (a log-sum-exp over the other logits, exact for tiny tails), and the loss's own
+  divergence is applied to the two (K+1)-bucket distributions. With K = V this *is* the full
+  divergence; with K < V it is the divergence of the coarse-grained distributions, which for the
+  f-divergences here (KL in either direction, JSD, TVD …) is at most the full one (data processing
+  inequality). This is an approximation, documented as such; it does not see how the tail's mass is
+  spread.
+- **sample** (``mode="sample"``): S ids x_1 … x_S drawn from p, with log p(x_i) and weights w_i
+  (1/S each). KL(p‖q) = E_{x∼p}[log p(x) − log q(x)] is estimated by Σ_i w_i (log p(x_i) − log q(x_i)),
+  an unbiased estimate of the value whose gradient Σ_i w_i ∇(−log q(x_i)) = q − p̂ (p̂ the draws'
+  frequencies) is unbiased for the true gradient q − p. A single estimate can be negative. Only the
+  forward KL has this form; other losses refuse sampled targets ("Sparse Logit Sampling", Anshumann et
+  al., ACL 2025, shows sampled targets avoid the bias of plain top-k targets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from distilkit.errors import ConfigError
+
+SparseMode = Literal["topk", "sample"]
+MODES: tuple[str, ...] = ("topk", "sample")
+
+
+@dataclass(frozen=True)
+class SparseTargets:
+    """The kept entries of the teacher's distribution at each position (leading dims ``...``: ``(B, T)``
+    as read from a cache, ``(N,)`` after :meth:`select`).
+
+    Attributes:
+        mode: ``"topk"`` or ``"sample"``.
+        ids: ``(..., K)`` long token ids.
+        log_probs: ``(..., K)`` float32 teacher log-probabilities of ``ids`` at ``temperature``.
+        tail: ``(...)`` float32 log of the teacher's mass outside ``ids`` (top-k; −inf when K = V), or None.
+        weights: ``(..., K)`` float32 weight of each draw, rows summing to 1 (sample), or None.
+        temperature: the temperature τ the targets were made at.
+    """
+
+    mode: SparseMode
+    ids: Tensor
+    log_probs: Tensor
+    tail: Tensor | None = None
+    weights: Tensor | None = None
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
+        if self.ids.shape != self.log_probs.shape or self.ids.dim() < 1:
+            raise ValueError(
+                f"ids {tuple(self.ids.shape)} and log_probs {tuple(self.log_probs.shape)} differ"
+            )
+        if (self.mode == "topk") != (self.tail is not None) or (self.mode == "sample") != (
+            self.weights is not None
+        ):
+            raise ValueError("top-k targets carry a tail and no weights; sampled targets weights and no tail")
+        if self.tail is not None and self.tail.shape != self.ids.shape[:-1]:
+            raise ValueError(f"tail {tuple(self.tail.shape)} does not match ids {tuple(self.ids.shape)}")
+        if self.weights is not None and self.weights.shape != self.ids.shape:
+            raise ValueError(f"weights {tuple(self.weights.shape)} do not match ids {tuple(self.ids.shape)}")
+
+    @property
+    def entries(self) -> int:
+        """K (top-k) or S (sample): the kept entries per position."""
+        return self.ids.shape[-1]
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, rows: Any) -> SparseTargets:
+        """The targets at ``rows`` of the leading dimension (a slice, an index tensor or a boolean mask)."""
+        return self.apply(lambda t: t[rows])
+
+    def to(self, device: torch.device | str) -> SparseTargets:
+        return self.apply(lambda t: t.to(device, non_blocking=True))
+
+    def flatten(self) -> SparseTargets:
+        """All leading dimensions as one: ``(..., K)`` -> ``(N, K)``."""
+        lead = self.ids.dim() - 1
+        return self.apply(lambda t: t.reshape(-1, *t.shape[lead:]))
+
+    def select(self, labels: Tensor, ignore_index: int = -100) -> SparseTargets:
+        """From ``(B, T, K)`` block targets to the ``(N, K)`` positions the module trains on.
+
+        The module predicts ``labels[:, 1:]`` from the features at ``[:, :-1]`` and drops targets equal to
+        ``ignore_index``; position t of a block holds the teacher's prediction of token t + 1, so the
+        same shift and mask apply here: ``targets[:, :-1][labels[:, 1:] != ignore_index]``.
+
+        Args:
+            labels: ``(B, T)`` the batch's labels.
+            ignore_index: the label value of ignored positions.
+        """
+        if self.ids.dim() != 3 or labels.shape != self.ids.shape[:2]:
+            raise ValueError(f"labels {tuple(labels.shape)} do not match targets {tuple(self.ids.shape)}")
+        keep = labels[:, 1:] != ignore_index  # (B, T-1)
+        return self.apply(lambda t: t[:, :-1][keep.to(t.device)])  # (N, K) or (N,)
+
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> SparseTargets:
+        """New targets with ``fn`` applied to every tensor (ids, log-probs, tail, weights)."""
+        return replace(
+            self,
+            ids=fn(self.ids),
+            log_probs=fn(self.log_probs),
+            tail=None if self.tail is None else fn(self.tail),
+            weights=None if self.weights is None else fn(self.weights),
+        )
+
+
+def topk_buckets(student_logits: Tensor, targets: SparseTargets) -> tuple[Tensor, Tensor]:
+    """The student's and the teacher's (K+1)-bucket log-probabilities: the K kept ids, then the tail.
+
+    Args:
+        student_logits: ``(M, V)`` float32 student logits, already divided by the temperature.
+        targets: top-k targets for the same M positions.
+
+    Returns:
+        ``(student (M, K+1), teacher (M, K+1))`` log-probabilities (``(M, K)`` each when K = V: no tail).
+        Each row is normalised, so it is also a valid row of logits for a divergence.
+    """
+    total = student_logits.logsumexp(-1, keepdim=True)  # (M, 1)
+    kept = student_logits.gather(-1, targets.ids) - total  # (M, K)
+    if targets.entries >= student_logits.shape[-1] or targets.tail is None:
+        return kept, targets.log_probs
+    rest = student_logits.scatter(-1, targets.ids, float("-inf"))  # (M, V) logits outside the kept ids
+    student_tail = rest.logsumexp(-1, keepdim=True) - total  # (M, 1)
+    student = torch.cat([kept, student_tail], dim=-1)  # (M, K+1)
+    teacher = torch.cat([targets.log_probs, targets.tail.unsqueeze(-1)], dim=-1)  # (M, K+1)
+    return student, teacher
+
+
+def sampled_forward_kl(student_logits: Tensor, targets: SparseTargets) -> Tensor:
+    """Monte-Carlo forward KL per position: Σ_i w_i (log p(x_i) − log q(x_i)).
+
+    Args:
+        student_logits: ``(M, V)`` float32 student logits, already divided by the temperature.
+        targets: sampled targets for the same M positions.
+
+    Returns:
+        ``(M,)``; its gradient with respect to the logits is q − Σ_i w_i e_{x_i}.
+    """
+    assert targets.weights is not None
+    log_q = student_logits.gather(-1, targets.ids) - student_logits.logsumexp(-1, keepdim=True)  # (M, S)
+    return (targets.weights * (targets.log_probs - log_q)).sum(-1)
+
+
+def check_sparse_mode(loss_name: str, supported: tuple[str, ...], mode: str) -> None:
+    """Refuse targets of ``mode`` for a loss that supports only ``supported`` (a ConfigError naming both)."""
+    if mode in supported:
+        return
+    if not supported:
+        raise ConfigError(
+            "model.loss",
+            loss_name,
+            "needs the teacher's full logits, which a teacher cache does not keep",
+            "train it with a live teacher, or choose a divergence such as ForwardKLLoss",
+        )
+    raise ConfigError(
+        "model.loss",
+        loss_name,
+        f"cannot be computed from {mode} targets (only the forward KL has an unbiased sampled estimate)",
+        "use ForwardKLLoss with a sampled cache, or make a top-k cache (distilkit cache --mode topk)",
+    )
