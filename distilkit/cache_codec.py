@@ -150,6 +150,10 @@ class EncodedTargets:
     step: np.ndarray
     tail: np.ndarray | None = None
 
+    def log_probs(self) -> np.ndarray:
+        """The decoded ``(..., K)`` float32 log-probabilities (see :func:`decode_log_probs`)."""
+        return decode_log_probs(self.codes, self.offset, self.step)
+
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays by their stored names (``tail`` only in top-k)."""
         named = {"ids": self.ids, "codes": self.codes, "offset": self.offset, "step": self.step}
@@ -196,12 +200,15 @@ def encode(ids: Tensor, log_probs: Tensor, tail: Tensor | None, vocab_size: int)
     )
 
 
-def decode_log_probs(codes: Tensor, offset: Tensor, step: Tensor) -> Tensor:
-    """``(..., K)`` float32 log-probabilities: offset − step · cumulative sum of the codes."""
-    levels = codes.to(torch.int32).cumsum(-1).float()  # (..., K)
-    return offset.float().unsqueeze(-1) - step.float().unsqueeze(-1) * levels
+def decode_log_probs(codes: np.ndarray, offset: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """``(..., K)`` float32 log-probabilities: offset − step · cumulative sum of the codes.
+
+    In numpy: the sums are exact in float32 (at most 255·K < 2²⁴), and numpy's single thread is
+    steady where the reader runs (torch's thread pool can stall in a busy data loader)."""
+    levels = codes.cumsum(-1, dtype=np.float32)  # (..., K)
+    return offset.astype(np.float32)[..., None] - step.astype(np.float32)[..., None] * levels
 
 
-def error_bound(step: Tensor) -> Tensor:
+def error_bound(step: np.ndarray) -> np.ndarray:
     """The largest decoding error of each position's log-probabilities: step / 2 (float32 rounding aside)."""
-    return step.float() / 2
+    return step.astype(np.float32) / 2
