@@ -118,6 +118,61 @@ class SparseTargets:
         )
 
 
+class _BucketLogProbs(torch.autograd.Function):
+    """The student's log-probabilities at some ids and, with ``tail``, of every other id together.
+
+    ``(logits (M, V), ids (M, K), tail) -> (M, K)`` or ``(M, K+1)``: ℓ_k = z_{id_k} − logsumexp(z) and
+    ℓ_tail = log Σ_{v∉ids} q_v (a sum of the other probabilities, no cancellation for tiny tails).
+    Since ∂ℓ_k/∂z = e_{id_k} − q and ∂ℓ_tail/∂z = q·[v∉ids] / q_tail − q, the gradient for upstream g is
+    q_rest·(g_tail / q_tail − Σg) plus g_k − q_k·Σg at the ids: one saved ``(M, V)`` tensor and one
+    pass, where autograd through gather, scatter and two log-sum-exps makes several.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, logits: Tensor, ids: Tensor, tail: bool) -> Tensor:  # type: ignore[override]
+        total = logits.logsumexp(-1, keepdim=True)  # (M, 1)
+        kept = logits.gather(-1, ids) - total  # (M, K)
+        want_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
+        if not (tail or want_grad):
+            return kept
+        probs = (logits - total).exp_()  # (M, V)
+        if not tail:
+            ctx.save_for_backward(probs, ids, None, None)  # type: ignore[arg-type]  # None is allowed
+            return kept
+        q_kept = kept.exp()  # (M, K)
+        rest = probs.scatter_(-1, ids, 0.0)  # (M, V) q outside the ids
+        q_tail = rest.sum(-1, keepdim=True).clamp_min_(_TINY)  # (M, 1)
+        if want_grad:
+            ctx.save_for_backward(rest, ids, q_kept, q_tail)
+        return torch.cat([kept, q_tail.log()], dim=-1)  # (M, K+1)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        probs, ids, q_kept, q_tail = ctx.saved_tensors  # type: ignore[attr-defined]
+        total = grad.sum(-1, keepdim=True)  # (M, 1) Σg
+        if q_tail is None:  # probs is q: grad = e_ids·g − q·Σg
+            return (probs * -total).scatter_add_(-1, ids, grad), None, None
+        k = ids.shape[-1]
+        out = probs * (grad[:, k:] / q_tail - total)  # (M, V); zero at the ids
+        return out.scatter_add_(-1, ids, grad[:, :k] - q_kept * total), None, None
+
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def bucket_log_probs(logits: Tensor, ids: Tensor, tail: bool) -> Tensor:
+    """``(M, K)`` log-softmax of ``logits (M, V)`` at ``ids``, plus the log-mass of all other ids as an
+    extra last column when ``tail`` (``(M, K+1)``). Ids may repeat only without a tail."""
+    if torch.compiler.is_compiling():  # let the compiler fuse the plain formula and its gradient
+        total = logits.logsumexp(-1, keepdim=True)  # (M, 1)
+        kept = logits.gather(-1, ids) - total  # (M, K)
+        if not tail:
+            return kept
+        rest = logits.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True) - total  # (M, 1)
+        return torch.cat([kept, rest], dim=-1)
+    return _BucketLogProbs.apply(logits, ids, tail)
+
+
 def topk_buckets(student_logits: Tensor, targets: SparseTargets) -> tuple[Tensor, Tensor]:
     """The student's and the teacher's (K+1)-bucket log-probabilities: the K kept ids, then the tail.
 
@@ -129,13 +184,9 @@ def topk_buckets(student_logits: Tensor, targets: SparseTargets) -> tuple[Tensor
         ``(student (M, K+1), teacher (M, K+1))`` log-probabilities (``(M, K)`` each when K = V: no tail).
         Each row is normalised, so it is also a valid row of logits for a divergence.
     """
-    total = student_logits.logsumexp(-1, keepdim=True)  # (M, 1)
-    kept = student_logits.gather(-1, targets.ids) - total  # (M, K)
     if targets.entries >= student_logits.shape[-1] or targets.tail is None:
-        return kept, targets.log_probs
-    rest = student_logits.scatter(-1, targets.ids, float("-inf"))  # (M, V) logits outside the kept ids
-    student_tail = rest.logsumexp(-1, keepdim=True) - total  # (M, 1)
-    student = torch.cat([kept, student_tail], dim=-1)  # (M, K+1)
+        return bucket_log_probs(student_logits, targets.ids, tail=False), targets.log_probs
+    student = bucket_log_probs(student_logits, targets.ids, tail=True)  # (M, K+1)
     teacher = torch.cat([targets.log_probs, targets.tail.unsqueeze(-1)], dim=-1)  # (M, K+1)
     return student, teacher
 
@@ -151,7 +202,7 @@ def sampled_forward_kl(student_logits: Tensor, targets: SparseTargets) -> Tensor
         ``(M,)``; its gradient with respect to the logits is q − Σ_i w_i e_{x_i}.
     """
     assert targets.weights is not None
-    log_q = student_logits.gather(-1, targets.ids) - student_logits.logsumexp(-1, keepdim=True)  # (M, S)
+    log_q = bucket_log_probs(student_logits, targets.ids, tail=False)  # (M, S)
     return (targets.weights * (targets.log_probs - log_q)).sum(-1)
 
 
