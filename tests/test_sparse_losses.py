@@ -240,22 +240,57 @@ def test_sparse_targets_refuse_inconsistent_fields() -> None:
         SparseTargets("full", ids, lp)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("with_extra", [False, True])
 @pytest.mark.parametrize("tail", [True, False])
-def test_fused_bucket_log_probs_match_autograd(tail: bool) -> None:
+def test_fused_bucket_log_probs_match_autograd(tail: bool, with_extra: bool) -> None:
     """The hand-written gradient of bucket_log_probs passes gradcheck and equals autograd's plain formula."""
     z = logits(6, 20, seed=16).double().requires_grad_(True)
     ids = torch.stack([torch.randperm(20, generator=torch.Generator().manual_seed(i))[:5] for i in range(6)])
     if not tail:
         ids[:, 3] = ids[:, 0]  # sampled ids may repeat
-    assert torch.autograd.gradcheck(lambda x: bucket_log_probs(x, ids, tail), (z,))
+    extra = torch.stack([ids[:, 1], torch.arange(6) + 10], -1) if with_extra else None  # (6, 2), in and out
+    assert torch.autograd.gradcheck(lambda x: bucket_log_probs(x, ids, tail, extra), (z,))
     total = z.logsumexp(-1, keepdim=True)
-    plain = z.gather(-1, ids) - total
+    columns = [z.gather(-1, ids) - total]
     if tail:
-        plain = torch.cat([plain, z.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True) - total], -1)
+        columns.append(z.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True) - total)
+    if extra is not None:
+        columns.append(z.gather(-1, extra) - total)
+    plain = torch.cat(columns, -1)
     upstream = torch.randn(plain.shape, dtype=torch.float64)
     (expected,) = torch.autograd.grad(plain, z, upstream)
-    fused = bucket_log_probs(z, ids, tail)
+    fused = bucket_log_probs(z, ids, tail, extra)
     (got,) = torch.autograd.grad(fused, z, upstream)
     torch.testing.assert_close(fused, plain)
     torch.testing.assert_close(got, expected)
-    assert not bucket_log_probs(z.detach(), ids, tail).requires_grad
+    assert not bucket_log_probs(z.detach(), ids, tail, extra).requires_grad
+
+
+@pytest.mark.parametrize("mode", ["topk", "sample"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kd_and_ce_together_equal_the_two_apart(mode: str, temperature: float) -> None:
+    """sparse_forward_and_ce (one softmax at T = 1) gives sparse_forward and the cross-entropy, and their
+    gradients, with masked labels."""
+    teacher, student = logits(24, 64, seed=17), logits(24, 64, seed=18)
+    targets = topk(teacher, 8, temperature) if mode == "topk" else sampled(teacher, 12, temperature, seed=1)
+    labels = torch.randint(0, 64, (24,), generator=torch.Generator().manual_seed(0))
+    labels[::5] = -100
+    keep = labels != -100
+    loss = (
+        SymmetricKLLoss(temperature=temperature) if mode == "topk" else ForwardKLLoss(temperature=temperature)
+    )
+    upstream = (0.3, 0.7)
+
+    def apart(s: torch.Tensor) -> torch.Tensor:
+        kd = loss.sparse_forward(s, targets, labels)
+        ce = torch.nn.functional.cross_entropy(s[keep], labels[keep])
+        return upstream[0] * kd + upstream[1] * ce
+
+    def together(s: torch.Tensor) -> torch.Tensor:
+        kd, ce = loss.sparse_forward_and_ce(s, targets, labels)
+        return upstream[0] * kd + upstream[1] * ce
+
+    value, grad = value_and_grad(together, student)
+    expected, expected_grad = value_and_grad(apart, student)
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)

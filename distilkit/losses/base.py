@@ -9,7 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from distilkit.errors import ConfigError
-from distilkit.losses.sparse import SparseTargets, check_sparse_mode, sampled_forward_kl, topk_buckets
+from distilkit.losses.sparse import (
+    SparseTargets,
+    check_sparse_mode,
+    sampled_kl,
+    student_buckets,
+    teacher_buckets,
+)
 
 
 class DistillationLoss(nn.Module):
@@ -106,13 +112,7 @@ class DistillationLoss(nn.Module):
             ConfigError: the loss cannot use targets of this mode, or their temperature differs.
         """
         self.check_sparse(targets.mode, targets.temperature)
-        if student_logits.shape[:-1] != targets.ids.shape[:-1]:
-            raise ValueError(
-                f"student_logits {tuple(student_logits.shape)} and targets {tuple(targets.ids.shape)} "
-                "cover different positions"
-            )
-        targets = targets.flatten()  # (N, K)
-        student = student_logits.reshape(-1, student_logits.shape[-1])  # (N, V)
+        student, targets = self._sparse_rows(student_logits, targets)  # (N, V), (N, K)
         if labels is not None:
             keep = labels.reshape(-1) != self.ignore_index  # (N,)
             if not bool(keep.all()):
@@ -127,9 +127,56 @@ class DistillationLoss(nn.Module):
         targets ``(M, K)`` -> ``(M,)``: :meth:`divergence` on the (K+1)-bucket distributions (top-k), the
         Monte-Carlo forward KL (sample, forward KL only)."""
         check_sparse_mode(type(self).__name__, self.sparse_modes, targets.mode)
+        return self.bucket_divergence(student_buckets(student_logits, targets)[0], targets)
+
+    def bucket_divergence(self, student: Tensor, targets: SparseTargets) -> Tensor:
+        """Per-position divergence ``(M,)`` from the student's bucket log-probabilities (see
+        :func:`~distilkit.losses.sparse.student_buckets`) and the targets."""
         if targets.mode == "sample":
-            return sampled_forward_kl(student_logits, targets)
-        return self.divergence(*topk_buckets(student_logits, targets))
+            return sampled_kl(student, targets)
+        return self.divergence(student, teacher_buckets(targets, tail=student.shape[-1] > targets.entries))
+
+    def sparse_forward_and_ce(
+        self, student_logits: Tensor, targets: SparseTargets, labels: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """KD from sparse targets (as :meth:`sparse_forward`) and the student's cross-entropy on ``labels``.
+
+        CE = mean over unmasked positions of −log softmax(student)[label], at temperature 1 as in the
+        module. At T = 1 both come from one softmax of the student's logits (one pass over ``(N, V)``
+        where two separate losses make two); at other temperatures they are computed apart.
+
+        Args:
+            student_logits: ``(..., V)`` logits of the student.
+            targets: the teacher's targets at the same positions.
+            labels: ``(...)`` next-token targets; positions equal to ``ignore_index`` are skipped.
+
+        Returns:
+            ``(kd, ce)``, float32 scalars.
+        """
+        self.check_sparse(targets.mode, targets.temperature)
+        student, targets = self._sparse_rows(student_logits, targets)  # (N, V), (N, K)
+        labels = labels.reshape(-1)  # (N,)
+        keep = labels != self.ignore_index  # (N,)
+        if not bool(keep.all()):
+            student, targets, labels = student[keep], targets[keep], labels[keep]  # (M, ...)
+        count, t = max(labels.numel(), 1), self.temperature
+        student = student.float()
+        if t != 1.0:
+            ce = torch.nn.functional.cross_entropy(student, labels, reduction="sum") / count
+            return self.sparse_divergence(student / t, targets).sum() / count * (t * t), ce
+        buckets, label_log_probs = student_buckets(student, targets, extra=labels.unsqueeze(-1))
+        assert label_log_probs is not None
+        return self.bucket_divergence(buckets, targets).sum() / count, -label_log_probs.sum() / count
+
+    @staticmethod
+    def _sparse_rows(student_logits: Tensor, targets: SparseTargets) -> tuple[Tensor, SparseTargets]:
+        """``(..., V)`` logits and ``(..., K)`` targets as ``(N, V)`` and ``(N, K)`` rows."""
+        if student_logits.shape[:-1] != targets.ids.shape[:-1]:
+            raise ValueError(
+                f"student_logits {tuple(student_logits.shape)} and targets {tuple(targets.ids.shape)} "
+                "cover different positions"
+            )
+        return student_logits.reshape(-1, student_logits.shape[-1]), targets.flatten()
 
     def check_sparse(self, mode: str, temperature: float | None = None) -> None:
         """Refuse, with a ConfigError, targets of ``mode`` this loss cannot use, or made at another
