@@ -16,9 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from _common import print_table
+from distilkit.corpus import builtin_documents
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from distilkit.corpus import builtin_documents
 from distilkit.models.pruning import cut_from_teacher
 
 Batch = dict[str, torch.Tensor]

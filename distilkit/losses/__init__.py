@@ -12,6 +12,7 @@ from distilkit.losses.divergences import (
     TVDLoss,
 )
 from distilkit.losses.hidden import HiddenStateLoss
+from distilkit.losses.sparse import SparseTargets
 
 __all__ = [
     "DistillationLoss",
@@ -22,6 +23,7 @@ __all__ = [
     "ReverseKLLoss",
     "SkewForwardKLLoss",
     "SkewReverseKLLoss",
+    "SparseTargets",
     "SymmetricKLLoss",
     "TVDLoss",
 ]

@@ -10,6 +10,13 @@ from torch import Tensor, nn
 
 from distilkit.batch import IGNORE_INDEX
 from distilkit.errors import ConfigError
+from distilkit.losses.sparse import (
+    SparseTargets,
+    check_sparse_mode,
+    sampled_kl,
+    student_buckets,
+    teacher_buckets,
+)
 
 
 class DistillationLoss(nn.Module):
@@ -26,6 +33,10 @@ class DistillationLoss(nn.Module):
     A subclass with settings of its own lists them in :attr:`knobs` (validated by their property setters):
     those are what a curriculum stage may change between steps.
 
+    :meth:`sparse_forward` computes the same from sparse teacher targets (an offline teacher cache, see
+    :mod:`distilkit.losses.sparse`): on top-k targets the divergence is applied to the (K+1)-bucket
+    distributions; :attr:`sparse_modes` names the kinds of targets a loss accepts.
+
     Args:
         temperature: softening temperature T > 0 (default 1.0). Settable between steps (a curriculum does).
         ignore_index: label value whose positions are skipped (default -100, the Hugging Face convention).
@@ -33,6 +44,11 @@ class DistillationLoss(nn.Module):
 
     #: Settings a curriculum stage may set between steps; each validates the values it is given.
     knobs: ClassVar[tuple[str, ...]] = ("temperature",)
+
+    #: Kinds of sparse targets (:class:`SparseTargets` modes) this loss can be computed from; empty for a
+    #: loss that needs the teacher's full logits. A subclass that changes :meth:`divergence` keeps
+    #: ``("topk",)`` (any divergence applies to bucketed distributions) unless it needs full logits.
+    sparse_modes: ClassVar[tuple[str, ...]] = ("topk",)
 
     def __init__(self, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
@@ -93,6 +109,104 @@ class DistillationLoss(nn.Module):
     def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         """Per-position divergence of float32, temperature-scaled logits ``(M, V)`` -> ``(M,)``."""
         raise NotImplementedError
+
+    def sparse_forward(
+        self, student_logits: Tensor, targets: SparseTargets, labels: Tensor | None = None
+    ) -> Tensor:
+        """Mean divergence over unmasked positions from sparse teacher targets instead of teacher logits.
+
+        T² · mean over unmasked positions of :meth:`sparse_divergence`, in float32, as :meth:`forward`.
+
+        Args:
+            student_logits: ``(..., V)`` logits of the student, any float dtype, already aligned.
+            targets: the teacher's targets at the same positions (leading dims ``...``), made at this
+                loss's temperature.
+            labels: ``(...)`` optional; positions equal to ``ignore_index`` are skipped.
+
+        Returns:
+            A float32 scalar.
+
+        Raises:
+            ConfigError: the loss cannot use targets of this mode, or their temperature differs.
+        """
+        self.check_sparse(targets.mode, targets.temperature)
+        student, targets = self._sparse_rows(student_logits, targets)  # (N, V), (N, K)
+        if labels is not None:
+            keep = labels.reshape(-1) != self.ignore_index  # (N,)
+            if not bool(keep.all()):
+                student, targets = student[keep], targets[keep]  # (M, V), (M, K)
+        t = self.temperature
+        student = student.float() / t if t != 1.0 else student.float()
+        per_position = self.sparse_divergence(student, targets)  # (M,)
+        return per_position.sum() / max(per_position.numel(), 1) * (t * t)
+
+    def sparse_divergence(self, student_logits: Tensor, targets: SparseTargets) -> Tensor:
+        """Per-position divergence of float32, temperature-scaled student logits ``(M, V)`` from sparse
+        targets ``(M, K)`` -> ``(M,)``: :meth:`divergence` on the (K+1)-bucket distributions (top-k), the
+        Monte-Carlo forward KL (sample, forward KL only)."""
+        check_sparse_mode(type(self).__name__, self.sparse_modes, targets.mode)
+        return self.bucket_divergence(student_buckets(student_logits, targets)[0], targets)
+
+    def bucket_divergence(self, student: Tensor, targets: SparseTargets) -> Tensor:
+        """Per-position divergence ``(M,)`` from the student's bucket log-probabilities (see
+        :func:`~distilkit.losses.sparse.student_buckets`) and the targets."""
+        if targets.mode == "sample":
+            return sampled_kl(student, targets)
+        return self.divergence(student, teacher_buckets(targets, tail=student.shape[-1] > targets.entries))
+
+    def sparse_forward_and_ce(
+        self, student_logits: Tensor, targets: SparseTargets, labels: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """KD from sparse targets (as :meth:`sparse_forward`) and the student's cross-entropy on ``labels``.
+
+        CE = mean over unmasked positions of −log softmax(student)[label], at temperature 1 as in the
+        module. At T = 1 both come from one softmax of the student's logits (one pass over ``(N, V)``
+        where two separate losses make two); at other temperatures they are computed apart.
+
+        Args:
+            student_logits: ``(..., V)`` logits of the student.
+            targets: the teacher's targets at the same positions.
+            labels: ``(...)`` next-token targets; positions equal to ``ignore_index`` are skipped.
+
+        Returns:
+            ``(kd, ce)``, float32 scalars.
+        """
+        self.check_sparse(targets.mode, targets.temperature)
+        student, targets = self._sparse_rows(student_logits, targets)  # (N, V), (N, K)
+        labels = labels.reshape(-1)  # (N,)
+        keep = labels != self.ignore_index  # (N,)
+        if not bool(keep.all()):
+            student, targets, labels = student[keep], targets[keep], labels[keep]  # (M, ...)
+        count, t = max(labels.numel(), 1), self.temperature
+        student = student.float()
+        if t != 1.0:
+            ce = torch.nn.functional.cross_entropy(student, labels, reduction="sum") / count
+            return self.sparse_divergence(student / t, targets).sum() / count * (t * t), ce
+        buckets, label_log_probs = student_buckets(student, targets, extra=labels.unsqueeze(-1))
+        assert label_log_probs is not None
+        return self.bucket_divergence(buckets, targets).sum() / count, -label_log_probs.sum() / count
+
+    @staticmethod
+    def _sparse_rows(student_logits: Tensor, targets: SparseTargets) -> tuple[Tensor, SparseTargets]:
+        """``(..., V)`` logits and ``(..., K)`` targets as ``(N, V)`` and ``(N, K)`` rows."""
+        if student_logits.shape[:-1] != targets.ids.shape[:-1]:
+            raise ValueError(
+                f"student_logits {tuple(student_logits.shape)} and targets {tuple(targets.ids.shape)} "
+                "cover different positions"
+            )
+        return student_logits.reshape(-1, student_logits.shape[-1]), targets.flatten()
+
+    def check_sparse(self, mode: str, temperature: float | None = None) -> None:
+        """Refuse, with a ConfigError, targets of ``mode`` this loss cannot use, or made at another
+        temperature (call it before training from a cache to fail early)."""
+        check_sparse_mode(type(self).__name__, self.sparse_modes, mode)
+        if temperature is not None and not math.isclose(temperature, self.temperature, rel_tol=1e-9):
+            raise ConfigError(
+                "loss.temperature",
+                self.temperature,
+                f"differs from the temperature the teacher's targets were made at ({temperature})",
+                f"set loss.temperature to {temperature}, or remake the cache at {self.temperature}",
+            )
 
 
 def kl_from_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:

@@ -6,6 +6,8 @@ only its per-position formula. All are true divergences: identical logits give e
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -47,8 +49,11 @@ class ForwardKLLoss(DistillationLoss):
     """Forward KL, KL(p‖q) = Σ p (log p − log q): mean-seeking; the classic soft-target loss.
 
     Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network". Computed by a fused
-    autograd function (the gradient with respect to the student logits is q − p).
+    autograd function (the gradient with respect to the student logits is q − p). From a teacher cache it
+    takes top-k targets (the bucketed KL) and sampled targets (the Monte-Carlo KL).
     """
+
+    sparse_modes: ClassVar[tuple[str, ...]] = ("topk", "sample")
 
     def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         if torch.compiler.is_compiling():  # let the compiler fuse the plain formula and its gradient
@@ -195,8 +200,11 @@ class LogitMSELoss(DistillationLoss):
     """Mean squared error between logits, mean over the vocabulary of (s − t)².
 
     Ba & Caruana 2014, "Do Deep Nets Really Need to be Deep?" (logit matching). With T ≠ 1 the logits
-    are divided by T and the result multiplied by T², as for every loss here.
+    are divided by T and the result multiplied by T², as for every loss here. Needs the teacher's full
+    logits: a teacher cache keeps log-probabilities of a few ids, so it is refused there.
     """
+
+    sparse_modes: ClassVar[tuple[str, ...]] = ()
 
     def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         return torch.square(student_logits - teacher_logits).mean(-1)

@@ -47,7 +47,13 @@ from distilkit.models.pruning.importance import (
     magnitude_scores,
     measure_activations,
 )
-from distilkit.models.pruning.layouts import BlockWeights, Layout, StateDict, layout_for, supported_model_types
+from distilkit.models.pruning.layouts import (
+    BlockWeights,
+    Layout,
+    StateDict,
+    layout_for,
+    supported_model_types,
+)
 
 Importance = Literal["activation", "magnitude"]
 IMPORTANCES = ("activation", "magnitude")

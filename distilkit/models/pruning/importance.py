@@ -1,7 +1,7 @@
 """How much each block, head, MLP channel and hidden channel of a teacher matters, for cutting a student.
 
 Two measures of width importance (higher keeps), both reported per teacher block in the shared shapes of
-:mod:`distilkit.models.pruning.layouts` (H hidden, N heads, G key/value heads, D head dimension, I MLP channels):
+:mod:`.layouts` (H hidden, N heads, G key/value heads, D head dimension, I MLP channels):
 
 * **activation** (Minitron, Muralidharan et al. 2024): mean absolute activation over the valid tokens of
   calibration batches: of each head's output dimension (the input of the attention output projection),
