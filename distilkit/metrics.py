@@ -5,6 +5,8 @@ Each is updated chunk by chunk (the validation step walks the logits in chunks, 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -108,10 +110,11 @@ class EvaluationMetrics(nn.Module):
         self.ppl, self.teacher_ppl = TokenPerplexity(), TokenPerplexity()
         self.top1_agreement, self.kl = TopKAgreement(k=1), DistillationKL()
 
-    def observe(self, rows: slice, student: Tensor, teacher: Tensor | None, labels: Tensor) -> None:
-        """Update from one chunk: logits ``(n, V)`` of the student and teacher, targets ``(n,)``."""
+    def observe(self, rows: slice, student: Tensor, teacher: Any, labels: Tensor) -> None:
+        """Update from one chunk: logits ``(n, V)`` of the student and (when it is a tensor) of the teacher,
+        targets ``(n,)``."""
         self.ppl.update(F.cross_entropy(student.float(), labels, reduction="none"))
-        if teacher is not None:
+        if isinstance(teacher, Tensor):
             self.teacher_ppl.update(F.cross_entropy(teacher.float(), labels, reduction="none"))
             self.top1_agreement.update(student, teacher)
             self.kl.update(student, teacher)
@@ -120,3 +123,32 @@ class EvaluationMetrics(nn.Module):
         """The metrics to log, by name (the teacher's only when there is a teacher)."""
         names = ("ppl", "teacher_ppl", "top1_agreement", "kl") if with_teacher else ("ppl",)
         return {name: getattr(self, name) for name in names}
+
+
+class NextTokenNLL:
+    """Per-position NLL of the next token, filled chunk by chunk as an observer of the loss's chunk loop.
+
+    Args:
+        keep: ``(B, T-1)`` the positions that predict a token (:func:`distilkit.batch.next_token_targets`).
+        with_teacher: also keep the teacher's NLL (the chunks then carry its logits).
+    """
+
+    def __init__(self, keep: Tensor, with_teacher: bool) -> None:
+        self.keep = keep
+        count = int(keep.sum())
+        names = ("student", "teacher") if with_teacher else ("student",)
+        self.flat = {name: torch.full((count,), float("nan"), device=keep.device) for name in names}  # (N,)
+
+    def observe(self, rows: slice, student: Tensor, teacher: Any, labels: Tensor) -> None:
+        self.flat["student"][rows] = F.cross_entropy(student.float(), labels, reduction="none")
+        if isinstance(teacher, Tensor) and "teacher" in self.flat:
+            self.flat["teacher"][rows] = F.cross_entropy(teacher.float(), labels, reduction="none")
+
+    def result(self) -> dict[str, Tensor]:
+        """``{model: (B, T-1)}`` NLLs, NaN where no token is predicted."""
+        out = {}
+        for name, values in self.flat.items():
+            full = torch.full(self.keep.shape, float("nan"), device=values.device)  # (B, T-1)
+            full[self.keep] = values
+            out[name] = full
+        return out

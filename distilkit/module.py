@@ -12,11 +12,20 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from distilkit.batch import Batch, next_token_targets
+from distilkit.data.teacher_cache.targets import SparseTargets
 from distilkit.errors import ConfigError, check_range
 from distilkit.guards import NonFiniteGuard
 from distilkit.losses import DistillationLoss, ForwardKLLoss, HiddenStateLoss
-from distilkit.losses.chunked import ChunkObserver, HeadLossPlan, head_losses, resolve_chunk_size
-from distilkit.metrics import EvaluationMetrics
+from distilkit.losses.chunked import (
+    ChunkObserver,
+    HeadLossPlan,
+    HeadTeacher,
+    TeacherChunk,
+    TeacherChunks,
+    head_losses,
+    resolve_chunk_size,
+)
+from distilkit.metrics import EvaluationMetrics, NextTokenNLL
 from distilkit.models.heads import BodyOutput, OutputHead, body_features, check_head, output_head
 from distilkit.models.loading import ModelSpec, load_student_and_teacher
 from distilkit.models.sharding import ShardedTraining, all_finite
@@ -116,10 +125,8 @@ class DistillationModule(ShardedTraining, L.LightningModule):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Student logits ``(B, T, V)`` for ``(B, T)`` token ids."""
-        batch = {"input_ids": input_ids} | (
-            {} if attention_mask is None else {"attention_mask": attention_mask}
-        )
-        return self.student_head()(self.student_forward(batch).last)
+        mask = {} if attention_mask is None else {"attention_mask": attention_mask}
+        return self.student_head()(self.student_forward({"input_ids": input_ids} | mask).last)
 
     # ----------------------------------------------------------------------------------------------- pieces
     def student_forward(self, batch: Batch) -> BodyOutput:
@@ -142,20 +149,22 @@ class DistillationModule(ShardedTraining, L.LightningModule):
     def teacher_head(self) -> OutputHead | None:
         return None if self.teacher is None else output_head(self.teacher, self.vocab_size)
 
-    def loss_terms(
-        self, student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor
-    ) -> dict[str, Tensor]:
+    def loss_terms(self, student_logits: Tensor, teacher: TeacherChunk, labels: Tensor) -> dict[str, Tensor]:
         """Named loss terms, each a mean over the given positions.
 
         Args:
             student_logits: ``(N, V)`` at valid positions (one chunk of them).
-            teacher_logits: ``(N, V)`` or None without a teacher.
+            teacher: the teacher's ``(N, V)`` logits, its sparse targets (a teacher cache: KD and CE come
+                from one softmax), or None without a teacher.
             labels: ``(N,)`` next-token targets.
         """
+        if isinstance(teacher, SparseTargets):
+            kd, ce = self.loss.sparse_forward_and_ce(student_logits, teacher, labels)
+            return {"ce_loss": ce, "kd_loss": kd}
         count = max(labels.numel(), 1)
         terms = {"ce_loss": F.cross_entropy(student_logits.float(), labels, reduction="sum") / count}
-        if teacher_logits is not None:
-            terms["kd_loss"] = self.loss(student_logits, teacher_logits)
+        if teacher is not None:
+            terms["kd_loss"] = self.loss(student_logits, teacher)
         return terms
 
     def loss_weights(self) -> dict[str, float]:
@@ -189,8 +198,8 @@ class DistillationModule(ShardedTraining, L.LightningModule):
         student, teacher = self.student_forward(batch), self.teacher_forward(batch)
         keep, labels = next_token_targets(batch["labels"])  # (B, T-1), (N,)
         student_features = student.last[:, :-1][keep]  # (N, H_s)
-        teacher_features = None if teacher is None else teacher.last[:, :-1][keep]  # (N, H_t)
-        losses = head_losses(student_features, self._plan(teacher_features, labels, observer))
+        plan = self._plan(self.teacher_chunks(batch, teacher, keep), labels, observer)
+        losses = head_losses(student_features, plan)
         if self.hidden_loss is not None and teacher is not None:
             mask = batch.get("attention_mask")
             hidden = self.hidden_loss(
@@ -199,6 +208,14 @@ class DistillationModule(ShardedTraining, L.LightningModule):
             losses["hidden_loss"] = hidden.detach()
             losses["loss"] = losses["loss"] + self.hidden_loss.weight * hidden
         return losses
+
+    def teacher_chunks(self, batch: Batch, teacher: BodyOutput | None, keep: Tensor) -> TeacherChunks | None:
+        """The teacher's side of the loss at the kept positions ``keep`` ``(B, T-1)``: the live teacher's
+        logits through its head, chunk by chunk (None without a teacher)."""
+        head = self.teacher_head()
+        if teacher is None or head is None:
+            return None
+        return HeadTeacher(teacher.last[:, :-1][keep], head)  # (N, H_t) through the head
 
     def exportable_models(self) -> dict[str, nn.Module]:
         """The models a checkpoint keeps for ``distilkit export``, by their state-dict prefix."""
@@ -255,23 +272,9 @@ class DistillationModule(ShardedTraining, L.LightningModule):
         """Per-position NLL of the next token, ``(B, T-1)`` for the student (and teacher), NaN where no token
         is predicted; :class:`~distilkit.callbacks.PredictionWriter` turns them into per-document rows."""
         keep, _ = next_token_targets(batch["labels"])  # (B, T-1)
-        nll = {
-            name: torch.full(keep.shape, float("nan"), device=keep.device) for name in self._scored_models()
-        }
-        flat = {name: values[keep] for name, values in nll.items()}  # (N,) filled chunk by chunk
-
-        def observe(rows: slice, student: Tensor, teacher: Tensor | None, labels: Tensor) -> None:
-            flat["student"][rows] = F.cross_entropy(student.float(), labels, reduction="none")
-            if teacher is not None:
-                flat["teacher"][rows] = F.cross_entropy(teacher.float(), labels, reduction="none")
-
-        self.compute_loss(batch, observe)
-        for name, values in nll.items():
-            values[keep] = flat[name]
-        return nll
-
-    def _scored_models(self) -> list[str]:
-        return ["student"] + (["teacher"] if self.teacher is not None else [])
+        nll = NextTokenNLL(keep, with_teacher=self.teacher is not None)
+        self.compute_loss(batch, nll.observe)
+        return nll.result()
 
     # ------------------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self) -> Any:
@@ -330,13 +333,12 @@ class DistillationModule(ShardedTraining, L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------- helpers
     def _plan(
-        self, teacher_features: Tensor | None, labels: Tensor, observer: ChunkObserver | None
+        self, teacher: TeacherChunks | None, labels: Tensor, observer: ChunkObserver | None
     ) -> HeadLossPlan:
         weights = self.loss_weights()
         return HeadLossPlan(
             student_head=self.student_head(),
-            teacher_features=teacher_features,
-            teacher_head=self.teacher_head(),
+            teacher=teacher,
             labels=labels,
             terms=self._terms,
             names=tuple(weights),

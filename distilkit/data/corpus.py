@@ -6,6 +6,7 @@ about 465 KB of English prose and code in 79 documents (one per help topic).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -37,9 +38,10 @@ def builtin_documents(name: str) -> list[dict[str, str]]:
 
 
 def builtin_corpus_path(name: str, cache_dir: Path) -> Path:
-    """Write the built-in corpus ``name`` (no prefix) as jsonl under ``cache_dir``; return its path."""
-    documents = builtin_documents(name)
-    path = cache_dir / f"builtin-{name}.jsonl"
+    """Write the built-in corpus ``name`` (no prefix) as jsonl under ``cache_dir``; return its path. The
+    file is named by its content's hash, so another Python's reference text is never read from an old file."""
+    text = "".join(json.dumps(doc) + "\n" for doc in builtin_documents(name))
+    path = cache_dir / f"builtin-{name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.jsonl"
     if not path.exists():
-        write_text(path, "".join(json.dumps(doc) + "\n" for doc in documents))
+        write_text(path, text)
     return path

@@ -4,6 +4,8 @@ or a ``datasets`` name, checked and read into a ``datasets.Dataset`` of document
 from __future__ import annotations
 
 import codecs
+import functools
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -14,6 +16,7 @@ import datasets
 
 from distilkit.data.corpus import BUILTIN_PREFIX, builtin_corpus_path
 from distilkit.errors import ConfigError
+from distilkit.files import sha256_file
 
 #: File suffix -> ``datasets`` builder.
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -69,12 +72,29 @@ def load_documents(sources: list[str], field: str, text_field: str, cache_dir: P
 
 
 def fingerprint(sources: Sequence[str], text_field: str) -> str:
-    """Identifies the sources' content cheaply: path, size and modification time of each file."""
-    parts: list[Any] = [text_field]
-    for source in sources:
-        path = Path(source)
-        parts.append([source, path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else [source])
-    return json.dumps(parts)
+    """Identifies what the sources hold: SHA-256 over the text field and the content of every file (a
+    directory's files recursively, with their relative paths); a ``datasets`` hub name counts by name.
+    Caches keyed by it are rebuilt when any file changes, appears or disappears."""
+    parts: list[Any] = [text_field, [[source, content_hash(Path(source))] for source in sources]]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def content_hash(path: Path) -> str:
+    """SHA-256 of a file's bytes, of a directory's files (sorted, with relative paths), or of a name."""
+    if path.is_file():
+        stat = path.stat()
+        return _file_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        entries = [[str(p.relative_to(path)), content_hash(p)] for p in files]
+        return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+    return hashlib.sha256(str(path).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_hash(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    """Hashed once per process for a given file state (size, mtime and inode are part of the key)."""
+    return sha256_file(path)
 
 
 def check_utf8(field: str, path: Path, chunk_bytes: int = 2**20) -> None:

@@ -141,6 +141,19 @@ class TextDataModule(L.LightningDataModule):
     def eos_token_id(self) -> int:
         return int(self.tokenizer.eos_token_id)
 
+    def identity(self) -> dict[str, Any]:
+        """What the blocks of this data module are made from (content hashes, tokenizer, packing, split):
+        two data modules with equal identities give the same blocks in the same splits. A teacher cache
+        compares it with the identity it was built from."""
+        split = {"val_fraction": self.val_fraction, "seed": self.seed} if self.val_sources is None else {}
+        return {
+            "train_data": fingerprint(self.train_sources, self.text_field),
+            "val_data": None if self.val_sources is None else fingerprint(self.val_sources, self.text_field),
+            "tokenizer": tokenizer_hash(self.tokenizer),
+            "block_size": self.block_size,
+            **split,
+        }
+
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self, stage: str | None = None) -> None:
         if not self.datasets:

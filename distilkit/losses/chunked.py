@@ -19,15 +19,42 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from distilkit.data.teacher_cache.targets import SparseTargets
 from distilkit.errors import ConfigError
 from distilkit.models.heads import OutputHead
 
-#: ``(student_logits (n, V), teacher_logits (n, V) or None, labels (n,)) -> {name: mean over the chunk}``
-TermsFn = Callable[[Tensor, "Tensor | None", Tensor], dict[str, Tensor]]
+#: What a chunk of student logits is compared with: the teacher's ``(n, V)`` logits (a live teacher, a
+#: mixture of peers ...) or its :class:`SparseTargets` (a teacher cache), or None without a teacher.
+TeacherChunk = Tensor | SparseTargets | None
+
+#: ``(student_logits (n, V), teacher chunk, labels (n,)) -> {name: mean over the chunk}``
+TermsFn = Callable[[Tensor, TeacherChunk, Tensor], dict[str, Tensor]]
+
+
+class TeacherChunks(Protocol):
+    """The teacher's side of the loss at the valid positions, handed out a chunk of rows at a time (no
+    gradient flows into it)."""
+
+    def __call__(self, rows: slice) -> Tensor | SparseTargets: ...
+
+
+@dataclass(frozen=True)
+class HeadTeacher:
+    """A live teacher: its final hidden states ``(N, H_t)`` at the valid positions, through its head."""
+
+    features: Tensor
+    head: OutputHead
+
+    def __call__(self, rows: slice) -> Tensor:
+        """The teacher's ``(n, V)`` logits at ``rows``."""
+        with torch.no_grad():
+            return self.head(self.features[rows])
+
 
 #: Bytes the chunked path may spend on one chunk's float32 ``(n, V)`` temporaries.
 CHUNK_BUDGET_BYTES = 512 * 2**20
@@ -60,9 +87,9 @@ def chunk_slices(total: int, chunk_size: int | None) -> Iterator[slice]:
         yield slice(start, min(start + step, total))
 
 
-#: Called on every chunk the loop walks: ``(rows, student_logits (n, V), teacher_logits (n, V) | None,
-#: labels (n,))``; evaluation updates its metrics this way, on the logits the loss already formed.
-ChunkObserver = Callable[[slice, Tensor, "Tensor | None", Tensor], None]
+#: Called on every chunk the loop walks: ``(rows, student_logits (n, V), teacher chunk, labels (n,))``;
+#: evaluation updates its metrics this way, on the logits the loss already formed.
+ChunkObserver = Callable[[slice, Tensor, TeacherChunk, Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -71,8 +98,8 @@ class HeadLossPlan:
 
     Attributes:
         student_head: the student's output head (its ``weight``/``bias`` are passed separately).
-        teacher_features: ``(N, H_t)`` teacher hidden states, or None without a teacher.
-        teacher_head: the teacher's head, or None.
+        teacher: the teacher's side at the valid positions, chunk by chunk (e.g. :class:`HeadTeacher`), or
+            None without a teacher.
         labels: ``(N,)`` next-token targets, all valid (masked positions removed beforehand).
         terms: the per-chunk terms; returns exactly the keys in ``names``.
         names: the names of the terms, in a fixed order.
@@ -82,8 +109,7 @@ class HeadLossPlan:
     """
 
     student_head: OutputHead
-    teacher_features: Tensor | None
-    teacher_head: OutputHead | None
+    teacher: TeacherChunks | None
     labels: Tensor
     terms: TermsFn
     names: tuple[str, ...]
@@ -91,26 +117,19 @@ class HeadLossPlan:
     chunk_size: int | None
     observer: ChunkObserver | None = None
 
-    def teacher_logits(self, rows: slice) -> Tensor | None:
-        """The teacher's ``(n, V)`` logits at ``rows`` (no gradient), or None without a teacher."""
-        if self.teacher_features is None or self.teacher_head is None:
-            return None
-        with torch.no_grad():
-            return self.teacher_head(self.teacher_features[rows])
-
     def chunk_terms(self, student_raw: Tensor, rows: slice) -> dict[str, Tensor]:
         """Terms of one chunk from the student's raw logits ``(n, V)``; each is the chunk mean × n/N.
 
         The one place a chunk is scored: both the training loss and evaluation come through here, and the
         :attr:`observer` sees the same logits.
         """
-        teacher_logits = self.teacher_logits(rows)
+        teacher = None if self.teacher is None else self.teacher(rows)
         labels = self.labels[rows]
         student_logits = self.student_head.post(student_raw)  # (n, V)
         if self.observer is not None:
-            self.observer(rows, student_logits.detach(), teacher_logits, labels)
+            self.observer(rows, student_logits.detach(), teacher, labels)
         share = labels.numel() / max(self.labels.numel(), 1)
-        terms = self.terms(student_logits, teacher_logits, labels)
+        terms = self.terms(student_logits, teacher, labels)
         return {name: value * share for name, value in terms.items()}
 
     def weighted(self, terms: Mapping[str, Tensor]) -> Tensor:
