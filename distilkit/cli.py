@@ -23,7 +23,7 @@ from distilkit.commands.export import export
 from distilkit.commands.generate import generate
 from distilkit.commands.plot import plot
 from distilkit.commands.trainer import run_lightning
-from distilkit.errors import ConfigError, TrainingStopped
+from distilkit.errors import ConfigError, RunInterrupted, TrainingStopped
 
 
 @dataclass(frozen=True)
@@ -98,10 +98,15 @@ def main(args: list[str] | None = None) -> None:
     try:
         run(argv)
     except SIGTERMException:
-        stderr.print("[bold]stopped by SIGTERM:[/] last.ckpt written; resume with --ckpt_path last")
+        stderr.print(
+            "[bold]stopped by SIGTERM:[/] last.ckpt written; resume with --ckpt_path last", soft_wrap=True
+        )
         sys.exit(143)
+    except RunInterrupted as err:
+        stderr.print(f"[bold]stopped:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(130)
     except TrainingStopped as err:
-        stderr.print(f"[bold red]stopped:[/] {err}", highlight=False)
+        stderr.print(f"[bold red]stopped:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except ArgumentError as err:
         command = argv[0] if argv and argv[0] in COMMANDS else ""
@@ -114,7 +119,7 @@ def main(args: list[str] | None = None) -> None:
         user_error = find_config_error(err)
         if user_error is None:
             raise
-        stderr.print(f"[bold red]error:[/] {user_error}", highlight=False)
+        stderr.print(f"[bold red]error:[/] {user_error}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

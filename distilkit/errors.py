@@ -23,6 +23,8 @@ class ConfigError(ValueError):
 
 def check_range(field: str, value: float, low: float, high: float, *, open_low: bool = False) -> float:
     """Return ``value`` if it lies in ``[low, high]`` (``(low, high]`` with ``open_low``), else raise."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(field, value, f"is not a number in [{low}, {high}]", "give a number in that range")
     below = value <= low if open_low else value < low
     if below or value > high:
         bracket = "(" if open_low else "["
@@ -37,3 +39,7 @@ class TrainingStopped(RuntimeError):
 
     The CLI prints it as one line and exits with status 1; nothing from the failing step is saved.
     """
+
+
+class RunInterrupted(RuntimeError):
+    """The user stopped a run (Ctrl-C); the message says what was saved. The CLI exits with status 130."""

@@ -92,12 +92,20 @@ def atomic_directory(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield staging
-        os.chmod(staging, 0o777 & ~_umask())
+        _normal_permissions(staging)
         if target.exists():
             shutil.rmtree(target)
         staging.replace(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _normal_permissions(directory: Path) -> None:
+    """What ``mkdir``/``open`` would give under the umask, for the directory and all it holds (staging
+    directories start at 0o700, and writers such as safetensors leave their files at 0o600)."""
+    mask = _umask()
+    for path in [directory, *directory.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def refuse_existing(path: Path, *, overwrite: bool, field: str) -> None:

@@ -1,10 +1,15 @@
-"""What a non-finite loss term or gradient does to a run: stop it with a message, or skip the update."""
+"""Guards of a run: what a non-finite loss term or gradient does (stop with a message, or skip the
+update), and settings refused before the first step."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from typing import Literal
+from typing import ClassVar, Literal
 
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from distilkit.errors import ConfigError, TrainingStopped
@@ -46,3 +51,33 @@ class NonFiniteGuard:
                 f"{where}: {self.in_a_row} steps in a row were skipped "
                 f"(model.max_nonfinite_skips={self.max_skips}); training stopped."
             )
+
+
+class ScheduleLengthCheck(Callback):
+    """Refuse, before the first step, a learning-rate schedule whose length is not the run's: a
+    ``OneCycleLR(total_steps=300)`` in a 100-step run never anneals, and in a 400-step run it stops the run
+    with an error at step 301; a ``CosineAnnealingLR(T_max=...)`` shorter than the run climbs back up.
+    The run's length is the trainer's optimizer steps (``trainer.max_steps``, or epochs × batches)."""
+
+    #: scheduler class -> (its length attribute, the config field a user sets)
+    HORIZONS: ClassVar[dict[type, tuple[str, str]]] = {
+        torch.optim.lr_scheduler.OneCycleLR: ("total_steps", "total_steps"),
+        torch.optim.lr_scheduler.CosineAnnealingLR: ("T_max", "T_max"),
+    }
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        steps = trainer.estimated_stepping_batches
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            found = next((v for cls, v in self.HORIZONS.items() if isinstance(scheduler, cls)), None)
+            if found is None or config.interval != "step" or not math.isfinite(steps):
+                continue
+            attribute, name = found
+            horizon = int(getattr(scheduler, attribute))
+            if horizon != int(steps):
+                raise ConfigError(
+                    f"model.lr_scheduler.init_args.{name}",
+                    horizon,
+                    f"is not the run's length of {int(steps)} optimizer steps (trainer.max_steps)",
+                    f"set it to {int(steps)} when you change trainer.max_steps",
+                )

@@ -14,22 +14,15 @@ from torch import Tensor, nn
 from distilkit.batch import Batch, next_token_targets
 from distilkit.data.teacher_cache.targets import SparseTargets
 from distilkit.errors import ConfigError, check_range
-from distilkit.guards import NonFiniteGuard
-from distilkit.losses import DistillationLoss, ForwardKLLoss, HiddenStateLoss
-from distilkit.losses.chunked import (
-    ChunkObserver,
-    HeadLossPlan,
-    HeadTeacher,
-    TeacherChunk,
-    TeacherChunks,
-    head_losses,
-    resolve_chunk_size,
-)
+from distilkit.guards import NonFiniteGuard, ScheduleLengthCheck
+from distilkit.losses import DistillationLoss, ForwardKLLoss, HiddenStateLoss, chunked
 from distilkit.metrics import EvaluationMetrics, NextTokenNLL
+from distilkit.models.checkpoint import check_models_match
 from distilkit.models.heads import BodyOutput, OutputHead, body_features, check_head, output_head
 from distilkit.models.loading import ModelSpec, load_student_and_teacher
 from distilkit.models.sharding import ShardedTraining, all_finite
 from distilkit.run.state import RunState
+from distilkit.run.tokenizers import TokenizerCheck
 
 
 class DistillationModule(ShardedTraining, L.LightningModule):
@@ -105,7 +98,7 @@ class DistillationModule(ShardedTraining, L.LightningModule):
             student, teacher, teacher_dtype=teacher_dtype, vocab_size=vocab_size, block_size=block_size,
             eos_token_id=eos_token_id,
         )  # fmt: skip
-        self.chunk_size = resolve_chunk_size(chunk_size, self.vocab_size)
+        self.chunk_size = chunked.resolve_chunk_size(chunk_size, self.vocab_size)
         self.loss = loss if loss is not None else ForwardKLLoss()
         self.hidden_loss = hidden_loss
         if hidden_loss is not None:
@@ -149,7 +142,9 @@ class DistillationModule(ShardedTraining, L.LightningModule):
     def teacher_head(self) -> OutputHead | None:
         return None if self.teacher is None else output_head(self.teacher, self.vocab_size)
 
-    def loss_terms(self, student_logits: Tensor, teacher: TeacherChunk, labels: Tensor) -> dict[str, Tensor]:
+    def loss_terms(
+        self, student_logits: Tensor, teacher: chunked.TeacherChunk, labels: Tensor
+    ) -> dict[str, Tensor]:
         """Named loss terms, each a mean over the given positions.
 
         Args:
@@ -192,14 +187,14 @@ class DistillationModule(ShardedTraining, L.LightningModule):
                     f"use one of {sorted(self.knob_names())}",
                 )
 
-    def compute_loss(self, batch: Batch, observer: ChunkObserver | None = None) -> dict[str, Tensor]:
+    def compute_loss(self, batch: Batch, observer: chunked.ChunkObserver | None = None) -> dict[str, Tensor]:
         """``{"loss": total, "ce_loss": ..., "kd_loss": ...}`` for one batch (terms detached, total not).
         ``observer`` sees every chunk's logits (evaluation updates its metrics that way)."""
         student, teacher = self.student_forward(batch), self.teacher_forward(batch)
         keep, labels = next_token_targets(batch["labels"])  # (B, T-1), (N,)
         student_features = student.last[:, :-1][keep]  # (N, H_s)
         plan = self._plan(self.teacher_chunks(batch, teacher, keep), labels, observer)
-        losses = head_losses(student_features, plan)
+        losses = chunked.head_losses(student_features, plan)
         if self.hidden_loss is not None and teacher is not None:
             mask = batch.get("attention_mask")
             hidden = self.hidden_loss(
@@ -209,13 +204,15 @@ class DistillationModule(ShardedTraining, L.LightningModule):
             losses["loss"] = losses["loss"] + self.hidden_loss.weight * hidden
         return losses
 
-    def teacher_chunks(self, batch: Batch, teacher: BodyOutput | None, keep: Tensor) -> TeacherChunks | None:
+    def teacher_chunks(
+        self, batch: Batch, teacher: BodyOutput | None, keep: Tensor
+    ) -> chunked.TeacherChunks | None:
         """The teacher's side of the loss at the kept positions ``keep`` ``(B, T-1)``: the live teacher's
         logits through its head, chunk by chunk (None without a teacher)."""
         head = self.teacher_head()
         if teacher is None or head is None:
             return None
-        return HeadTeacher(teacher.last[:, :-1][keep], head)  # (N, H_t) through the head
+        return chunked.HeadTeacher(teacher.last[:, :-1][keep], head)  # (N, H_t) through the head
 
     def exportable_models(self) -> dict[str, nn.Module]:
         """The models a checkpoint keeps for ``distilkit export``, by their state-dict prefix."""
@@ -287,8 +284,9 @@ class DistillationModule(ShardedTraining, L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ hooks
     def configure_callbacks(self) -> list[L.Callback]:
-        """:class:`~distilkit.run.RunState`, so every checkpoint carries what export and resume need."""
-        return [RunState()]
+        """``RunState`` (checkpoints carry what export and resume need), ``TokenizerCheck`` (the data's
+        tokenizer is the models') and ``ScheduleLengthCheck`` (the LR schedule lasts as long as the run)."""
+        return [RunState(), TokenizerCheck(), ScheduleLengthCheck()]
 
     def models_to_shard(self) -> dict[str, nn.Module]:
         return {"student": self.student} | ({"teacher": self.teacher} if self.teacher is not None else {})
@@ -304,6 +302,9 @@ class DistillationModule(ShardedTraining, L.LightningModule):
         self._heads_checked = True
 
     on_validation_start = on_test_start = on_predict_start = on_fit_start
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_models_match(checkpoint, self.exportable_models())  # another architecture: a clear error
 
     def on_train_start(self) -> None:
         self.train()  # from_pretrained returns eval-mode models and Lightning 2.6 keeps modes as found
@@ -333,10 +334,10 @@ class DistillationModule(ShardedTraining, L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------- helpers
     def _plan(
-        self, teacher: TeacherChunks | None, labels: Tensor, observer: ChunkObserver | None
-    ) -> HeadLossPlan:
+        self, teacher: chunked.TeacherChunks | None, labels: Tensor, observer: chunked.ChunkObserver | None
+    ) -> chunked.HeadLossPlan:
         weights = self.loss_weights()
-        return HeadLossPlan(
+        return chunked.HeadLossPlan(
             student_head=self.student_head(),
             teacher=teacher,
             labels=labels,

@@ -239,3 +239,28 @@ class SlowSteps(Callback):
         if trainer.global_step >= self.at_step:
             self.marker.touch()
         time.sleep(self.seconds)
+
+
+class OutOfMemoryAt(Callback):
+    """Raises the CPU allocator's out-of-memory error when training reaches step ``at_step``."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.at_step:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory")
+
+
+def tiny_model_dir(path: Path, tokenizer, config: dict | None = None) -> Path:
+    """A Hugging Face directory of a tiny random GPT-2 (with ``tokenizer`` saved beside it unless None)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(config or {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2})
+    model_type = fields.pop("model_type")
+    size = len(tokenizer) if tokenizer is not None else 512
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=size, **fields))
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path

@@ -107,6 +107,21 @@ def test_resume_from_a_checkpoint(tmp_path, corpus, tokenizer_dir, cache_dir):
             "model.teacher='vocabulary of 300': differs from the student's 512",
         ),
         (["--data.init_args.block_size", "abc"], "block_size"),
+        (["--model.init_args.kd_ratio", "null"], "kd_ratio"),
+        (["--ckpt_path", "last"], "ckpt_path='last': found no last*.ckpt in"),
+        (["--ckpt_path", "no/such.ckpt"], "ckpt_path='no/such.ckpt': is not a file"),
+        (["--data.init_args.train_files", "data.csv"], "has an unsupported suffix '.csv'"),
+        (["--data.init_args.batch_size", "1000"], "data.batch_size=1000: needs 1000 training blocks"),
+        (
+            [
+                "--trainer.max_steps",
+                "3",
+                "--model.init_args.lr_scheduler",
+                '{"class_path": '
+                '"torch.optim.lr_scheduler.OneCycleLR", "init_args": {"max_lr": 0.01, "total_steps": 300}}',
+            ],
+            "lr_scheduler.init_args.total_steps=300: is not the run's length of 3 optimizer steps",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_clear_message_and_writes_nothing(
@@ -114,8 +129,9 @@ def test_bad_input_exits_2_with_one_clear_message_and_writes_nothing(
 ):
     recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir)
     run_dir = tmp_path / "run"
+    (tmp_path / "data.csv").write_text("text\nhello\n")
     with pytest.raises(SystemExit) as exit_info:
-        fit_run(recipe, run_dir, *override)
+        fit_run(recipe, run_dir, *[o.replace("data.csv", str(tmp_path / "data.csv")) for o in override])
     assert exit_info.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
     assert message in err
@@ -176,6 +192,11 @@ def test_small_recipes_run_end_to_end(recipe, tmp_path, cache_dir, capsys):
         "2",
         "--data.init_args.cache_dir",
         str(cache_dir),
+        *(
+            []
+            if recipe == "curriculum.yaml"
+            else ["--model.init_args.lr_scheduler.init_args.total_steps", "3"]
+        ),
     )
     summary = " ".join(capsys.readouterr().out.split())
     assert f"run directory {run_dir}" in summary and "student val ppl" in summary

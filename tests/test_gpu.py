@@ -34,6 +34,8 @@ def test_the_fsdp_recipe_shards_student_and_teacher_and_writes_an_exportable_che
     command += [
         "--trainer.max_steps",
         "20",
+        "--model.init_args.lr_scheduler.init_args.total_steps",
+        "20",
         "--trainer.val_check_interval",
         "10",
         "--trainer.limit_val_batches",

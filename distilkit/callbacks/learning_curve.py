@@ -42,7 +42,7 @@ def plot_learning_curve(metrics_csv: Path, out: Path, stage_names: list[str] | N
     import matplotlib.pyplot as plt
 
     series = read_metrics(metrics_csv)
-    figure, loss_axis = plt.subplots(figsize=(9, 5))
+    figure, loss_axis = plt.subplots(figsize=(9, 5.5), layout="constrained")
     for key, style in (("train/loss", "-"), ("val/loss", "o-"), ("val/ce_loss", "s:")):
         if key in series:
             steps, values = zip(*series[key], strict=True)
@@ -56,9 +56,11 @@ def plot_learning_curve(metrics_csv: Path, out: Path, stage_names: list[str] | N
         lr_axis.plot(steps, values, color="tab:gray", alpha=0.6, label="learning rate")
         lr_axis.set_ylabel("learning rate")
     _mark_stages(loss_axis, series, stage_names or [])
-    loss_axis.legend(loc="upper right")
-    loss_axis.set_title(f"learning curve: {metrics_csv.parent.name}")
-    figure.tight_layout()
+    # the legend goes below the axes, where it covers no data; it lists the lines of both axes
+    handles = [h for axis in figure.axes for h in axis.get_legend_handles_labels()[0]]
+    labels = [label for axis in figure.axes for label in axis.get_legend_handles_labels()[1]]
+    figure.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5) or 1, fontsize=8)
+    loss_axis.set_title(f"learning curve: {metrics_csv.resolve().parent.name}")
     with atomic_write(out, "wb") as file:
         figure.savefig(file, dpi=110, format="png")
     plt.close(figure)
@@ -75,12 +77,16 @@ def _mark_stages(axis: Any, series: dict[str, list[tuple[int, float]]], names: l
             label = names[index] if index < len(names) else f"stage {index}"
             axis.annotate(
                 label,
-                (step, 1.0),
+                (step, 0.98),
                 xycoords=("data", "axes fraction"),
+                xytext=(3, 0),
+                textcoords="offset points",
                 rotation=90,
                 va="top",
+                ha="left",
                 fontsize=8,
                 color="tab:purple",
+                annotation_clip=False,
             )
             previous = index
     retries = series.get("curriculum/retries", [])

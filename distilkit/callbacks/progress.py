@@ -9,13 +9,14 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 
+from distilkit.callbacks.curriculum import CurriculumCallback
 from distilkit.callbacks.throughput import batch_tokens
 
 
 class DistilProgressBar(RichProgressBar):
     """``RichProgressBar`` that also shows ``tok/s``: unpadded training tokens per second on this process,
     over the last ``window`` steps (validation pauses are left out: the window restarts after each).
-    The loss and the curriculum stage appear because the module and the curriculum log them to the bar.
+    The loss appears because the module logs it to the bar; the curriculum's stage is shown by its name.
 
     Args:
         window: steps averaged.
@@ -57,6 +58,10 @@ class DistilProgressBar(RichProgressBar):
         self, trainer: L.Trainer, pl_module: L.LightningModule
     ) -> dict[str, int | str | float | dict[str, float]]:
         metrics = super().get_metrics(trainer, pl_module)
+        curriculum = next((c for c in trainer.callbacks if isinstance(c, CurriculumCallback)), None)  # type: ignore[attr-defined]
+        if curriculum is not None:  # the stage by name, not as the float 2.000 it is logged as
+            metrics.pop("curriculum/stage", None)
+            metrics["stage"] = curriculum.stage.name or str(curriculum.state.stage)
         rate = self.tokens_per_second
         if rate is not None:
             metrics["tok/s"] = f"{rate:,.0f}"

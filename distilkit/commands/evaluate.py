@@ -20,9 +20,10 @@ from rich.table import Table
 
 from distilkit.commands.harness import Harness
 from distilkit.data import TextDataModule
+from distilkit.data.tokenizer import check_same_vocabulary
 from distilkit.errors import ConfigError
 from distilkit.files import check_writable, write_text
-from distilkit.models.checkpoint import load_model_and_tokenizer
+from distilkit.models.checkpoint import load_model_and_tokenizer, trained_block_size
 from distilkit.module import DistillationModule
 
 
@@ -30,7 +31,7 @@ def evaluate(
     models: list[str],
     data_files: str | list[str] = "builtin:python-reference",
     teacher: str | None = None,
-    block_size: int = 128,
+    block_size: int | None = None,
     batch_size: int = 16,
     val_fraction: float = 0.1,
     seed: int = 0,
@@ -46,7 +47,9 @@ def evaluate(
         models: distilkit checkpoints (``.ckpt``) or Hugging Face model directories.
         data_files: text to score on, as for ``TextDataModule.train_files``.
         teacher: a model to compare against (agreement, KL); its tokenizer is used when given.
-        block_size / batch_size / val_fraction / seed: as in training, so the held-out split is the same.
+        block_size: tokens per scored block; default: the block size the checkpoints were trained with
+            (the shortest), else 128. Longer than a model's context is refused.
+        batch_size / val_fraction / seed: as in training, so the held-out split is the same.
         split: ``val`` (the held-out documents) or ``all``.
         output_json: where to write the rows (optional).
         lm_eval_tasks: harness tasks to run on every model (names or task YAML files); each row then has
@@ -64,6 +67,13 @@ def evaluate(
     tokenizer = tokenizer or next((t for _, _, t in loaded if t is not None), None)
     if tokenizer is None:
         raise ConfigError("models", models, "carry no tokenizer", "export them with distilkit export first")
+    reference = f"teacher ({teacher})" if teacher else f"models[0] ({models[0]})"
+    for index, (name, _, own) in enumerate(loaded):
+        if own is not None:
+            check_same_vocabulary(tokenizer, reference, own, f"models[{index}] ({name})")
+    if block_size is None:
+        trained = [size for size in map(trained_block_size, models) if size is not None]
+        block_size = min(trained) if trained else 128
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         data = TextDataModule(
@@ -79,7 +89,9 @@ def evaluate(
     loader = data.val_dataloader() if split == "val" else _all_blocks(data)
     rows = []
     for name, model, _ in loaded:
-        module = DistillationModule(student=model, teacher=teacher_model, vocab_size=data.vocab_size)
+        module = DistillationModule(
+            student=model, teacher=teacher_model, vocab_size=data.vocab_size, block_size=block_size
+        )
         trainer = L.Trainer(
             logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress
         )
@@ -145,7 +157,7 @@ def evaluate_command(
     models: list[str],
     data_files: str | list[str] = "builtin:python-reference",
     teacher: str | None = None,
-    block_size: int = 128,
+    block_size: int | None = None,
     batch_size: int = 16,
     val_fraction: float = 0.1,
     seed: int = 0,
@@ -161,7 +173,7 @@ def evaluate_command(
         models: distilkit checkpoints (``.ckpt``) or Hugging Face model directories.
         data_files: text to score on, as for ``TextDataModule.train_files``.
         teacher: a model to compare against (agreement, KL); its tokenizer is used when given.
-        block_size: tokens per scored block (as in training, so the held-out split is the same).
+        block_size: tokens per scored block (default: the checkpoints' training block size, else 128).
         batch_size: blocks scored at once.
         val_fraction: share of documents held out (as in training).
         seed: the seed of the held-out split (as in training).

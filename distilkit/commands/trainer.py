@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -14,6 +17,7 @@ from distilkit.callbacks.learning_curve import LearningCurve
 from distilkit.callbacks.predictions import PredictionWriter
 from distilkit.callbacks.progress import DistilProgressBar
 from distilkit.data import TextDataModule
+from distilkit.errors import TrainingStopped
 from distilkit.module import DistillationModule
 from distilkit.run.checkpoint_io import AtomicCheckpointIO
 from distilkit.run.directory import (
@@ -23,11 +27,15 @@ from distilkit.run.directory import (
     refuse_existing_run,
     resolve_checkpoint,
     resume_point,
+    snapshot,
+    undo_failed_start,
 )
-from distilkit.run.loggers import wandb_loggers
-from distilkit.run.signals import CheckpointOnSigterm
+from distilkit.run.loggers import CSVLogger, wandb_loggers
+from distilkit.run.signals import CheckpointAtEnd, CheckpointOnInterrupt, CheckpointOnSigterm
 
 PREDICTIONS_FILE = "predictions.jsonl"
+#: What the CPU allocator says when it runs out (CUDA raises ``torch.OutOfMemoryError``).
+OUT_OF_MEMORY = ("DefaultCPUAllocator", "not enough memory", "out of memory", "can't allocate memory")
 
 
 class DistilCLI(LightningCLI):
@@ -42,7 +50,8 @@ class DistilCLI(LightningCLI):
       directory beside them (``RUN/validate``, ``RUN/predict-2`` ...); ``predict`` writes
       ``predictions.jsonl`` there.
     - ``--ckpt_path last`` is the run's newest ``last*.ckpt``, refused when there is none.
-    - SIGTERM writes ``last.ckpt`` and exits with status 143 (:class:`~distilkit.run.CheckpointOnSigterm`).
+    - SIGTERM writes ``last.ckpt`` and exits with status 143 (:class:`~distilkit.run.CheckpointOnSigterm`);
+      Ctrl-C writes it and exits with 130; a fit that ends writes it at its final step.
     - The progress bar (``--progress_bar.*``) shows loss, curriculum stage and tokens per second.
     """
 
@@ -50,7 +59,14 @@ class DistilCLI(LightningCLI):
         for name in ("vocab_size", "block_size", "eos_token_id"):
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": None})
+        # last.ckpt is always the newest (no last-v1.ckpt beside it when a run resumes from another file)
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.monitor": None,
+                "checkpoint.enable_version_counter": False,
+            }
+        )
         parser.add_class_arguments(DistilProgressBar, "progress_bar", instantiate=False)
 
     def _parse_ckpt_path(self) -> None:
@@ -64,14 +80,18 @@ class DistilCLI(LightningCLI):
         config = self.config[subcommand]
         root = config.trainer.get("default_root_dir") or "runs/default"
         config.trainer.default_root_dir = root
-        config.ckpt_path = resolve_checkpoint(root, config.get("ckpt_path"), subcommand)
+        asked = config.get("ckpt_path")
+        config.ckpt_path = resolve_checkpoint(root, asked, subcommand)
         if subcommand == "fit":
-            refuse_existing_run(root, resuming=config.ckpt_path is not None)
+            refuse_existing_run(root, resuming=asked is not None)
+            if asked is not None and config.ckpt_path is None:  # last_or_new, and nothing to resume
+                CSVLogger(save_dir=root).rewind(-1)  # rows of an attempt that never checkpointed
             wandb_id, step = resume_point(config.ckpt_path)
             place_loggers(config.trainer, root, resume_wandb_id=wandb_id, resume_step=step)
         else:  # an evaluation never writes into the run's own files
             config.trainer.default_root_dir = evaluation_directory(root, subcommand)
             place_loggers(config.trainer, config.trainer.default_root_dir)
+        self.started_from = snapshot(root)  # what the directory held before this command wrote anything
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer with distilkit's callbacks, writing checkpoints atomically unless the config names
@@ -81,13 +101,42 @@ class DistilCLI(LightningCLI):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
         given = config.trainer.get("callbacks") or []
         callbacks = [*(given if isinstance(given, list) else [given]), CheckpointOnSigterm()]
+        callbacks.append(CheckpointOnInterrupt())
         if config.trainer.get("enable_progress_bar") is not False:
             callbacks.append(DistilProgressBar(**config.progress_bar))
         if self.subcommand == "fit":
-            callbacks.append(LearningCurve())
+            callbacks += [CheckpointAtEnd(), LearningCurve()]
         if self.subcommand == "predict":
             callbacks.append(PredictionWriter(Path(config.trainer.default_root_dir) / PREDICTIONS_FILE))
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+
+    # LightningCLI runs a method named after the subcommand when the CLI has one.
+    def fit(self, model: Any, **kwargs: Any) -> None:
+        with self._guarded():
+            self.trainer.fit(model, **kwargs)
+
+    def validate(self, model: Any, **kwargs: Any) -> None:
+        with self._guarded():
+            self.trainer.validate(model, **kwargs)
+
+    def test(self, model: Any, **kwargs: Any) -> None:
+        with self._guarded():
+            self.trainer.test(model, **kwargs)
+
+    def predict(self, model: Any, **kwargs: Any) -> None:
+        with self._guarded():
+            self.trainer.predict(model, **kwargs)
+
+    @contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """A failure before the first checkpoint leaves the run directory as it was; running out of memory
+        ends with one line naming the settings to lower."""
+        config = self.config[str(self.subcommand)]
+        with (
+            undo_failed_start(config.trainer.default_root_dir, self.started_from),
+            out_of_memory_hint(self.trainer, config),
+        ):
+            yield
 
     def after_fit(self) -> None:
         print_summary(self.trainer, Console())
@@ -96,6 +145,37 @@ class DistilCLI(LightningCLI):
     def after_predict(self) -> None:
         if self.trainer.is_global_zero:
             print(f"wrote {Path(self.trainer.default_root_dir) / PREDICTIONS_FILE}")
+
+
+@contextmanager
+def out_of_memory_hint(trainer: Trainer, config: Any) -> Iterator[None]:
+    """Turn an out-of-memory error (CUDA's, or the CPU allocator's) into a :class:`TrainingStopped` naming
+    the batch, block and chunk sizes to lower and the last checkpoint, which an atomic save kept whole."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        text = str(err)
+        if not isinstance(err, torch.OutOfMemoryError) and not any(m in text for m in OUT_OF_MEMORY):
+            raise
+        data, model = (
+            config.get("data", {}).get("init_args", {}),
+            config.get("model", {}).get("init_args", {}),
+        )
+        settings = ", ".join(
+            f"{name}={value}"
+            for name, value in (
+                ("data.batch_size", data.get("batch_size")),
+                ("data.block_size", data.get("block_size")),
+                ("model.init_args.chunk_size", model.get("chunk_size")),
+            )
+            if value is not None
+        )
+        checkpoint: Any = trainer.checkpoint_callback
+        last = getattr(checkpoint, "last_model_path", "") or "none was written"
+        raise TrainingStopped(
+            f"out of memory at step {trainer.global_step}; lower one of {settings} "
+            f"(or give the run more memory). Last good checkpoint: {last}"
+        ) from err
 
 
 def run_lightning(args: list[str]) -> None:

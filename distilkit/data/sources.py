@@ -8,6 +8,7 @@ import functools
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,32 +40,43 @@ def resolve_sources(field: str, files: str | Sequence[str], cache_dir: Path) -> 
                 raise ConfigError(field, name, "does not exist", "check the path (relative to where you run)")
             if not os.access(path, os.R_OK):
                 raise ConfigError(field, name, "is not readable", "fix its permissions")
-            if path.suffix != ".parquet":
-                check_utf8(field, path)
+            if path.suffix != ".parquet" and not check_utf8(field, path):
+                raise ConfigError(field, name, "holds no text (it is empty or blank)", "give it text")
             sources.append(str(path.resolve()))
-        elif len(names) == 1:
-            sources.append(name)  # a datasets name or directory
-        else:
+        elif path.suffix and not path.is_dir():
             raise ConfigError(
                 field,
                 name,
-                f"has an unknown suffix {path.suffix!r}",
-                f"use {sorted(BUILDERS)} files, or a single datasets name",
+                f"has an unsupported suffix {path.suffix!r}",
+                f"convert it to one of {sorted(BUILDERS)}, or give a datasets name or directory",
             )
+        elif len(names) == 1:
+            sources.append(name)  # a datasets name or directory
+        else:
+            raise ConfigError(field, name, "is a datasets name among files", "give it alone, or only files")
     return sources
 
 
-def load_documents(sources: list[str], field: str, text_field: str, cache_dir: Path) -> datasets.Dataset:
-    """All non-empty documents of ``sources`` as a Dataset with the one column ``text_field``."""
+def load_documents(
+    sources: list[str], field: str, text_field: str, cache_dir: Path, skip_missing_text: bool = False
+) -> datasets.Dataset:
+    """All non-empty documents of ``sources`` as a Dataset with the one column ``text_field``.
+
+    A row whose ``text_field`` is not text (a number, a list ...) is refused naming its file and line; rows
+    without it (missing or null) are counted and refused unless ``skip_missing_text``, then skipped with a
+    warning. Empty strings are empty documents and are dropped.
+    """
     by_builder: dict[str, list[str]] = {}
     for source in sources:
         by_builder.setdefault(BUILDERS.get(Path(source).suffix, ""), []).append(source)
     parts = [_load(builder, files, field, cache_dir) for builder, files in by_builder.items()]
+    parts = [part.select_columns([text_field]) if text_field in part.column_names else part for part in parts]
     docs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if text_field not in docs.column_names:
         raise ConfigError(
             "data.text_field", text_field, f"is not a column of {field}", f"use one of {docs.column_names}"
         )
+    _check_text_column(docs, sources, field, text_field, skip_missing_text)
     docs = docs.select_columns([text_field]).filter(lambda row: bool(row[text_field]))
     if len(docs) == 0:
         raise ConfigError(field, sources, "holds no text", "give files with at least one non-empty document")
@@ -83,7 +95,7 @@ def content_hash(path: Path) -> str:
     """SHA-256 of a file's bytes, of a directory's files (sorted, with relative paths), or of a name."""
     if path.is_file():
         stat = path.stat()
-        return _file_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        return _file_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
         entries = [[str(p.relative_to(path)), content_hash(p)] for p in files]
@@ -92,18 +104,21 @@ def content_hash(path: Path) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _file_hash(path: str, size: int, mtime_ns: int, inode: int) -> str:
-    """Hashed once per process for a given file state (size, mtime and inode are part of the key)."""
+def _file_hash(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
+    """Hashed once per process for a given file state: any write changes ``ctime`` (which, unlike the
+    modification time, cannot be set back), so a rewritten file is always hashed again."""
     return sha256_file(path)
 
 
-def check_utf8(field: str, path: Path, chunk_bytes: int = 2**20) -> None:
+def check_utf8(field: str, path: Path, chunk_bytes: int = 2**20) -> bool:
     """Refuse a text file that is not valid UTF-8, naming the byte offset (the policy: no silent
-    replacement characters in training data; convert the file instead)."""
+    replacement characters in training data; convert the file instead). Returns whether it holds anything
+    but white space."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
+    offset, has_text = 0, False
     with path.open("rb") as file:
         while chunk := file.read(chunk_bytes):
+            has_text = has_text or bool(chunk.strip())
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as err:
@@ -118,11 +133,60 @@ def check_utf8(field: str, path: Path, chunk_bytes: int = 2**20) -> None:
         decoder.decode(b"", final=True)
     except UnicodeDecodeError as err:
         raise ConfigError(field, str(path), "ends inside a UTF-8 character", "convert it to UTF-8") from err
+    return has_text
+
+
+def _check_text_column(
+    docs: datasets.Dataset, sources: list[str], field: str, text_field: str, skip_missing: bool
+) -> None:
+    """Refuse a text column that holds something other than text, and rows without text (unless asked to
+    skip them); the first offending row is named by file and line where the source is jsonl."""
+    feature = docs.features[text_field]
+    is_text = isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+    if not is_text:
+        where, value = _first_row(sources, text_field, lambda v: v is not None and not isinstance(v, str))
+        raise ConfigError(
+            field,
+            where or sources,
+            f"has {type(value).__name__ if where else feature} values in {text_field!r}, not text",
+            f"make every {text_field!r} a string (or choose data.text_field)",
+        )
+    missing = docs.with_format("arrow")[text_field].null_count
+    if not missing:
+        return
+    where, _ = _first_row(sources, text_field, lambda v: v is None)
+    if not skip_missing:
+        raise ConfigError(
+            field,
+            f"{missing} rows",
+            f"have no {text_field!r}" + (f" (the first at {where})" if where else ""),
+            "fix those rows, or set data.skip_missing_text: true to train without them",
+        )
+    message = f"{field}: skipped {missing} rows without {text_field!r} (data.skip_missing_text)"
+    warnings.warn(message, stacklevel=2)
+
+
+def _first_row(sources: list[str], text_field: str, bad: Any) -> tuple[str | None, Any]:
+    """``("file:line", value)`` of the first jsonl row whose ``text_field`` value ``bad(value)`` is true
+    (a missing field counts as None); ``(None, None)`` when no jsonl source has one."""
+    for source in sources:
+        if Path(source).suffix not in (".jsonl", ".json"):
+            continue
+        with open(source, encoding="utf-8") as file:
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                value = row.get(text_field) if isinstance(row, dict) else None
+                if bad(value):
+                    return f"{source}:{number}", value
+    return None, None
 
 
 def _load(builder: str, files: list[str], field: str, cache_dir: Path) -> datasets.Dataset:
-    """Load files with a ``datasets`` builder (``text`` reads one document per file), or a dataset by name."""
-    hf_cache = str(cache_dir / "datasets")
+    """Load files with a ``datasets`` builder (``text`` reads one document per file), or a dataset by name.
+    Its cache is keyed by the files' content (``datasets`` keys local files by path and time alone)."""
+    hf_cache = str(cache_dir / "datasets" / fingerprint(files, builder)[:16])
     try:
         if builder == "text":
             return datasets.load_dataset(

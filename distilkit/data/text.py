@@ -11,6 +11,7 @@ import datasets
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from distilkit.batch import IGNORE_INDEX
@@ -72,28 +73,33 @@ class TextDataModule(L.LightningDataModule):
     ``text_field``). Documents are tokenized once (cached on disk, keyed by the files and the tokenizer),
     joined with EOS and packed into blocks of ``block_size`` tokens. Without ``val_files`` a deterministic
     ``val_fraction`` of the documents (seeded) is held out; a single document is split at its last tokens.
-    ``predict`` scores ``predict_files`` when given, else the validation blocks.
+    ``test`` scores ``test_files`` when given, else the validation blocks (and says so); ``predict`` scores
+    ``predict_files`` when given, else the validation blocks.
 
     Args:
         train_files: paths, ``builtin:python-reference``, or one ``datasets`` name/path.
         val_files: the same forms, or None to hold out part of the training documents.
+        test_files: the same forms: what ``distilkit test`` scores (default: the validation split).
         predict_files: the same forms: what ``distilkit predict`` scores (default: the validation split).
         text_field: the field holding the text in jsonl/parquet/datasets rows.
         tokenizer: a tokenizer (or exported model) directory, or settings to train a byte-level BPE on the
             training documents: ``{vocab_size: 4096, min_frequency: 2}`` (the default).
         block_size: tokens per training example.
-        batch_size: examples per batch.
+        batch_size: examples per batch (per process).
         val_fraction: share of documents held out when there are no ``val_files``.
         num_workers: data-loader worker processes.
         cache_dir: where tokenizers and token ids are cached (default ``$DISTILKIT_CACHE`` or
             ``~/.cache/distilkit``).
         seed: seeds the held-out split and the shuffling.
+        skip_missing_text: train without the jsonl/parquet rows that have no ``text_field`` (counted and
+            warned about) instead of refusing them.
     """
 
     def __init__(
         self,
         train_files: str | list[str],
         val_files: str | list[str] | None = None,
+        test_files: str | list[str] | None = None,
         predict_files: str | list[str] | None = None,
         text_field: str = "text",
         tokenizer: str | dict[str, Any] | None = None,
@@ -103,24 +109,20 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         seed: int = 0,
+        skip_missing_text: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (("block_size", block_size), ("batch_size", batch_size)):
-            if not (isinstance(value, int) and value >= 2):
-                raise ConfigError(f"data.{name}", value, "must be an integer >= 2", "use e.g. 128 or 16")
+        for name, value, low in (("block_size", block_size, 2), ("batch_size", batch_size, 1)):
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+                raise ConfigError(f"data.{name}", value, f"must be an integer >= {low}", "use e.g. 128 or 16")
         if not 0.0 < val_fraction < 1.0:
             raise ConfigError("data.val_fraction", val_fraction, "must lie in (0, 1)", "use e.g. 0.05")
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.train_sources = resolve_sources("data.train_files", train_files, self.cache_dir)
-        self.val_sources = (
-            None if val_files is None else resolve_sources("data.val_files", val_files, self.cache_dir)
-        )
-        self.predict_sources = (
-            None
-            if predict_files is None
-            else resolve_sources("data.predict_files", predict_files, self.cache_dir)
-        )
-        self.text_field = text_field
+        self.val_sources = self._optional_sources("val_files", val_files)
+        self.test_sources = self._optional_sources("test_files", test_files)
+        self.predict_sources = self._optional_sources("predict_files", predict_files)
+        self.text_field, self.skip_missing_text = text_field, skip_missing_text
         self.block_size, self.batch_size = block_size, batch_size
         self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
         self.tokenizer = resolve_tokenizer(
@@ -163,13 +165,10 @@ class TextDataModule(L.LightningDataModule):
             else:
                 train_docs, val_docs = self._split(train_docs)
             self.datasets = {"train": self._blocks(train_docs), "val": self._blocks(val_docs)}
-        if stage == "predict" and "predict" not in self.datasets:
-            if self.predict_sources is None:
-                self.datasets["predict"] = self.datasets["val"]
-            else:
-                self.datasets["predict"] = self._blocks(
-                    self._tokenized(self.predict_sources, "data.predict_files")
-                )
+        for split, sources in (("test", self.test_sources), ("predict", self.predict_sources)):
+            if stage == split and split not in self.datasets:
+                tokenized = None if sources is None else self._tokenized(sources, f"data.{split}_files")
+                self.datasets[split] = self.datasets["val"] if tokenized is None else self._blocks(tokenized)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled full batches in an order a resumed run continues exactly (see :meth:`state_dict`).
@@ -177,6 +176,15 @@ class TextDataModule(L.LightningDataModule):
         Under DDP each process takes its share of every global batch (:class:`.ResumableSampler`), so ``W``
         processes with ``batch_size`` train on what one process with ``W * batch_size`` would."""
         world_size, rank = _world_size_and_rank(self.trainer)
+        blocks = len(self.datasets["train"])
+        if blocks < self.batch_size * world_size:
+            raise ConfigError(
+                "data.batch_size",
+                self.batch_size,
+                f"needs {self.batch_size * world_size} training blocks for one batch ({world_size} "
+                f"processes) but the data makes {blocks} blocks of {self.block_size} tokens",
+                "lower data.batch_size or data.block_size, or give more text",
+            )
         self.sampler = ResumableSampler(
             len(self.datasets["train"]), self.batch_size, self.seed, num_replicas=world_size, rank=rank
         )
@@ -196,7 +204,10 @@ class TextDataModule(L.LightningDataModule):
         return self._in_order("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._in_order("val")
+        """The ``test_files`` blocks, or (said once) the validation blocks when there are none."""
+        if self.test_sources is None:
+            rank_zero_warn("data.test_files is not set: `test` scores the validation split")
+        return self._in_order("test")
 
     def predict_dataloader(self) -> DataLoader:
         """The predict blocks in order (``predict_files``, or the validation split)."""
@@ -223,6 +234,9 @@ class TextDataModule(L.LightningDataModule):
             self._resume_position = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
     # -------------------------------------------------------------------------------------------- internals
+    def _optional_sources(self, name: str, files: str | list[str] | None) -> list[str] | None:
+        return None if files is None else resolve_sources(f"data.{name}", files, self.cache_dir)
+
     def _in_order(self, split: str) -> DataLoader:
         return DataLoader(
             self.datasets[split],
@@ -241,7 +255,7 @@ class TextDataModule(L.LightningDataModule):
         return PackedBlocks(stream, self.block_size, int(self.tokenizer.pad_token_id), starts)
 
     def _documents(self, sources: list[str], field: str) -> datasets.Dataset:
-        return load_documents(sources, field, self.text_field, self.cache_dir)
+        return load_documents(sources, field, self.text_field, self.cache_dir, self.skip_missing_text)
 
     def _tokenized(self, sources: list[str], field: str) -> datasets.Dataset:
         """Token ids per document, EOS appended; cached under ``cache_dir`` keyed by files and tokenizer."""

@@ -133,3 +133,34 @@ def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_same_vocabulary(
+    reference: PreTrainedTokenizerBase,
+    reference_source: str,
+    other: PreTrainedTokenizerBase,
+    other_source: str,
+) -> None:
+    """Refuse two tokenizers that do not give the same tokens the same ids (special tokens included):
+    equal sizes are not enough, a different BPE of the same size turns every target into another token.
+
+    The error names both sources and the first tokens that differ.
+    """
+    mine, theirs = reference.get_vocab(), other.get_vocab()
+    specials = [(reference.eos_token, other.eos_token), (reference.bos_token, other.bos_token)]
+    if mine == theirs and all(a == b for a, b in specials):
+        return
+    differences = [
+        f"{token!r}: id {mine.get(token)} vs {theirs.get(token)}"
+        for token in sorted(
+            set(mine) | set(theirs), key=lambda t: min(mine.get(t, 1 << 60), theirs.get(t, 1 << 60))
+        )
+        if mine.get(token) != theirs.get(token)
+    ]
+    differences += [f"special {a!r} vs {b!r}" for a, b in specials if a != b]
+    raise ConfigError(
+        other_source,
+        f"a vocabulary of {len(theirs)}",
+        f"differs from {reference_source}'s {len(mine)} (first differences: {'; '.join(differences[:3])})",
+        "train on the teacher's tokenizer: set data.tokenizer to the teacher's directory",
+    )

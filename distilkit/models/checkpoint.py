@@ -133,3 +133,60 @@ def load_model_and_tokenizer(
 def _first_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     return text.splitlines()[0]
+
+
+def check_models_match(
+    checkpoint: dict[str, Any], models: dict[str, nn.Module], where: str = "ckpt_path"
+) -> None:
+    """Refuse to load a checkpoint into models of another architecture: every tensor the checkpoint holds
+    for a model must exist in it with the same shape, and every model tensor must be in the checkpoint.
+
+    The error names the first tensor that differs, both shapes, and the config fields that differ.
+    """
+    state = checkpoint.get("state_dict") or {}
+    stored_configs = model_configs(checkpoint)
+    for prefix, model in models.items():
+        start = f"{prefix}."
+        stored = {k[len(start) :]: v for k, v in state.items() if k.startswith(start)}
+        if not stored:
+            continue
+        own = dict(model.state_dict())
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        problem = next(
+            (
+                f"{key}: {tuple(value.shape)} in the checkpoint, {tuple(own[key].shape)} in this {prefix}"
+                for key, value in stored.items()
+                if key in own and tuple(value.shape) != tuple(own[key].shape)
+            ),
+            None,
+        )
+        missing = [k for k in own if k not in stored and k not in tied]
+        unexpected = [k for k in stored if k not in own]
+        if problem is None and (missing or unexpected):
+            problem = f"tensors missing {missing[:3]}, unexpected {unexpected[:3]}"
+        if problem is None:
+            continue
+        config = getattr(model, "config", None)
+        differ = _config_differences(stored_configs.get(prefix, {}), config.to_dict() if config else {})
+        raise ConfigError(
+            where,
+            checkpoint.get("path", prefix),
+            f"holds a {prefix} of another architecture ({problem}{'; ' + differ if differ else ''})",
+            f"resume with the {prefix} settings the run was started with (its config.yaml)",
+        )
+
+
+def _config_differences(stored: dict[str, Any], current: dict[str, Any]) -> str:
+    keys = [k for k in stored if k in current and stored[k] != current[k] and not k.startswith("_")]
+    keys = [k for k in keys if k not in ("transformers_version", "dtype", "torch_dtype", "architectures")]
+    return ", ".join(f"{k}: {stored[k]!r} vs {current[k]!r}" for k in keys[:4])
+
+
+def trained_block_size(name: str | Path) -> int | None:
+    """The ``block_size`` a distilkit checkpoint was trained with (None for a model directory, or when the
+    checkpoint does not record it)."""
+    if Path(name).suffix != ".ckpt":
+        return None
+    checkpoint = read_checkpoint(name)
+    size = (checkpoint.get("hyper_parameters") or {}).get("block_size")
+    return int(size) if size else None

@@ -19,8 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from distilkit.errors import ConfigError
 
@@ -66,10 +73,11 @@ def load_causal_lm(
 
 
 def _from_pretrained(name: str, *, field: str, dtype: torch.dtype) -> nn.Module:
+    """A directory, or a hub name (``org/model``: from the local Hugging Face cache when offline, as
+    transformers resolves it). Unreadable weights (truncated, not safetensors) are a one-line error."""
     path = Path(name).expanduser()
     looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    if looks_local or offline:
+    if looks_local:
         if not path.is_dir():
             raise ConfigError(
                 field, name, "is not a directory", "give a Hugging Face model directory (with config.json)"
@@ -79,11 +87,21 @@ def _from_pretrained(name: str, *, field: str, dtype: torch.dtype) -> nn.Module:
                 field, name, "has no config.json", "point at a directory written by save_pretrained or export"
             )
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else name, dtype=dtype).eval()
-    except OSError as err:
-        raise ConfigError(
-            field, name, f"could not be loaded ({err})", "check the name or the directory"
-        ) from err
+        return AutoModelForCausalLM.from_pretrained(str(path) if looks_local else name, dtype=dtype).eval()
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        if not looks_local and offline:
+            problem, fix = "is neither a directory nor in the local Hugging Face cache", "download it once"
+        else:
+            problem, fix = (
+                f"could not be loaded ({_first_line(err)})",
+                "check the name, or save the model again",
+            )
+        raise ConfigError(field, name, problem, fix) from err
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def config_from_mapping(
@@ -217,3 +235,14 @@ def load_student_and_teacher(
     for field, model in (("model.student", student_model), ("model.teacher", teacher_model)):
         check_context(field, model, block_size)
     return student_model, teacher_model, shared_vocab_size(student_model, teacher_model, vocab_size)
+
+
+def tokenizer_of(spec: Any) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved beside a model directory, or None (a config mapping, a module, a directory
+    without tokenizer files, a hub name)."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return None
+    path = Path(spec).expanduser()
+    if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
+        return None
+    return AutoTokenizer.from_pretrained(path)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import importlib
 import netrc
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +59,7 @@ def resolve_checkpoint(root: str, ckpt_path: str | None, subcommand: str) -> str
             sorted(folder.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime_ns) if folder.is_dir() else []
         )
         if found:
-            return str(found[-1])
+            return readable_checkpoint(str(found[-1]))
         if ckpt_path == LAST_OR_NEW and subcommand == "fit":
             return None
         fix = (
@@ -69,7 +72,22 @@ def resolve_checkpoint(root: str, ckpt_path: str | None, subcommand: str) -> str
         raise ConfigError(
             "ckpt_path", ckpt_path, "is not a file", "give a .ckpt file from a run's checkpoints/"
         )
-    return ckpt_path
+    return readable_checkpoint(ckpt_path)
+
+
+def readable_checkpoint(path: str) -> str:
+    """``path``, after checking that it opens as a checkpoint (a truncated or foreign file is refused)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(
+            "ckpt_path",
+            path,
+            f"could not be read as a checkpoint ({reason})",
+            "give a complete checkpoint written by distilkit fit (an interrupted save never replaces one)",
+        ) from err
+    return path
 
 
 def resume_point(ckpt_path: str | None) -> tuple[str | None, int]:
@@ -189,3 +207,34 @@ class SaveRunConfig(SaveConfigCallback):
         """Give W&B the full resolved config, nested as in the YAML (not Lightning's flat hparams)."""
         for logger in wandb_loggers(trainer):
             logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
+
+
+def snapshot(root: str | Path) -> dict[Path, int]:
+    """Every path under ``root`` (and ``root`` itself) with its modification time, before a command writes."""
+    base = Path(root)
+    if not base.exists():
+        return {}
+    return {p: p.stat().st_mtime_ns for p in [base, *base.rglob("*")]}
+
+
+@contextmanager
+def undo_failed_start(root: str | Path, before: dict[Path, int]) -> Iterator[None]:
+    """Leave ``root`` as it was (``before``, from :func:`snapshot`) when the command fails before it wrote
+    a checkpoint: the files and directories it created (``config.yaml``, ``metrics.csv``, an evaluation's
+    directory, W&B files ...) are removed, so the next command starts clean. Once a checkpoint has been
+    written the run is real and everything is kept."""
+    try:
+        yield
+    except BaseException:
+        if not _wrote_a_checkpoint(Path(root), before):
+            created = [p for p in snapshot(root) if p not in before]
+            for path in sorted(created, key=lambda p: len(p.parts), reverse=True):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        raise
+
+
+def _wrote_a_checkpoint(root: Path, before: dict[Path, int]) -> bool:
+    return any(before.get(p) != p.stat().st_mtime_ns for p in root.rglob("*.ckpt") if p.is_file())

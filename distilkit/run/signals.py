@@ -1,13 +1,30 @@
-"""Stopping a run from outside without losing it: SIGTERM writes ``last.ckpt`` before the process exits."""
+"""Stopping a run from outside without losing it: SIGTERM and Ctrl-C (SIGINT) write ``last.ckpt`` at the
+end of the running step before the process exits."""
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from distilkit.errors import RunInterrupted
+
+
+def save_last(trainer: Trainer) -> Path | None:
+    """Write ``last.ckpt`` where the run's checkpoint callback keeps it; its path (None without one)."""
+    checkpoint: Any = trainer.checkpoint_callback
+    if checkpoint is None or checkpoint.dirpath is None:
+        return None
+    path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}.ckpt"
+    trainer.save_checkpoint(path)
+    return path
 
 
 class CheckpointOnSigterm(Callback):
@@ -18,7 +35,59 @@ class CheckpointOnSigterm(Callback):
     """
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        checkpoint: Any = trainer.checkpoint_callback
-        if not isinstance(exception, SIGTERMException) or checkpoint is None or checkpoint.dirpath is None:
+        if isinstance(exception, SIGTERMException):
+            save_last(trainer)
+
+
+class CheckpointOnInterrupt(Callback):
+    """Ctrl-C (SIGINT) during a fit finishes the running step, writes ``last.ckpt`` and stops with
+    :class:`~distilkit.errors.RunInterrupted` (the CLI exits with status 130); a second Ctrl-C stops at once.
+    Under several processes the first process's request stops all of them at the same step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)  # a second Ctrl-C interrupts at once
+        rank_zero_info("\nCtrl-C: finishing this step and writing last.ckpt (Ctrl-C again to stop at once)")
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        stop = self.requested
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
             return
-        trainer.save_checkpoint(Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}.ckpt")
+        path = save_last(trainer)
+        self._restore()
+        saved = (
+            f"{path} written at step {trainer.global_step}"
+            if path
+            else "no checkpoint callback, nothing saved"
+        )
+        raise RunInterrupted(f"Ctrl-C: {saved}; resume with --ckpt_path last")
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+class CheckpointAtEnd(Callback):
+    """When a fit ends, write ``last.ckpt`` at the final step: Lightning checkpoints at validations, so a
+    run whose ``max_steps`` is not a multiple of ``val_check_interval`` would lose its last steps."""
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.global_step > 0:
+            save_last(trainer)

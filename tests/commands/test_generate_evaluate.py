@@ -110,6 +110,8 @@ def test_the_seqkd_recipe_runs_a_few_steps_on_teacher_samples(tmp_path, cache_di
         str(samples),
         "--trainer.max_steps",
         "2",
+        "--model.init_args.lr_scheduler.init_args.total_steps",  # the recipe's schedule follows the run
+        "2",
         "--trainer.val_check_interval",
         "2",
         "--trainer.limit_val_batches",
@@ -122,3 +124,49 @@ def test_the_seqkd_recipe_runs_a_few_steps_on_teacher_samples(tmp_path, cache_di
         str(cache_dir),
     )
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+# -------------------------------------------------------------------------- issue 11: check, then work
+def test_unwritable_outputs_are_refused_before_any_scoring_or_sampling(tmp_path, tiny_run, capsys):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    for command, field in (
+        (
+            ["evaluate", "--models", f"[{tiny_run}]", "--output_json", str(blocked / "eval.json")],
+            "output_json",
+        ),
+        (["generate", "--model", str(tiny_run), "--output_file", str(blocked / "s.jsonl")], "output_file"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(*command)
+        err = " ".join(capsys.readouterr().err.split())
+        assert exit_info.value.code == 2 and f"{field}=" in err and "cannot be written" in err
+        assert "Traceback" not in err
+
+
+def test_evaluate_uses_the_block_size_a_checkpoint_was_trained_with_and_refuses_a_longer_one(
+    tiny_run, corpus, capsys
+):
+    rows = evaluate([str(tiny_run)], data_files=str(corpus), progress=False)
+    assert rows[0]["tokens"] % 32 == 0  # the tiny run trained with block_size 32
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("evaluate", "--models", f"[{tiny_run}]", "--data_files", str(corpus), "--block_size", "5000")
+    err = " ".join(capsys.readouterr().err.split())
+    assert exit_info.value.code == 2 and "block_size=5000" in err and "positions" in err
+
+
+def test_evaluate_refuses_a_teacher_whose_tokenizer_differs(tmp_path, tiny_run, corpus, capsys):
+    from helpers import tiny_model_dir
+
+    from distilkit.data.tokenizer import train_bpe
+
+    other = train_bpe(
+        ["completely different text " * 50, "zzz yyy xxx " * 40], vocab_size=300, show_progress=False
+    )
+    teacher = tiny_model_dir(tmp_path / "teacher", other)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(
+            "evaluate", "--models", f"[{tiny_run}]", "--teacher", str(teacher), "--data_files", str(corpus)
+        )
+    err = " ".join(capsys.readouterr().err.split())
+    assert exit_info.value.code == 2 and "first differences:" in err and "teacher" in err

@@ -54,9 +54,16 @@ def test_predict_files_score_other_text_by_document(tmp_path, corpus, tokenizer_
         "".join(json.dumps({"text": t}) + "\n" for t in ["def f(): pass", "x = 1 " * 30, "The end."])
     )
     run_cli(
-        "predict", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir), "--ckpt_path", "last",
-        "--data.init_args.predict_files", str(texts),
-    )  # fmt: skip
+        "predict",
+        "--config",
+        str(recipe),
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--ckpt_path",
+        "last",
+        "--data.init_args.predict_files",
+        str(texts),
+    )
     rows = [json.loads(line) for line in (run_dir / "predict" / "predictions.jsonl").read_text().splitlines()]
     assert [r["document"] for r in rows] == [0, 1, 2]
     assert rows[1]["tokens"] > rows[0]["tokens"] and rows[1]["tokens"] > rows[2]["tokens"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +195,100 @@ def test_bytes_that_are_not_utf8_are_refused_with_their_offset(tmp_path, cache_d
     path.write_bytes(content)
     with pytest.raises(ConfigError, match=r"is not valid UTF-8 \(invalid start byte at byte \d+\)"):
         TextDataModule(str(path), cache_dir=str(cache_dir))
+
+
+# ---------------------------------------------------------------- issue 11: data that trains on nonsense
+@pytest.mark.parametrize(
+    "rows,match",
+    [
+        ([{"text": "fine"}, {"text": 5}], r"docs.jsonl:2.*has int values in 'text', not text"),
+        ([{"text": [1, 2]}], r"docs.jsonl:1.*has list values in 'text'"),
+        (
+            [{"text": "fine"}, {"other": 1}, {"text": None}],
+            r"2 rows.*have no 'text' \(the first at .*docs.jsonl:2\)",
+        ),
+    ],
+)
+def test_rows_without_text_are_named_by_line(rows, match, tmp_path, tokenizer_dir, cache_dir):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    dm = TextDataModule(str(path), tokenizer=str(tokenizer_dir), block_size=4, cache_dir=str(cache_dir))
+    with pytest.raises(ConfigError, match=match):
+        dm.setup()
+
+
+def test_rows_without_text_are_skipped_only_when_asked(tmp_path, tokenizer_dir, cache_dir):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(
+        "".join(json.dumps(row) + "\n" for row in [{"text": "a b c d e f g h " * 8}, {"x": 1}] * 3)
+    )
+    dm = TextDataModule(
+        str(path),
+        tokenizer=str(tokenizer_dir),
+        block_size=4,
+        cache_dir=str(cache_dir),
+        skip_missing_text=True,
+    )
+    with pytest.warns(UserWarning, match="skipped 3 rows without 'text'"):
+        dm.setup()
+    assert len(dm.datasets["train"]) > 0
+
+
+@pytest.mark.parametrize("content", ["", "\n \n\t\n"])
+@pytest.mark.parametrize("name", ["empty.jsonl", "empty.txt"])
+def test_an_empty_or_blank_file_holds_no_text(name, content, tmp_path, cache_dir):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=r"holds no text \(it is empty or blank\)"):
+        TextDataModule(str(path), cache_dir=str(cache_dir))
+
+
+def test_batch_size_1_is_a_valid_size(corpus, tokenizer_dir, cache_dir):
+    dm = TextDataModule(
+        str(corpus), tokenizer=str(tokenizer_dir), block_size=32, batch_size=1, cache_dir=str(cache_dir)
+    )
+    dm.setup()
+    assert next(iter(dm.train_dataloader()))["input_ids"].shape == (1, 32)
+
+
+def test_caches_are_keyed_by_content_not_by_path_size_or_time(tmp_path, tokenizer_dir, cache_dir):
+    """A file rewritten with text of the same size and the same modification time is read anew."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "aaaa " * 40}) + "\n")
+    stamp = path.stat().st_mtime_ns
+
+    def first_tokens() -> list[int]:
+        dm = TextDataModule(
+            str(path),
+            val_files=str(path),
+            tokenizer=str(tokenizer_dir),
+            block_size=8,
+            cache_dir=str(cache_dir),
+        )
+        dm.setup()
+        return dm.datasets["train"].tokens[0].tolist()
+
+    before = first_tokens()
+    path.write_text(json.dumps({"text": "bbbb " * 40}) + "\n")  # same size
+    os.utime(path, ns=(stamp, stamp))  # same modification time
+    assert first_tokens() != before
+
+
+def test_test_files_give_test_its_own_split_and_without_them_it_says_so(
+    corpus, tokenizer_dir, cache_dir, tmp_path
+):
+    held = tmp_path / "test.txt"
+    held.write_text("A test document about classes. " * 20)
+    dm = TextDataModule(
+        str(corpus),
+        test_files=str(held),
+        tokenizer=str(tokenizer_dir),
+        block_size=16,
+        cache_dir=str(cache_dir),
+    )
+    dm.setup("test")
+    assert dm.tokenizer.decode(dm.datasets["test"].tokens.flatten()[:12]).startswith("A test document")
+    plain = TextDataModule(str(corpus), tokenizer=str(tokenizer_dir), block_size=16, cache_dir=str(cache_dir))
+    plain.setup("test")
+    with pytest.warns(UserWarning, match="test_files is not set: `test` scores the validation split"):
+        plain.test_dataloader()

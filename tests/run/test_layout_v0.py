@@ -27,8 +27,17 @@ def _run_dir(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_a_0_1_checkpoint_resumes_exactly_as_0_1_resumed_it(tmp_path):
     recipe, run_dir = _run_dir(tmp_path)
-    run_cli("fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir),
-            "--trainer.max_steps", "5", "--ckpt_path", "last")  # fmt: skip
+    run_cli(
+        "fit",
+        "--config",
+        str(recipe),
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.max_steps",
+        "5",
+        "--ckpt_path",
+        "last",
+    )
     resumed = torch.load(run_dir / "checkpoints" / "epoch=0-step=4.ckpt", weights_only=True)
     expected = torch.load(FIXTURE / "expected_state_step4.pt", weights_only=True)
     assert resumed["state_dict"].keys() == expected.keys()
