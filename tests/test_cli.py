@@ -234,3 +234,17 @@ def test_a_diverging_run_stops_with_exit_1_and_one_message(
     assert exit_info.value.code == 1
     err = " ".join(capsys.readouterr().err.split())
     assert "stopped: step" in err and "non-finite" in err and "Traceback" not in err
+
+
+def test_the_export_command_after_a_fit_is_one_quoted_line(
+    tmp_path, corpus, tokenizer_dir, cache_dir, capsys
+):
+    recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir, max_steps=1)
+    run_dir = tmp_path / "a run with spaces"
+    fit_run(recipe, run_dir)
+    line = next(line for line in capsys.readouterr().out.splitlines() if "distilkit export" in line)
+    command = line.split(": ", 1)[1]
+    assert (
+        command
+        == f"distilkit export --ckpt_path '{run_dir}/checkpoints/last.ckpt' --output_dir '{run_dir}/export'"
+    )

@@ -34,3 +34,15 @@ def test_a_fit_shows_loss_and_tokens_per_second_over_the_window(tmp_path, datamo
 
     bar.on_validation_start(trainer, module)  # a validation pause restarts the window
     assert bar.tokens_per_second is None and "tok/s" not in bar.get_metrics(trainer, module)
+
+
+def test_the_bar_names_the_curriculum_stage_instead_of_a_float(tmp_path, datamodule):
+    from distilkit import CurriculumCallback, Stage
+
+    bar = DistilProgressBar()
+    curriculum = CurriculumCallback([Stage("warm-up", lr=1e-3, steps=1), Stage("main", lr=1e-3, steps=5)])
+    trainer = tiny_trainer(tmp_path, max_steps=2, callbacks=[bar, curriculum], enable_progress_bar=True)
+    module = tiny_module(datamodule, teacher=None)
+    trainer.fit(module, datamodule=datamodule)
+    shown = bar.get_metrics(trainer, module)
+    assert shown["stage"] == "main" and "curriculum/stage" not in shown
