@@ -168,3 +168,22 @@ def test_a_block_size_beyond_the_models_positions_is_refused(tmp_path):
     teacher = load_causal_lm({**FAMILIES["gpt2"], "n_positions": 16}, field="t", defaults=DEFAULTS)
     with pytest.raises(ConfigError, match=r"data.block_size=32: is longer than model.teacher's 16 positions"):
         DistillationModule(student=FAMILIES["gpt2"], teacher=teacher, vocab_size=300, block_size=32)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not safetensors"])
+def test_a_teacher_with_unreadable_weights_is_one_line(
+    damage, tmp_path, corpus, tokenizer_dir, cache_dir, capsys
+):
+    from helpers import fit_run, tiny_model_dir, tiny_recipe
+    from transformers import AutoTokenizer
+
+    teacher = tiny_model_dir(tmp_path / "teacher", AutoTokenizer.from_pretrained(tokenizer_dir))
+    weights = teacher / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000] if damage == "truncated" else b"garbage")
+    recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir)
+    capsys.readouterr()  # the progress bars of writing the teacher
+    with pytest.raises(SystemExit) as exit_info:
+        fit_run(recipe, tmp_path / "run", "--model.init_args.teacher", str(teacher))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"model.teacher='{teacher}': could not be loaded (Error while deserializing header" in err
