@@ -86,8 +86,20 @@ class CheckpointOnInterrupt(Callback):
 
 class CheckpointAtEnd(Callback):
     """When a fit ends, write ``last.ckpt`` at the final step: Lightning checkpoints at validations, so a
-    run whose ``max_steps`` is not a multiple of ``val_check_interval`` would lose its last steps."""
+    run whose ``max_steps`` is not a multiple of ``val_check_interval`` would lose its last steps.
+
+    A run stopped by ``max_steps`` is saved at the end of its last batch, where the loops are mid-epoch
+    (as Lightning's own step checkpoints are), so a resume continues the same epoch; a checkpoint written
+    after the loops closed would resume into a new epoch."""
+
+    def __init__(self) -> None:
+        self._saved_at: int | None = None
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            save_last(trainer)
+            self._saved_at = trainer.global_step
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.global_step > 0:
+        if trainer.global_step > 0 and self._saved_at != trainer.global_step:
             save_last(trainer)
