@@ -29,7 +29,7 @@ from distilkit.metrics import EvaluationMetrics, NextTokenNLL
 from distilkit.models.heads import BodyOutput, OutputHead, body_features, check_head, output_head
 from distilkit.models.loading import ModelSpec, load_student_and_teacher
 from distilkit.models.sharding import ShardedTraining, all_finite
-from distilkit.run.state import RunState
+from distilkit.run import CachedTeacher, RunState
 
 
 class DistillationModule(ShardedTraining, L.LightningModule):
@@ -51,7 +51,8 @@ class DistillationModule(ShardedTraining, L.LightningModule):
 
     Args:
         student: a Hugging Face model directory or hub name, a config mapping (random init), or a module.
-        teacher: the same forms, or None for training without a teacher.
+        teacher: the same forms, or None for training without a teacher (or from ``teacher_cache``).
+        teacher_cache: a directory written by ``distilkit cache``, to train from instead of a teacher.
         loss: the KD divergence (default ``ForwardKLLoss(temperature=1.0)``).
         hidden_loss: optional intermediate-layer loss, added as ``hidden_loss.weight · term``; its
             projections train with the student and are never exported.
@@ -80,6 +81,7 @@ class DistillationModule(ShardedTraining, L.LightningModule):
         self,
         student: ModelSpec,
         teacher: ModelSpec | None = None,
+        teacher_cache: str | None = None,
         loss: DistillationLoss | None = None,
         hidden_loss: HiddenStateLoss | None = None,
         kd_ratio: float = 0.5,
@@ -107,6 +109,7 @@ class DistillationModule(ShardedTraining, L.LightningModule):
         )  # fmt: skip
         self.chunk_size = resolve_chunk_size(chunk_size, self.vocab_size)
         self.loss = loss if loss is not None else ForwardKLLoss()
+        self.cached_teacher = CachedTeacher.open(teacher_cache, teacher, self.loss)
         self.hidden_loss = hidden_loss
         if hidden_loss is not None:
             hidden_loss.bind_models(self.student, self.teacher)
@@ -169,7 +172,7 @@ class DistillationModule(ShardedTraining, L.LightningModule):
 
     def loss_weights(self) -> dict[str, float]:
         """Weight of each term of :meth:`loss_terms` in the total (its keys name the terms)."""
-        if self.teacher is None:
+        if self.teacher is None and self.cached_teacher is None:
             return {"ce_loss": 1.0}
         return {"ce_loss": 1.0 - self.kd_ratio, "kd_loss": self.kd_ratio}
 
@@ -211,10 +214,10 @@ class DistillationModule(ShardedTraining, L.LightningModule):
 
     def teacher_chunks(self, batch: Batch, teacher: BodyOutput | None, keep: Tensor) -> TeacherChunks | None:
         """The teacher's side of the loss at the kept positions ``keep`` ``(B, T-1)``: the live teacher's
-        logits through its head, chunk by chunk (None without a teacher)."""
+        logits through its head, chunk by chunk, or the targets of a teacher cache (None without either)."""
         head = self.teacher_head()
         if teacher is None or head is None:
-            return None
+            return None if self.cached_teacher is None else self.cached_teacher.chunks(self, batch)
         return HeadTeacher(teacher.last[:, :-1][keep], head)  # (N, H_t) through the head
 
     def exportable_models(self) -> dict[str, nn.Module]:
@@ -265,7 +268,7 @@ class DistillationModule(ShardedTraining, L.LightningModule):
         size = max(int(next_token_targets(batch["labels"])[0].sum()), 1)
         self.log(f"{stage}/loss", losses.pop("loss"), prog_bar=True, batch_size=size, sync_dist=True)
         self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, batch_size=size, sync_dist=True)
-        for name, metric in metrics.logged(with_teacher=self.teacher is not None).items():
+        for name, metric in metrics.logged(with_teacher="kd_loss" in losses).items():
             self.log(f"{stage}/{name}", metric, prog_bar=name == "ppl")
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
@@ -287,8 +290,8 @@ class DistillationModule(ShardedTraining, L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ hooks
     def configure_callbacks(self) -> list[L.Callback]:
-        """:class:`~distilkit.run.RunState`, so every checkpoint carries what export and resume need."""
-        return [RunState()]
+        """:class:`~distilkit.run.RunState` (what export and resume need); a teacher cache's checks."""
+        return [RunState(), *([self.cached_teacher] if self.cached_teacher is not None else [])]
 
     def models_to_shard(self) -> dict[str, nn.Module]:
         return {"student": self.student} | ({"teacher": self.teacher} if self.teacher is not None else {})
@@ -337,12 +340,6 @@ class DistillationModule(ShardedTraining, L.LightningModule):
     ) -> HeadLossPlan:
         weights = self.loss_weights()
         return HeadLossPlan(
-            student_head=self.student_head(),
-            teacher=teacher,
-            labels=labels,
-            terms=self._terms,
-            names=tuple(weights),
-            weights=weights,
-            chunk_size=self.chunk_size,
-            observer=observer,
-        )
+            student_head=self.student_head(), teacher=teacher, labels=labels, terms=self._terms,
+            names=tuple(weights), weights=weights, chunk_size=self.chunk_size, observer=observer,
+        )  # fmt: skip

@@ -1,9 +1,18 @@
 """A run's books: its directory, loggers, atomic checkpoint writes, signals, and the state a checkpoint
-carries besides the weights (:class:`RunState`)."""
+carries besides the weights (:class:`RunState`), and a teacher cache standing in for the teacher
+(:class:`CachedTeacher`)."""
 
+from distilkit.run.cached_teacher import CachedTeacher
 from distilkit.run.checkpoint_io import AtomicCheckpointIO
 from distilkit.run.loggers import CSVLogger, WandbLogger
 from distilkit.run.signals import CheckpointOnSigterm
 from distilkit.run.state import RunState
 
-__all__ = ["AtomicCheckpointIO", "CSVLogger", "CheckpointOnSigterm", "RunState", "WandbLogger"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "CSVLogger",
+    "CachedTeacher",
+    "CheckpointOnSigterm",
+    "RunState",
+    "WandbLogger",
+]
