@@ -103,7 +103,8 @@ class TeacherPass(L.LightningModule):
         self.teacher = source.teacher  # registered: Lightning moves it to the device
         self._source = (source,)  # not registered: the student stays where it is
         self.data, self.options = data, options
-        self.temperature = float(options.temperature or source.loss.temperature)
+        given = options.temperature
+        self.temperature = float(source.loss.temperature if given is None else given)
         self.writer: CacheWriter | None = None
         self.splits: list[str] = []  # the split of each predict dataloader
         self.manifest: dict[str, Any] | None = None
@@ -197,7 +198,10 @@ def write_teacher_cache(
         The manifest on rank 0 (None on the other processes).
     """
     run = TeacherPass(source, data, options)
-    trainer.predict(run, return_predictions=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*predict returned None.*")  # it writes, returns nothing
+        warnings.filterwarnings("ignore", message=r".*across ranks is zero.*")  # nothing missing: no loaders
+        trainer.predict(run, return_predictions=False)
     if trainer.is_global_zero and run.manifest is None:  # nothing was missing: the loop did not run
         run.manifest = finalize_cache(options.output_dir)
     return run.manifest
@@ -258,7 +262,6 @@ def run_cache(args: list[str]) -> None:
         parser_kwargs={"exit_on_error": False, "prog": "distilkit cache", "description": DESCRIPTION},
     )
     options = cli.options()
-    warnings.filterwarnings("ignore", message=r".*predict returned None.*")  # it writes, returns nothing
     manifest = write_teacher_cache(cli.trainer, cli.model, cli.datamodule, options)
     if manifest is not None:
         print_cache_summary(manifest, options.output_dir, Console())

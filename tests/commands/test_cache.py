@@ -107,6 +107,10 @@ def test_an_interrupted_cache_run_resumes_to_the_same_cache(tmp_path, recipe, to
         TeacherCache(partial)
     make_cache(recipe, partial, "--top_k", "8")  # the same command again: only the missing blocks
     assert_same_cache(topk_cache, partial)
+    shards = {path.name: path.stat().st_mtime_ns for path in partial.glob("*.safetensors")}
+    make_cache(recipe, partial, "--top_k", "8")  # and once more: nothing is missing, nothing is written
+    assert {path.name: path.stat().st_mtime_ns for path in partial.glob("*.safetensors")} == shards
+    assert json.loads((partial / "manifest.json").read_text())["complete"]
 
 
 def test_a_cache_directory_made_with_other_settings_is_refused(recipe, topk_cache, capsys, monkeypatch):

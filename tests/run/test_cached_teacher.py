@@ -103,8 +103,15 @@ def test_a_sampled_cache_trains_forward_kl_and_refuses_other_losses(tmp_path, li
         quiet_trainer().validate(reverse, data, verbose=False)
 
 
-def test_batches_without_block_indices_and_predict_files_are_refused(live, data, full_cache):
+def test_batches_without_block_indices_and_predict_files_are_refused(live, data, full_cache, small_corpus):
     cached = from_cache(live, data, full_cache)
     batch = {k: v for k, v in next(iter(data.val_dataloader())).items() if k != "block_index"}
     with pytest.raises(ConfigError, match="block_index"):
         cached.eval().compute_loss(batch)
+    other = TextDataModule(
+        str(small_corpus), predict_files=str(small_corpus), tokenizer=data.tokenizer.name_or_path,
+        block_size=32, batch_size=4, val_fraction=0.25, cache_dir=str(data.cache_dir),
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="are not in the teacher cache"):
+        quiet_trainer().predict(cached, other)
+    assert len(quiet_trainer().predict(cached, data)) > 0, "the validation blocks (no predict_files) are"
