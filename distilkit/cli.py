@@ -18,6 +18,7 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
+from distilkit.commands.cache import run_cache
 from distilkit.commands.evaluate import evaluate_command
 from distilkit.commands.export import export
 from distilkit.commands.generate import generate
@@ -32,13 +33,16 @@ class Command:
 
     Attributes:
         summary: the line ``distilkit --help`` shows.
-        function: what runs it, parsed from its signature; None for a Lightning subcommand.
+        function: what runs it, parsed from its signature; None for a command parsed by a LightningCLI.
         positional: arguments given without ``--name`` (``distilkit plot RUN_DIR``).
+        lightning: with no ``function``, what runs the command line (``distilkit fit ...``); its LightningCLI
+            parses the recipe.
     """
 
     summary: str
     function: Callable[..., Any] | None = None
     positional: bool = False
+    lightning: Callable[[list[str]], None] = run_lightning
 
 
 COMMANDS: dict[str, Command] = {
@@ -52,6 +56,11 @@ COMMANDS: dict[str, Command] = {
     ),
     "generate": Command("sample text from a model into jsonl that training reads", generate),
     "plot": Command("redraw a run's learning_curve.png from its metrics.csv", plot, positional=True),
+    "cache": Command(
+        "run a recipe's teacher once, store its top-k or sampled targets to train from: --config R.yaml "
+        "--output_dir DIR --mode topk --top_k 64",
+        lightning=run_cache,
+    ),
 }
 
 
@@ -78,7 +87,7 @@ def run(args: list[str]) -> None:
         torch.set_float32_matmul_precision("high")
         # The frozen teacher is in eval mode on purpose; Lightning warns about every such module.
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-        run_lightning(args)
+        COMMANDS[args[0]].lightning(args)
         return
     parsed = command_parser().parse_args(args)
     name = parsed.command

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from distilkit.data.teacher_cache.targets import SparseTargets
 from distilkit.losses.base import kl_from_log_probs
 
 
@@ -43,7 +44,8 @@ class TokenPerplexity(Metric):
 class TopKAgreement(Metric):
     """Share of positions where the teacher's top-1 token is among the student's top ``k``.
 
-    ``k = 1`` is plain top-1 agreement. ``update(student_logits (N, V), teacher_logits (N, V))``.
+    ``k = 1`` is plain top-1 agreement. ``update(student_logits (N, V), teacher (N, V))``: the teacher's
+    logits, or ``(N,)`` its top-1 token ids (what a top-k teacher cache keeps first).
     """
 
     is_differentiable = False
@@ -60,8 +62,10 @@ class TopKAgreement(Metric):
         self.add_state("hits", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
-        teacher_top = teacher_logits.argmax(-1, keepdim=True)  # (N, 1)
+    def update(self, student_logits: Tensor, teacher: Tensor) -> None:
+        teacher_top = (
+            teacher.reshape(-1, 1) if teacher.dim() == 1 else teacher.argmax(-1, keepdim=True)
+        )  # (N, 1)
         student_top = student_logits.topk(self.k, dim=-1).indices  # (N, k)
         self.hits += (student_top == teacher_top).any(-1).sum()
         self.count += teacher_top.shape[0]
@@ -103,6 +107,8 @@ class EvaluationMetrics(nn.Module):
 
     ``ppl`` (the student's), and with a teacher ``teacher_ppl``, ``top1_agreement`` and ``kl``
     (KL(teacher‖student) at temperature 1). :meth:`observe` is a chunk observer of the loss's chunk loop.
+    From a teacher cache only what its targets determine is computed: ``top1_agreement`` from top-k targets
+    (their first id is the teacher's top-1); the teacher's perplexity and the full KL are not.
     """
 
     def __init__(self) -> None:
@@ -118,11 +124,18 @@ class EvaluationMetrics(nn.Module):
             self.teacher_ppl.update(F.cross_entropy(teacher.float(), labels, reduction="none"))
             self.top1_agreement.update(student, teacher)
             self.kl.update(student, teacher)
+        elif isinstance(teacher, SparseTargets) and teacher.mode == "topk":
+            self.top1_agreement.update(student, teacher.ids[:, 0])  # (n,) ids sorted by probability
 
     def logged(self, with_teacher: bool) -> dict[str, Metric]:
-        """The metrics to log, by name (the teacher's only when there is a teacher)."""
-        names = ("ppl", "teacher_ppl", "top1_agreement", "kl") if with_teacher else ("ppl",)
-        return {name: getattr(self, name) for name in names}
+        """The metrics to log, by name: ``ppl``, and with a teacher those of its metrics that the chunks
+        updated (all with a live teacher; ``top1_agreement`` with a top-k cache; none with a sampled one)."""
+        if not with_teacher:
+            return {"ppl": self.ppl}
+        names = ("ppl", "teacher_ppl", "top1_agreement", "kl")
+        return {
+            name: getattr(self, name) for name in names if name == "ppl" or getattr(self, name).update_called
+        }
 
 
 class NextTokenNLL:

@@ -21,8 +21,7 @@ from distilkit.models.checkpoint import check_models_match
 from distilkit.models.heads import BodyOutput, OutputHead, body_features, check_head, output_head
 from distilkit.models.loading import ModelSpec, load_student_and_teacher
 from distilkit.models.sharding import ShardedTraining, all_finite
-from distilkit.run.state import RunState
-from distilkit.run.tokenizers import TokenizerCheck
+from distilkit.run import CachedTeacher, RunState, TokenizerCheck
 
 
 class DistillationModule(ShardedTraining, L.LightningModule):
@@ -44,7 +43,8 @@ class DistillationModule(ShardedTraining, L.LightningModule):
 
     Args:
         student: a Hugging Face model directory or hub name, a config mapping (random init), or a module.
-        teacher: the same forms, or None for training without a teacher.
+        teacher: the same forms, or None for training without a teacher (or from ``teacher_cache``).
+        teacher_cache: a directory written by ``distilkit cache``, to train from instead of a teacher.
         loss: the KD divergence (default ``ForwardKLLoss(temperature=1.0)``).
         hidden_loss: optional intermediate-layer loss, added as ``hidden_loss.weight · term``; its
             projections train with the student and are never exported.
@@ -73,6 +73,7 @@ class DistillationModule(ShardedTraining, L.LightningModule):
         self,
         student: ModelSpec,
         teacher: ModelSpec | None = None,
+        teacher_cache: str | None = None,
         loss: DistillationLoss | None = None,
         hidden_loss: HiddenStateLoss | None = None,
         kd_ratio: float = 0.5,
@@ -100,6 +101,7 @@ class DistillationModule(ShardedTraining, L.LightningModule):
         )  # fmt: skip
         self.chunk_size = chunked.resolve_chunk_size(chunk_size, self.vocab_size)
         self.loss = loss if loss is not None else ForwardKLLoss()
+        self.cached_teacher = CachedTeacher.open(teacher_cache, teacher, self.loss)
         self.hidden_loss = hidden_loss
         if hidden_loss is not None:
             hidden_loss.bind_models(self.student, self.teacher)
@@ -164,7 +166,7 @@ class DistillationModule(ShardedTraining, L.LightningModule):
 
     def loss_weights(self) -> dict[str, float]:
         """Weight of each term of :meth:`loss_terms` in the total (its keys name the terms)."""
-        if self.teacher is None:
+        if self.teacher is None and self.cached_teacher is None:
             return {"ce_loss": 1.0}
         return {"ce_loss": 1.0 - self.kd_ratio, "kd_loss": self.kd_ratio}
 
@@ -208,10 +210,10 @@ class DistillationModule(ShardedTraining, L.LightningModule):
         self, batch: Batch, teacher: BodyOutput | None, keep: Tensor
     ) -> chunked.TeacherChunks | None:
         """The teacher's side of the loss at the kept positions ``keep`` ``(B, T-1)``: the live teacher's
-        logits through its head, chunk by chunk (None without a teacher)."""
+        logits through its head, chunk by chunk, or the targets of a teacher cache (None without either)."""
         head = self.teacher_head()
         if teacher is None or head is None:
-            return None
+            return None if self.cached_teacher is None else self.cached_teacher.chunks(self, batch)
         return chunked.HeadTeacher(teacher.last[:, :-1][keep], head)  # (N, H_t) through the head
 
     def exportable_models(self) -> dict[str, nn.Module]:
@@ -262,7 +264,7 @@ class DistillationModule(ShardedTraining, L.LightningModule):
         size = max(int(next_token_targets(batch["labels"])[0].sum()), 1)
         self.log(f"{stage}/loss", losses.pop("loss"), prog_bar=True, batch_size=size, sync_dist=True)
         self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, batch_size=size, sync_dist=True)
-        for name, metric in metrics.logged(with_teacher=self.teacher is not None).items():
+        for name, metric in metrics.logged(with_teacher="kd_loss" in losses).items():
             self.log(f"{stage}/{name}", metric, prog_bar=name == "ppl")
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
@@ -285,8 +287,10 @@ class DistillationModule(ShardedTraining, L.LightningModule):
     # ------------------------------------------------------------------------------------------------ hooks
     def configure_callbacks(self) -> list[L.Callback]:
         """``RunState`` (checkpoints carry what export and resume need), ``TokenizerCheck`` (the data's
-        tokenizer is the models') and ``ScheduleLengthCheck`` (the LR schedule lasts as long as the run)."""
-        return [RunState(), TokenizerCheck(), ScheduleLengthCheck()]
+        tokenizer is the models'), ``ScheduleLengthCheck`` (the LR schedule lasts as long as the run) and a
+        teacher cache's checks."""
+        cache = [self.cached_teacher] if self.cached_teacher is not None else []
+        return [RunState(), TokenizerCheck(), ScheduleLengthCheck(), *cache]
 
     def models_to_shard(self) -> dict[str, nn.Module]:
         return {"student": self.student} | ({"teacher": self.teacher} if self.teacher is not None else {})
@@ -338,12 +342,6 @@ class DistillationModule(ShardedTraining, L.LightningModule):
     ) -> chunked.HeadLossPlan:
         weights = self.loss_weights()
         return chunked.HeadLossPlan(
-            student_head=self.student_head(),
-            teacher=teacher,
-            labels=labels,
-            terms=self._terms,
-            names=tuple(weights),
-            weights=weights,
-            chunk_size=self.chunk_size,
-            observer=observer,
-        )
+            student_head=self.student_head(), teacher=teacher, labels=labels, terms=self._terms,
+            names=tuple(weights), weights=weights, chunk_size=self.chunk_size, observer=observer,
+        )  # fmt: skip

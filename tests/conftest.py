@@ -33,6 +33,15 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
+    """The first 8 documents of the corpus, cut to 700 characters: about 60 blocks of 32 tokens."""
+    path = tmp_path_factory.mktemp("small-corpus") / "docs.jsonl"
+    lines = corpus.read_text().splitlines()[:8]
+    path.write_text("".join(json.dumps({"text": json.loads(line)["text"][:700]}) + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
     """A 512-token byte-level BPE trained on the corpus, saved as a Hugging Face tokenizer directory."""
     from distilkit.data.tokenizer import train_bpe

@@ -66,3 +66,42 @@ class DistilProgressBar(RichProgressBar):
         if rate is not None:
             metrics["tok/s"] = f"{rate:,.0f}"
         return metrics
+
+
+class PositionsProgressBar(RichProgressBar):
+    """``RichProgressBar`` for a predict loop that shows the positions (tokens, padding included) it has gone
+    through per second on this process, since the loop's first batch (``distilkit cache`` uses it).
+
+    Args:
+        description: the word before the rate.
+        **kwargs: ``RichProgressBar``'s own.
+    """
+
+    def __init__(self, description: str = "predicting", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.description = description
+        self._start: float | None = None
+        self.positions = 0
+
+    @property
+    def positions_per_second(self) -> float | None:
+        if self._start is None or not self.positions:
+            return None
+        return self.positions / max(perf_counter() - self._start, 1e-9)
+
+    def on_predict_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *args: Any
+    ) -> None:
+        if self._start is None:
+            self._start = perf_counter()
+        super().on_predict_batch_start(trainer, pl_module, batch, *args)
+
+    def on_predict_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, *args: Any
+    ) -> None:
+        self.positions += int(batch["input_ids"].numel())
+        rate = self.positions_per_second
+        if self.progress is not None and self.predict_progress_bar_id is not None and rate is not None:
+            text = f"{self.description} {rate:,.0f} pos/s"
+            self.progress.update(self.predict_progress_bar_id, description=text)
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, *args)

@@ -29,8 +29,9 @@ def default_cache_dir() -> Path:
 class PackedBlocks(Dataset):
     """Fixed-length blocks cut from one token stream, in the Hugging Face causal-LM convention.
 
-    Item ``i`` is ``{"input_ids": (T,), "attention_mask": (T,), "labels": (T,)}`` with labels equal to the
-    inputs; the tail of the last, partial block is padding (mask 0, label -100).
+    Item ``i`` is ``{"input_ids": (T,), "attention_mask": (T,), "labels": (T,), "block_index": ()}`` with
+    labels equal to the inputs; the tail of the last, partial block is padding (mask 0, label -100).
+    ``block_index`` is ``i`` itself (a batch carries ``(B,)`` of them): what a teacher cache is read by.
 
     Args:
         stream: ``(tokens,)`` the documents' token ids, each document followed by EOS.
@@ -59,6 +60,7 @@ class PackedBlocks(Dataset):
             "input_ids": ids,
             "attention_mask": valid.long(),
             "labels": torch.where(valid, ids, torch.full_like(ids, IGNORE_INDEX)),
+            "block_index": torch.tensor(index, dtype=torch.long),
         }
 
     def document_of(self, positions: np.ndarray) -> np.ndarray:

@@ -29,8 +29,12 @@ def test_packing_joins_documents_with_eos_and_pads_only_the_last_block():
 
 def test_batches_follow_the_hugging_face_causal_lm_convention(datamodule):
     batch = next(iter(datamodule.train_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "block_index"}
     assert batch["input_ids"].shape == (4, 32) and batch["input_ids"].dtype == torch.long
+    blocks = datamodule.datasets["train"]
+    assert batch["block_index"].shape == (4,), "each example names its block (a teacher cache reads by it)"
+    for row, index in enumerate(batch["block_index"].tolist()):
+        assert torch.equal(blocks[index]["input_ids"], batch["input_ids"][row])
     valid = batch["attention_mask"].bool()
     assert torch.equal(batch["labels"][valid], batch["input_ids"][valid])
 

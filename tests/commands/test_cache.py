@@ -1,0 +1,216 @@
+"""`distilkit cache`: the recipe's teacher run once over its blocks, targets stored; an interrupted run
+resumes; several processes make the same cache as one; training from the cache refuses every mismatch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY_STUDENT, TINY_TEACHER, run_cli, tiny_recipe
+
+from distilkit.data.teacher_cache import TeacherCache
+from distilkit.errors import ConfigError
+
+QUIET = ("--trainer.enable_progress_bar", "false")
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory, small_corpus, tokenizer_dir, cache_dir) -> Path:
+    """The tiny recipe (random 2x64 teacher, forward KL at temperature 2) on the small corpus."""
+    path = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
+    return tiny_recipe(path, small_corpus, tokenizer_dir, cache_dir)
+
+
+def make_cache(recipe: Path, output_dir: Path, *args: str) -> Path:
+    run_cli("cache", "--config", str(recipe), "--output_dir", str(output_dir), *QUIET, *args)
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def topk_cache(tmp_path_factory, recipe) -> Path:
+    return make_cache(recipe, tmp_path_factory.mktemp("topk") / "cache", "--top_k", "8")
+
+
+def read_all(directory: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Every stored array of every block, by split, in block order."""
+    cache = TeacherCache(directory)
+    out = {}
+    for split in ("train", "val"):
+        encoded = cache.read(split, list(range(cache.num_blocks(split))))
+        out[split] = encoded.arrays()
+    return out
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    """Same settings and identity, and bit for bit the same targets for every block."""
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in (a, b)]
+    for key in (
+        "mode",
+        "top_k",
+        "samples",
+        "temperature",
+        "vocab_size",
+        "block_size",
+        "num_blocks",
+        "identity",
+    ):
+        assert manifests[0].get(key) == manifests[1].get(key), key
+    assert manifests[0]["complete"] and manifests[1]["complete"]
+    first, second = read_all(a), read_all(b)
+    for split, arrays in first.items():
+        for name, values in arrays.items():
+            np.testing.assert_array_equal(second[split][name], values, err_msg=f"{split} {name}")
+
+
+def refusal(capsys, monkeypatch, action) -> str:
+    """The one line a refused command prints (it exits with status 2)."""
+    monkeypatch.setenv("COLUMNS", "1000")  # the console wraps long lines at its width
+    with pytest.raises(SystemExit) as exit_info:
+        action()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err[-2000:]
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("error:"), err  # (progress bars above)
+    return err.splitlines()[-1]
+
+
+def test_the_cache_holds_every_block_and_records_what_it_was_made_from(topk_cache, recipe):
+    manifest = json.loads((topk_cache / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["mode"] == "topk" and manifest["top_k"] == 8
+    assert manifest["temperature"] == 2.0, "the recipe loss's temperature by default"
+    assert 3 * 8 + 6 <= manifest["bytes_per_token"] < 3 * 8 + 6 + 2  # + block indices and headers
+    identity = manifest["identity"]
+    assert set(identity) >= {"train_data", "tokenizer", "block_size", "teacher"}
+    assert json.loads(identity["teacher"]["name"])["model_type"] == "gpt2"
+    assert len(identity["teacher"]["config_sha256"]) == 64
+    cache = TeacherCache(topk_cache)
+    targets = cache.targets("train", [0, cache.num_blocks("train") - 1])  # (2, T, K)
+    assert targets.ids.shape == (2, 32, 8)
+    assert (targets.log_probs[..., :-1] >= targets.log_probs[..., 1:]).all(), "sorted, most likely first"
+
+
+def test_an_interrupted_cache_run_resumes_to_the_same_cache(tmp_path, recipe, topk_cache):
+    partial = make_cache(recipe, tmp_path / "cache", "--top_k", "8", "--trainer.limit_predict_batches", "2")
+    manifest = json.loads((partial / "manifest.json").read_text())
+    assert (
+        not manifest["complete"]
+        and 0 < manifest["splits"]["train"]["blocks"] < manifest["num_blocks"]["train"]
+    )
+    with pytest.raises(ConfigError, match="the cache run did not finish"):
+        TeacherCache(partial)
+    make_cache(recipe, partial, "--top_k", "8")  # the same command again: only the missing blocks
+    assert_same_cache(topk_cache, partial)
+    shards = {path.name: path.stat().st_mtime_ns for path in partial.glob("*.safetensors")}
+    make_cache(recipe, partial, "--top_k", "8")  # and once more: nothing is missing, nothing is written
+    assert {path.name: path.stat().st_mtime_ns for path in partial.glob("*.safetensors")} == shards
+    assert json.loads((partial / "manifest.json").read_text())["complete"]
+
+
+def test_a_cache_directory_made_with_other_settings_is_refused(recipe, topk_cache, capsys, monkeypatch):
+    command = ["cache", "--config", str(recipe), "--output_dir", str(topk_cache), "--top_k", "4", *QUIET]
+    assert "cache.top_k=4: differs from 8" in refusal(capsys, monkeypatch, lambda: run_cli(*command))
+
+
+# ------------------------------------------------------------------------------------------ training from it
+def fit_from(recipe: Path, run_dir: Path, cache: Path, *overrides: str) -> None:
+    run_cli(
+        "fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir), *QUIET,
+        "--model.init_args.teacher", "null", "--model.init_args.teacher_cache", str(cache), *overrides,
+    )  # fmt: skip
+
+
+STUDENT_600 = json.dumps({**TINY_STUDENT, "vocab_size": 600})
+MISMATCHES = {  # what the run changes -> what the one-line error names
+    "tokenizer": (["--data.init_args.tokenizer", '{"vocab_size": 300}'], "identity.tokenizer="),
+    "data": (["--data.init_args.train_files", "CORPUS"], "identity.train_data="),
+    "block size": (["--data.init_args.block_size", "16"], "identity.block_size=16"),
+    "split": (["--data.init_args.val_fraction", "0.25"], "identity.val_fraction=0.25"),
+    "temperature": (["--model.init_args.loss.init_args.temperature", "1.0"], "loss.temperature=1.0"),
+    "vocabulary": (["--model.init_args.student", STUDENT_600], "vocab_size=600"),
+    "loss": (["--model.init_args.loss", "distilkit.losses.LogitMSELoss"], "needs the teacher's full logits"),
+    "teacher too": (["--model.init_args.teacher", json.dumps(TINY_TEACHER)], "together with model.teacher"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", MISMATCHES, ids=list(MISMATCHES))
+def test_training_from_a_cache_that_does_not_match_the_run_is_refused(
+    tmp_path, recipe, topk_cache, corpus, capsys, monkeypatch, change
+):
+    overrides, named = MISMATCHES[change]
+    overrides = [str(corpus) if arg == "CORPUS" else arg for arg in overrides]
+    err = refusal(capsys, monkeypatch, lambda: fit_from(recipe, tmp_path / "run", topk_cache, *overrides))
+    assert named in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists(), "refused before training"
+
+
+@pytest.mark.slow
+def test_a_curriculum_stage_that_changes_the_temperature_is_refused_when_it_starts(
+    tmp_path, recipe, topk_cache, capsys, monkeypatch
+):
+    stages = [{"name": "a", "steps": 1}, {"name": "b", "steps": 2, "knobs": {"temperature": 1.0}}]
+    curriculum = [{"class_path": "distilkit.CurriculumCallback", "init_args": {"stages": stages}}]
+    callbacks = ("--trainer.callbacks", json.dumps(curriculum))
+    err = refusal(capsys, monkeypatch, lambda: fit_from(recipe, tmp_path / "run", topk_cache, *callbacks))
+    assert (
+        "loss.temperature=1.0: was changed during training" in err
+        and "holds targets at temperature 2.0" in err
+    )
+
+
+def _subprocess(*args: str) -> None:
+    command = [sys.executable, "-m", "distilkit.cli", *args]
+    result = subprocess.run(command, env={**os.environ}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_make_the_same_cache_as_one(tmp_path, recipe):
+    """Each process writes its own shards (gloo on CPU); rank 0's manifest covers both. Sampled targets: the
+    draws depend on each block's seed only, not on which process drew them."""
+    sample = ("--mode", "sample", "--samples", "6")
+    one = make_cache(recipe, tmp_path / "one", *sample)
+    two = tmp_path / "two"
+    processes = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    _subprocess("cache", "--config", str(recipe), "--output_dir", str(two), *QUIET, *sample, *processes)
+    assert {p.name.split("-")[1] for p in two.glob("*.safetensors")} == {"r0000", "r0001"}, "a shard each"
+    assert_same_cache(one, two)
+
+
+@pytest.mark.slow
+def test_training_from_a_cache_resumes_exactly_after_a_kill(tmp_path, recipe, topk_cache):
+    """SIGKILLed mid-run and resumed from its last checkpoint, a run from the cache ends with the weights of
+    an uninterrupted one: the batches' block indices address the same targets after the resume."""
+    fit = ["fit", "--config", str(recipe), *QUIET, "--model.init_args.teacher", "null"]
+    fit += ["--model.init_args.teacher_cache", str(topk_cache), "--trainer.max_steps", "10"]
+    fit += ["--data.init_args.batch_size", "2", "--checkpoint.every_n_train_steps", "1"]
+    run_cli(*fit, "--trainer.default_root_dir", str(tmp_path / "straight"))
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "distilkit.cli", *fit, "--trainer.default_root_dir", str(killed)]
+    process = subprocess.Popen(
+        command, env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    last = killed / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if last.is_file() and torch.load(last, weights_only=True)["global_step"] >= 4:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    killed_at = torch.load(last, weights_only=True)["global_step"]
+    assert 4 <= killed_at < 10, "the run was not killed mid-training"
+
+    run_cli(*fit, "--trainer.default_root_dir", str(killed), "--ckpt_path", "last")
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(last, weights_only=True)
+    assert a["global_step"] == b["global_step"] == 10
+    assert max(float((a["state_dict"][k] - b["state_dict"][k]).abs().max()) for k in a["state_dict"]) <= 1e-6
