@@ -8,8 +8,12 @@ the gradient). Here the logits are formed chunk by chunk over tokens from the fi
 (Liger-Kernel): while it walks the chunks in the forward pass it also forms the gradient with respect
 to the student's hidden states and head weight, so the backward pass only scales what was kept. No
 chunk is recomputed, and memory beyond the inputs is one chunk of logits plus a gradient the size of
-the head weight. The gradient of each chunk's terms with respect to its logits comes from autograd on
-that chunk alone, so any :class:`~distilkit.losses.DistillationLoss` works unchanged.
+the head weight. Within a chunk the per-element work runs a block of rows at a time, small enough for its
+temporaries to stay in the CPU's cache (a GPU takes the chunk whole): the gradient of a block's terms with
+respect to its logits comes in closed form where the plan has one (cross-entropy and forward KL, see
+:mod:`distilkit.losses.closed_form`), else from autograd on that block alone, so any
+:class:`~distilkit.losses.DistillationLoss` works unchanged. Only the chunk's gradient ``(n, V)`` meets the
+head's two matrix products.
 
 Evaluation walks the same loop (no gradients formed) with an observer that updates its metrics from each
 chunk's logits: one chunk loop for training and evaluation.
@@ -76,16 +80,37 @@ def resolve_chunk_size(chunk_size: int | str | None, vocab_size: int) -> int | N
     raise ConfigError("model.chunk_size", chunk_size, "must be a positive integer", 'use "auto" or null')
 
 
-def chunk_slices(total: int, chunk_size: int | None) -> Iterator[slice]:
-    """Consecutive slices of ``range(total)`` of at most ``chunk_size`` (one slice when None; one empty slice
-    when ``total`` is 0, so that every term exists)."""
-    if total == 0:
-        yield slice(0, 0)
-        return
-    step = total if chunk_size is None else max(1, chunk_size)
-    for start in range(0, total, max(step, 1)):
-        yield slice(start, min(start + step, total))
+def chunk_slices(total: int, chunk_size: int | None, offset: int = 0) -> Iterator[slice]:
+    """Consecutive slices of ``range(offset, offset + total)``, as few as hold at most ``chunk_size`` each,
+    of near-equal sizes (no slice is much shorter than the others); one slice when None; one empty slice
+    when ``total`` is 0, so that every term exists."""
+    count = 1 if chunk_size is None or total == 0 else -(-total // max(1, chunk_size))
+    size, longer = divmod(total, count)  # the first `longer` slices hold one row more
+    start = offset
+    for index in range(count):
+        stop = start + size + (index < longer)
+        yield slice(start, stop)
+        start = stop
 
+
+#: Elements of one block of rows on a CPU: a block's few float32 ``(rows, V)`` temporaries stay in cache.
+BLOCK_ELEMENTS = 2**19
+
+
+def block_rows(vocab_size: int, chunk_rows: int, device: torch.device) -> int:
+    """Rows per block of a chunk's per-element work: cache-sized on a CPU, the whole chunk elsewhere (a GPU
+    gains nothing from smaller blocks but more kernel launches)."""
+    if device.type != "cpu":
+        return max(1, chunk_rows)
+    return max(1, BLOCK_ELEMENTS // vocab_size)
+
+
+#: ``(student_logits (m, V), teacher chunk, labels (m,), weights, count) -> ({name: Σ over the rows / count},
+#: gradient of Σ weights[name]·term with respect to student_logits (m, V))``, or None where it has no closed
+#: form for these inputs (autograd on the terms is used then).
+ClosedForm = Callable[
+    [Tensor, TeacherChunk, Tensor, Mapping[str, float], int], tuple[dict[str, Tensor], Tensor] | None
+]
 
 #: Called on every chunk the loop walks: ``(rows, student_logits (n, V), teacher chunk, labels (n,))``;
 #: evaluation updates its metrics this way, on the logits the loss already formed.
@@ -106,6 +131,8 @@ class HeadLossPlan:
         weights: total = Σ weights[name] · term[name]; terms not named get weight 0 (logged only).
         chunk_size: tokens per chunk (None: one chunk).
         observer: optional, called on every chunk (see :data:`ChunkObserver`).
+        closed_form: optional, the same terms with their gradient in closed form (see :data:`ClosedForm`);
+            it must compute exactly what ``terms`` and ``weights`` define.
     """
 
     student_head: OutputHead
@@ -116,14 +143,18 @@ class HeadLossPlan:
     weights: Mapping[str, float]
     chunk_size: int | None
     observer: ChunkObserver | None = None
+    closed_form: ClosedForm | None = None
 
-    def chunk_terms(self, student_raw: Tensor, rows: slice) -> dict[str, Tensor]:
+    def chunk_terms(
+        self, student_raw: Tensor, rows: slice, teacher: TeacherChunk = None
+    ) -> dict[str, Tensor]:
         """Terms of one chunk from the student's raw logits ``(n, V)``; each is the chunk mean × n/N.
 
         The one place a chunk is scored: both the training loss and evaluation come through here, and the
-        :attr:`observer` sees the same logits.
+        :attr:`observer` sees the same logits. ``teacher``: the teacher's chunk if the caller has it already.
         """
-        teacher = None if self.teacher is None else self.teacher(rows)
+        if teacher is None and self.teacher is not None:
+            teacher = self.teacher(rows)
         labels = self.labels[rows]
         student_logits = self.student_head.post(student_raw)  # (n, V)
         if self.observer is not None:
@@ -131,6 +162,23 @@ class HeadLossPlan:
         share = labels.numel() / max(self.labels.numel(), 1)
         terms = self.terms(student_logits, teacher, labels)
         return {name: value * share for name, value in terms.items()}
+
+    def terms_and_gradient(self, student_raw: Tensor, rows: slice) -> tuple[dict[str, Tensor], Tensor]:
+        """Terms of ``rows`` (as :meth:`chunk_terms`, detached) and the gradient of their weighted sum with
+        respect to the raw logits ``(m, V)``: in closed form where :attr:`closed_form` has one, else by
+        autograd."""
+        head, teacher = self.student_head, None if self.teacher is None else self.teacher(rows)
+        if self.closed_form is not None and self.observer is None and head.softcap is None:
+            logits = head.post(student_raw)  # (m, V) raw · scale
+            found = self.closed_form(logits, teacher, self.labels[rows], self.weights, self.labels.numel())
+            if found is not None:
+                terms, grad = found
+                return terms, grad if head.scale == 1.0 else grad.mul_(head.scale)
+        with torch.enable_grad():
+            raw = student_raw.detach().requires_grad_(True)
+            terms = self.chunk_terms(raw, rows, teacher)
+            (grad,) = torch.autograd.grad(self.weighted(terms), raw)  # (m, V)
+        return {name: value.detach() for name, value in terms.items()}, grad
 
     def weighted(self, terms: Mapping[str, Tensor]) -> Tensor:
         return sum(self.weights.get(name, 0.0) * terms[name] for name in self.names)  # type: ignore[return-value]
@@ -159,20 +207,30 @@ class ChunkedHeadLoss(torch.autograd.Function):
         )
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_bias and bias is not None else None
         sums = {name: features.new_zeros((), dtype=torch.float32) for name in plan.names}
-        for rows in chunk_slices(features.shape[0], plan.chunk_size):
-            chunk = features[rows]  # (n, H)
-            with torch.enable_grad():
-                raw = head.raw(chunk).detach().requires_grad_(True)  # (n, V)
-                terms = plan.chunk_terms(raw, rows)
-                (grad_raw,) = torch.autograd.grad(plan.weighted(terms), raw)  # (n, V)
-            for name in plan.names:
-                sums[name] += terms[name].detach().float()
+        buffer: Tensor | None = None  # (chunk, V) one chunk's gradient, filled a block of rows at a time
+        for chunk_rows in chunk_slices(features.shape[0], plan.chunk_size):
+            n = chunk_rows.stop - chunk_rows.start
+            block = block_rows(vocab, n, features.device)
+            grad_raw: Tensor | None = None
+            for rows in chunk_slices(n, block, offset=chunk_rows.start):
+                terms, grad = plan.terms_and_gradient(head.raw(features[rows]), rows)  # grad (m, V)
+                for name in plan.names:
+                    sums[name] += terms[name].float()
+                if n <= block:  # one block: its gradient is the chunk's
+                    grad_raw = grad
+                    continue
+                if buffer is None:
+                    buffer = grad.new_empty((n, grad.shape[1]))  # the first chunk is the longest
+                grad_raw = buffer[:n]
+                grad_raw[rows.start - chunk_rows.start : rows.stop - chunk_rows.start] = grad
+            assert grad_raw is not None
+            chunk = features[chunk_rows]  # (n, H)
             if head.weight is None:  # features are the logits themselves
                 if grad_features is not None:
-                    grad_features[rows, :vocab] = grad_raw.to(features.dtype)
+                    grad_features[chunk_rows, :vocab] = grad_raw.to(features.dtype)
                 continue
             if grad_features is not None:
-                grad_features[rows] = (grad_raw @ head.weight[:vocab]).to(features.dtype)  # (n, H)
+                grad_features[chunk_rows] = (grad_raw @ head.weight[:vocab]).to(features.dtype)  # (n, H)
             if grad_weight is not None:
                 grad_weight[:vocab] += (grad_raw.t() @ chunk).float()  # (V, H)
             if grad_bias is not None:
