@@ -8,12 +8,10 @@ the gradient). Here the logits are formed chunk by chunk over tokens from the fi
 (Liger-Kernel): while it walks the chunks in the forward pass it also forms the gradient with respect
 to the student's hidden states and head weight, so the backward pass only scales what was kept. No
 chunk is recomputed, and memory beyond the inputs is one chunk of logits plus a gradient the size of
-the head weight. Within a chunk the per-element work runs a block of rows at a time, small enough for its
-temporaries to stay in the CPU's cache (a GPU takes the chunk whole): the gradient of a block's terms with
-respect to its logits comes in closed form where the plan has one (cross-entropy and forward KL, see
-:mod:`distilkit.losses.closed_form`), else from autograd on that block alone, so any
-:class:`~distilkit.losses.DistillationLoss` works unchanged. Only the chunk's gradient ``(n, V)`` meets the
-head's two matrix products.
+the head weight. The gradient of each chunk's terms with respect to its logits comes in closed form where the
+plan has one (cross-entropy and forward KL, see :mod:`distilkit.losses.closed_form`: formed in place in a
+few buffers reused from chunk to chunk), else from autograd on that chunk alone, so any
+:class:`~distilkit.losses.DistillationLoss` works unchanged.
 
 Evaluation walks the same loop (no gradients formed) with an observer that updates its metrics from each
 chunk's logits: one chunk loop for training and evaluation.
@@ -54,10 +52,10 @@ class HeadTeacher:
     features: Tensor
     head: OutputHead
 
-    def __call__(self, rows: slice) -> Tensor:
-        """The teacher's ``(n, V)`` logits at ``rows``."""
+    def __call__(self, rows: slice, out: Tensor | None = None) -> Tensor:
+        """The teacher's ``(n, V)`` logits at ``rows`` (in ``out``, a float32 buffer, when given)."""
         with torch.no_grad():
-            return self.head(self.features[rows])
+            return self.head.post(self.head.raw(self.features[rows], out=out))
 
 
 #: Bytes the chunked path may spend on one chunk's float32 ``(n, V)`` temporaries.
@@ -80,37 +78,65 @@ def resolve_chunk_size(chunk_size: int | str | None, vocab_size: int) -> int | N
     raise ConfigError("model.chunk_size", chunk_size, "must be a positive integer", 'use "auto" or null')
 
 
-def chunk_slices(total: int, chunk_size: int | None, offset: int = 0) -> Iterator[slice]:
-    """Consecutive slices of ``range(offset, offset + total)``, as few as hold at most ``chunk_size`` each,
-    of near-equal sizes (no slice is much shorter than the others); one slice when None; one empty slice
-    when ``total`` is 0, so that every term exists."""
+def chunk_slices(total: int, chunk_size: int | None) -> Iterator[slice]:
+    """Consecutive slices of ``range(total)``, as few as hold at most ``chunk_size`` each, of near-equal
+    sizes (no slice is much shorter than the others); one slice when None; one empty slice when ``total`` is
+    0, so that every term exists."""
     count = 1 if chunk_size is None or total == 0 else -(-total // max(1, chunk_size))
     size, longer = divmod(total, count)  # the first `longer` slices hold one row more
-    start = offset
+    start = 0
     for index in range(count):
         stop = start + size + (index < longer)
         yield slice(start, stop)
         start = stop
 
 
-#: Elements of one block of rows on a CPU: a block's few float32 ``(rows, V)`` temporaries stay in cache.
-BLOCK_ELEMENTS = 2**19
+class Workspace:
+    """Named float32 ``(rows, V)`` buffers, made on first use and reused by every chunk of one loss call.
+
+    On a CPU a fresh tensor of tens of MiB is new memory from the operating system each time, paid in page
+    faults when it is first written; a few buffers reused from chunk to chunk pay that once per step. (A GPU's
+    caching allocator reuses memory by itself.)
+
+    Args:
+        rows: the most rows a chunk has.
+        vocab_size: V.
+        device: where the buffers live.
+    """
+
+    def __init__(self, rows: int, vocab_size: int, device: torch.device) -> None:
+        self.rows, self.vocab_size, self.device = rows, vocab_size, device
+        self._buffers: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, rows: int) -> Tensor:
+        """The first ``rows`` rows of buffer ``name`` ``(rows, V)`` (holding whatever was left there)."""
+        if name not in self._buffers:
+            self._buffers[name] = torch.empty(self.rows, self.vocab_size, device=self.device)
+        return self._buffers[name][:rows]
 
 
-def block_rows(vocab_size: int, chunk_rows: int, device: torch.device) -> int:
-    """Rows per block of a chunk's per-element work: cache-sized on a CPU, the whole chunk elsewhere (a GPU
-    gains nothing from smaller blocks but more kernel launches)."""
-    if device.type != "cpu":
-        return max(1, chunk_rows)
-    return max(1, BLOCK_ELEMENTS // vocab_size)
+class ClosedForm(Protocol):
+    """Terms with their gradient in closed form (see :mod:`distilkit.losses.closed_form`)."""
 
+    def accepts(self, teacher: TeacherChunk) -> bool:
+        """Whether the closed form holds with this teacher chunk (else autograd is used)."""
+        ...
 
-#: ``(student_logits (m, V), teacher chunk, labels (m,), weights, count) -> ({name: Σ over the rows / count},
-#: gradient of Σ weights[name]·term with respect to student_logits (m, V))``, or None where it has no closed
-#: form for these inputs (autograd on the terms is used then).
-ClosedForm = Callable[
-    [Tensor, TeacherChunk, Tensor, Mapping[str, float], int], tuple[dict[str, Tensor], Tensor] | None
-]
+    def __call__(
+        self,
+        student: Tensor,
+        teacher: Tensor | None,
+        labels: Tensor,
+        weights: Mapping[str, float],
+        count: int,
+        workspace: Workspace | None,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """``(student logits (n, V) float32, teacher logits (n, V) float32 or None, labels (n,), weights, N,
+        buffers) -> ({name: Σ over the rows / N}, gradient of Σ weights[name]·term with respect to the student
+        logits (n, V))``; the terms must be what the plan's ``terms`` and ``weights`` define. ``student`` and
+        ``teacher`` are the caller's to overwrite."""
+        ...
+
 
 #: Called on every chunk the loop walks: ``(rows, student_logits (n, V), teacher chunk, labels (n,))``;
 #: evaluation updates its metrics this way, on the logits the loss already formed.
@@ -163,21 +189,34 @@ class HeadLossPlan:
         terms = self.terms(student_logits, teacher, labels)
         return {name: value * share for name, value in terms.items()}
 
-    def terms_and_gradient(self, student_raw: Tensor, rows: slice) -> tuple[dict[str, Tensor], Tensor]:
-        """Terms of ``rows`` (as :meth:`chunk_terms`, detached) and the gradient of their weighted sum with
-        respect to the raw logits ``(m, V)``: in closed form where :attr:`closed_form` has one, else by
-        autograd."""
-        head, teacher = self.student_head, None if self.teacher is None else self.teacher(rows)
-        if self.closed_form is not None and self.observer is None and head.softcap is None:
-            logits = head.post(student_raw)  # (m, V) raw · scale
-            found = self.closed_form(logits, teacher, self.labels[rows], self.weights, self.labels.numel())
-            if found is not None:
-                terms, grad = found
-                return terms, grad if head.scale == 1.0 else grad.mul_(head.scale)
+    def terms_and_gradient(
+        self, features: Tensor, rows: slice, workspace: Workspace
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Terms of ``rows`` (as :meth:`chunk_terms`, detached) from the student's features ``(n, H)`` and the
+        gradient of their weighted sum with respect to the raw logits ``(n, V)``: in closed form where
+        :attr:`closed_form` holds, else by autograd."""
+        n, teacher_source = rows.stop - rows.start, self.teacher
+        live = isinstance(teacher_source, HeadTeacher)  # its logits are formed here: ours to overwrite
+        if isinstance(teacher_source, HeadTeacher):
+            teacher: TeacherChunk = teacher_source(rows, out=workspace("teacher", n))
+        else:
+            teacher = None if teacher_source is None else teacher_source(rows)
+        head, closed = self.student_head, self.closed_form
+        usable = self.observer is None and head.weight is not None and head.softcap is None
+        if closed is not None and usable and closed.accepts(teacher):
+            if isinstance(teacher, Tensor) and not live and teacher.dtype == torch.float32:
+                teacher = workspace("teacher", n).copy_(teacher)  # another source's logits: work on a copy
+            student = head.raw(features, out=workspace("student", n)).float()  # (n, V), ours
+            student = student.mul_(head.scale) if head.scale != 1.0 else student
+            dense = None if not isinstance(teacher, Tensor) else teacher.float()  # (n, V), ours
+            terms, grad = closed(
+                student, dense, self.labels[rows], self.weights, self.labels.numel(), workspace
+            )
+            return terms, grad.mul_(head.scale) if head.scale != 1.0 else grad
         with torch.enable_grad():
-            raw = student_raw.detach().requires_grad_(True)
+            raw = head.raw(features).detach().requires_grad_(True)  # (n, V)
             terms = self.chunk_terms(raw, rows, teacher)
-            (grad,) = torch.autograd.grad(self.weighted(terms), raw)  # (m, V)
+            (grad,) = torch.autograd.grad(self.weighted(terms), raw)  # (n, V)
         return {name: value.detach() for name, value in terms.items()}, grad
 
     def weighted(self, terms: Mapping[str, Tensor]) -> Tensor:
@@ -207,31 +246,22 @@ class ChunkedHeadLoss(torch.autograd.Function):
         )
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_bias and bias is not None else None
         sums = {name: features.new_zeros((), dtype=torch.float32) for name in plan.names}
-        buffer: Tensor | None = None  # (chunk, V) one chunk's gradient, filled a block of rows at a time
-        for chunk_rows in chunk_slices(features.shape[0], plan.chunk_size):
-            n = chunk_rows.stop - chunk_rows.start
-            block = block_rows(vocab, n, features.device)
-            grad_raw: Tensor | None = None
-            for rows in chunk_slices(n, block, offset=chunk_rows.start):
-                terms, grad = plan.terms_and_gradient(head.raw(features[rows]), rows)  # grad (m, V)
-                for name in plan.names:
-                    sums[name] += terms[name].float()
-                if n <= block:  # one block: its gradient is the chunk's
-                    grad_raw = grad
-                    continue
-                if buffer is None:
-                    buffer = grad.new_empty((n, grad.shape[1]))  # the first chunk is the longest
-                grad_raw = buffer[:n]
-                grad_raw[rows.start - chunk_rows.start : rows.stop - chunk_rows.start] = grad
-            assert grad_raw is not None
-            chunk = features[chunk_rows]  # (n, H)
+        slices = list(chunk_slices(features.shape[0], plan.chunk_size))
+        workspace = Workspace(slices[0].stop - slices[0].start, vocab, features.device)  # the longest chunk
+        for rows in slices:
+            chunk = features[rows]  # (n, H)
+            terms, grad_raw = plan.terms_and_gradient(chunk, rows, workspace)  # grad_raw (n, V)
+            for name in plan.names:
+                sums[name] += terms[name].float()
             if head.weight is None:  # features are the logits themselves
                 if grad_features is not None:
-                    grad_features[chunk_rows, :vocab] = grad_raw.to(features.dtype)
+                    grad_features[rows, :vocab] = grad_raw.to(features.dtype)
                 continue
             if grad_features is not None:
-                grad_features[chunk_rows] = (grad_raw @ head.weight[:vocab]).to(features.dtype)  # (n, H)
-            if grad_weight is not None:
+                grad_features[rows] = (grad_raw @ head.weight[:vocab]).to(features.dtype)  # (n, H)
+            if grad_weight is not None and grad_raw.dtype == chunk.dtype == torch.float32:
+                grad_weight[:vocab].addmm_(grad_raw.t(), chunk)  # (V, H), in place
+            elif grad_weight is not None:
                 grad_weight[:vocab] += (grad_raw.t() @ chunk).float()  # (V, H)
             if grad_bias is not None:
                 grad_bias[:vocab] += grad_raw.float().sum(0)  # (V,)

@@ -11,8 +11,10 @@ so total = (w_ce·CE_sum + w_kd·KD_sum) / N has the gradient
 
     (w_ce·(softmax(s) − onehot) + w_kd·T·(q − p)) / N,  that is  ((w_ce + w_kd)·q − w_kd·p − w_ce·onehot) / N
 
-at T = 1, where one softmax of the student serves both terms. It is formed here in a few in-place passes
-over the block; the values are the sums the reference path forms (tests hold the two equal).
+at T = 1, where one softmax of the student serves both terms. It is formed here in place, in the buffers
+that hold the logits (a :class:`~distilkit.losses.chunked.Workspace` reused from chunk to chunk): about
+eight passes over the ``(rows, V)`` block and no new memory. The values are the sums the reference path
+forms (tests hold the two equal).
 """
 
 from __future__ import annotations
@@ -24,80 +26,105 @@ import torch
 from torch import Tensor
 
 from distilkit.losses.base import DistillationLoss
+from distilkit.losses.chunked import TeacherChunk, Workspace
 from distilkit.losses.divergences import ForwardKLLoss
 
 
 @dataclass(frozen=True)
 class CrossEntropyAndForwardKL:
-    """The closed form of the module's own terms (a :data:`~distilkit.losses.chunked.ClosedForm`):
+    """The closed form of the module's own terms (a :class:`~distilkit.losses.chunked.ClosedForm`):
     ``ce_loss``, and ``kd_loss`` = ``loss`` on the teacher's logits when ``loss`` is the forward KL.
 
-    Answers None (autograd is used) for a teacher cache's sparse targets and for a KD loss other than the
-    forward KL, a subclass of :class:`ForwardKLLoss` that rewrites its divergence included.
+    It does not hold (autograd is used) for a teacher cache's sparse targets, nor for a KD loss other than
+    the forward KL, a subclass of :class:`ForwardKLLoss` that rewrites its divergence included.
     """
 
     loss: DistillationLoss
 
-    def __call__(
-        self,
-        student_logits: Tensor,
-        teacher: object,
-        labels: Tensor,
-        weights: Mapping[str, float],
-        count: int,
-    ) -> tuple[dict[str, Tensor], Tensor] | None:
-        if teacher is not None and not (isinstance(teacher, Tensor) and self.is_forward_kl()):
-            return None
-        return ce_and_forward_kl(student_logits, teacher, labels, weights, count, self.loss.temperature)
+    def accepts(self, teacher: TeacherChunk) -> bool:
+        """Whether the closed form holds with this teacher chunk: none (CE alone), or logits (forward KL)."""
+        return teacher is None or (isinstance(teacher, Tensor) and self.is_forward_kl())
 
     def is_forward_kl(self) -> bool:
         loss = self.loss
         return isinstance(loss, ForwardKLLoss) and type(loss).divergence is ForwardKLLoss.divergence
 
+    def __call__(
+        self,
+        student: Tensor,
+        teacher: Tensor | None,
+        labels: Tensor,
+        weights: Mapping[str, float],
+        count: int,
+        workspace: Workspace | None = None,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        return ce_and_forward_kl_(student, teacher, labels, weights, count, self.loss.temperature, workspace)
 
-def ce_and_forward_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor | None,
+
+def ce_and_forward_kl_(
+    student: Tensor,
+    teacher: Tensor | None,
     labels: Tensor,
     weights: Mapping[str, float],
     count: int,
     temperature: float = 1.0,
+    workspace: Workspace | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """``ce_loss`` (and ``kd_loss`` with a teacher) over a block of rows, and the gradient of their weighted
-    sum.
+    sum, formed in place: ``student`` and ``teacher`` are overwritten.
 
     Args:
-        student_logits: ``(m, V)`` the student's logits (after its head's post-processing), any float dtype.
-        teacher_logits: ``(m, V)`` the teacher's logits, or None (cross-entropy only).
+        student: ``(m, V)`` float32, the student's logits (after its head's post-processing).
+        teacher: ``(m, V)`` float32, the teacher's logits, or None (cross-entropy only).
         labels: ``(m,)`` next-token targets, all valid.
         weights: ``{"ce_loss": w_ce, "kd_loss": w_kd}``; a missing name weighs 0.
-        count: N, the number of rows the terms are averaged over (this block is part of them).
+        count: N, the number of rows the terms are averaged over (these rows are part of them).
         temperature: T of the forward KL (the KD term is T²·KL(p_T‖q_T), as in :class:`DistillationLoss`).
+        workspace: where the extra ``(m, V)`` buffers come from (new tensors when None).
 
     Returns:
-        ``({"ce_loss": Σ_rows CE / N, "kd_loss": Σ_rows T²·KL / N}, grad (m, V) float32)``, the terms float32
-        scalars.
+        ``({"ce_loss": Σ_rows CE / N, "kd_loss": Σ_rows T²·KL / N}, grad (m, V))``: float32 scalars, and the
+        gradient with respect to ``student`` (in ``student``'s memory at T = 1).
     """
-    n = max(count, 1)
-    w_ce, w_kd = weights.get("ce_loss", 0.0), weights.get("kd_loss", 0.0)
-    rows = torch.arange(labels.numel(), device=labels.device)
-    student = student_logits.float()
-    log_q = student.log_softmax(-1)  # (m, V) log softmax(s)
-    terms = {"ce_loss": -log_q[rows, labels].sum() / n}
-    if teacher_logits is None:
-        grad = log_q.exp_().mul_(w_ce / n)  # (m, V) w_ce·softmax(s) / N
-    else:
-        t = temperature
-        log_q_t = log_q if t == 1.0 else (student / t).log_softmax(-1)  # (m, V) log q
-        teacher = teacher_logits.float() if t == 1.0 else teacher_logits.float() / t
-        log_p = teacher.log_softmax(-1).clamp_min_(torch.finfo(torch.float32).min)  # (m, V); -inf -> p = 0
-        p = log_p.exp()  # (m, V)
-        terms["kd_loss"] = torch.linalg.vecdot(p, log_p.sub_(log_q_t)).sum() * (
-            t * t / n
-        )  # Σ p (log p − log q)
-        if t == 1.0:  # ((w_ce + w_kd)·q − w_kd·p) / N
-            grad = log_q.exp_().mul_((w_ce + w_kd) / n).sub_(p, alpha=w_kd / n)
-        else:  # (w_ce·softmax(s) + w_kd·T·(q − p)) / N
-            grad = log_q.exp_().mul_(w_ce / n).add_(log_q_t.exp_().sub_(p), alpha=w_kd * t / n)
-    grad[rows, labels] -= w_ce / n  # − w_ce·onehot / N
-    return terms, grad
+    with torch.autocast(student.device.type, enabled=False):  # float32 throughout, rows dotted by bmm
+        m, n, t = labels.numel(), max(count, 1), temperature
+        w_ce, w_kd = weights.get("ce_loss", 0.0), weights.get("kd_loss", 0.0)
+        rows = torch.arange(m, device=labels.device)
+
+        def buffer(name: str) -> Tensor:
+            return torch.empty_like(student) if workspace is None else workspace(name, m)
+
+        if teacher is None or t == 1.0:
+            log_q = torch.log_softmax(student, -1, out=student)  # (m, V)
+            terms = {"ce_loss": -log_q[rows, labels].sum() / n}
+            if teacher is None:
+                grad = log_q.exp_().mul_(w_ce / n)  # w_ce·q / N
+            else:
+                log_p, p = _log_probs_and_probs(teacher, buffer("probs"))
+                terms["kd_loss"] = _row_dots(p, log_p.sub_(log_q)).sum() / n  # Σ p (log p − log q)
+                grad = (
+                    log_q.exp_().mul_((w_ce + w_kd) / n).sub_(p, alpha=w_kd / n)
+                )  # ((w_ce + w_kd)·q − w_kd·p) / N
+        else:
+            log_q1 = torch.log_softmax(student, -1, out=buffer("gradient"))  # (m, V) at T = 1, for CE
+            terms = {"ce_loss": -log_q1[rows, labels].sum() / n}
+            grad = log_q1.exp_().mul_(w_ce / n)  # w_ce·softmax(s) / N
+            log_q = torch.log_softmax(student.div_(t), -1, out=student)  # (m, V) log q at T
+            log_p, p = _log_probs_and_probs(teacher.div_(t), buffer("probs"))
+            terms["kd_loss"] = _row_dots(p, log_p.sub_(log_q)).sum() * (t * t / n)
+            grad.add_(log_q.exp_().sub_(p), alpha=w_kd * t / n)  # + w_kd·T·(q − p) / N
+        grad[rows, labels] -= w_ce / n  # − w_ce·onehot / N
+        return terms, grad
+
+
+def _log_probs_and_probs(logits: Tensor, probs: Tensor) -> tuple[Tensor, Tensor]:
+    """log softmax in place in ``logits`` (−inf clamped to the most negative float: p = 0 there), and its exp
+    in ``probs``."""
+    log_p = torch.log_softmax(logits, -1, out=logits).clamp_min_(torch.finfo(logits.dtype).min)
+    return log_p, torch.exp(log_p, out=probs)
+
+
+def _row_dots(a: Tensor, b: Tensor) -> Tensor:
+    """Σ_v a[i, v]·b[i, v] for every row ``(m, V), (m, V) -> (m,)``, by batched matrix products (no temporary
+    the size of the inputs)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
