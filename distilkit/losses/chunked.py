@@ -195,16 +195,17 @@ class HeadLossPlan:
         """Terms of ``rows`` (as :meth:`chunk_terms`, detached) from the student's features ``(n, H)`` and the
         gradient of their weighted sum with respect to the raw logits ``(n, V)``: in closed form where
         :attr:`closed_form` holds, else by autograd."""
-        n, teacher_source = rows.stop - rows.start, self.teacher
-        live = isinstance(teacher_source, HeadTeacher)  # its logits are formed here: ours to overwrite
-        if isinstance(teacher_source, HeadTeacher):
-            teacher: TeacherChunk = teacher_source(rows, out=workspace("teacher", n))
-        else:
-            teacher = None if teacher_source is None else teacher_source(rows)
+        n, source = rows.stop - rows.start, self.teacher
+        teacher: TeacherChunk
+        teacher, owned = None, False
+        if isinstance(source, HeadTeacher):  # its logits are formed here, in a buffer: ours to overwrite
+            teacher, owned = source(rows, out=workspace("teacher", n)), True
+        elif source is not None:
+            teacher, owned = source(rows), False
         head, closed = self.student_head, self.closed_form
         usable = self.observer is None and head.weight is not None and head.softcap is None
         if closed is not None and usable and closed.accepts(teacher):
-            if isinstance(teacher, Tensor) and not live and teacher.dtype == torch.float32:
+            if isinstance(teacher, Tensor) and not owned and teacher.dtype == torch.float32:
                 teacher = workspace("teacher", n).copy_(teacher)  # another source's logits: work on a copy
             student = head.raw(features, out=workspace("student", n)).float()  # (n, V), ours
             student = student.mul_(head.scale) if head.scale != 1.0 else student
