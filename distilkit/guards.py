@@ -4,8 +4,8 @@ update), and settings refused before the first step."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import ClassVar, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -13,12 +13,21 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from distilkit.errors import ConfigError, TrainingStopped
+from distilkit.models.sharding import all_finite, finite_norm
+
+#: A step's loss terms (detached) and its batch size, kept by :meth:`NonFiniteGuard.watch`.
+Watched = tuple[dict[str, Tensor], int]
 
 Policy = Literal["stop", "skip"]
 
 
 class NonFiniteGuard:
     """Counts skipped updates and raises :class:`TrainingStopped` when a run must stop.
+
+    A step's loss terms are :meth:`watch`-ed when they are formed and checked together with the gradients
+    in :meth:`check`, just before the optimizer step: one device sync per step, where the gradient check
+    needs one anyway (reading the terms as soon as they are formed would stall the device before every
+    backward pass).
 
     Args:
         policy: ``stop`` at the first non-finite value, naming the step and the term; or ``skip`` the update.
@@ -30,6 +39,40 @@ class NonFiniteGuard:
             raise ConfigError("model.nonfinite", policy, "is not a policy", "use stop or skip")
         self.policy, self.max_skips = policy, max_skips
         self.in_a_row, self.total = 0, 0
+        self._watched: list[Watched] = []
+
+    def watch(self, losses: Mapping[str, Tensor], batch_size: int) -> None:
+        """Keep a step's loss terms for the next :meth:`check` (nothing is read from the device here)."""
+        self._watched.append(({name: value.detach() for name, value in losses.items()}, batch_size))
+
+    def check(self, strategy: Any, step: int, grads: Sequence[Tensor] = ()) -> list[Watched] | None:
+        """Read the watched loss terms and ``grads`` (one device sync) and agree with the other processes.
+
+        Args:
+            strategy: the trainer's strategy (``reduce_boolean_decision`` combines the processes' answers).
+            step: the global step, for the message.
+            grads: the gradients about to be applied (none when checking a micro-batch's terms alone).
+
+        Returns:
+            The watched terms when everything is finite on every process (to be logged), else None: the update
+            is to be skipped (under ``stop`` :class:`TrainingStopped` is raised instead).
+        """
+        watched, self._watched = self._watched, []
+        names = [name for losses, _ in watched for name in losses]
+        flags = [torch.isfinite(value).all() for losses, _ in watched for value in losses.values()]
+        if grads:
+            flags.append(finite_norm(list(grads)))
+        finite = torch.stack(flags).tolist() if flags else []  # the one device sync
+        bad = [name for name, ok in zip(names, finite, strict=False) if not ok]
+        bad_grads = bool(grads) and not finite[-1] and not all_finite(list(grads), norm_finite=False)
+        if not strategy.reduce_boolean_decision(bool(bad) or bad_grads, all=False):
+            self.passed()
+            return watched
+        if strategy.reduce_boolean_decision(bool(bad), all=False):  # every process takes this branch
+            self.failed(step, f"loss terms {bad or 'on another process'}", watched[-1][0] if watched else {})
+        else:
+            self.failed(step, "gradients", {})
+        return None
 
     def passed(self) -> None:
         """A step whose values were finite."""

@@ -16,11 +16,13 @@ from distilkit.data.teacher_cache.targets import SparseTargets
 from distilkit.errors import ConfigError, check_range
 from distilkit.guards import NonFiniteGuard, ScheduleLengthCheck
 from distilkit.losses import DistillationLoss, ForwardKLLoss, HiddenStateLoss, chunked
+from distilkit.losses.closed_form import CrossEntropyAndForwardKL
+from distilkit.losses.compiled import CompiledTerms
 from distilkit.metrics import EvaluationMetrics, NextTokenNLL
 from distilkit.models.checkpoint import check_models_match
 from distilkit.models.heads import BodyOutput, OutputHead, body_features, check_head, output_head
 from distilkit.models.loading import ModelSpec, load_student_and_teacher
-from distilkit.models.sharding import ShardedTraining, all_finite
+from distilkit.models.sharding import ShardedTraining
 from distilkit.run import CachedTeacher, RunState, TokenizerCheck
 
 
@@ -53,8 +55,8 @@ class DistillationModule(ShardedTraining, L.LightningModule):
             full logits at once (the reference path).
         teacher_dtype: dtype to load the teacher in (``"bfloat16"`` halves its memory). The student is
             always float32; mixed precision is the trainer's ``precision`` setting.
-        compile_loss: compile :meth:`loss_terms` with ``torch.compile``, which fuses the per-chunk
-            softmaxes, divergences and their gradients (the first steps pay the compilation).
+        compile_loss: compile :meth:`loss_terms` with ``torch.compile`` (the first run on a machine pays the
+            compilation). Off (default): CE and forward KL take their gradient in closed form, the fast path.
         nonfinite: what a non-finite loss term or gradient does: ``stop`` training with a message naming
             the step and the term, or ``skip`` the update (counted as ``train/nonfinite_skips``).
         max_nonfinite_skips: with ``skip``, stop after this many skipped steps in a row.
@@ -105,7 +107,9 @@ class DistillationModule(ShardedTraining, L.LightningModule):
         self.hidden_loss = hidden_loss
         if hidden_loss is not None:
             hidden_loss.bind_models(self.student, self.teacher)
-        self._terms = torch.compile(self.loss_terms) if compile_loss else self.loss_terms
+        self._terms = CompiledTerms(self.loss_terms) if compile_loss else self.loss_terms
+        own_terms = type(self).loss_terms is DistillationModule.loss_terms  # a subclass's terms take autograd
+        self._closed_form = CrossEntropyAndForwardKL(self.loss) if own_terms and not compile_loss else None
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.eval_metrics = nn.ModuleDict({stage: EvaluationMetrics() for stage in ("val", "test")})
         self._heads_checked = False
@@ -223,32 +227,31 @@ class DistillationModule(ShardedTraining, L.LightningModule):
     # --------------------------------------------------------------------------------------------- training
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         losses = self.compute_loss(batch)
-        finite = torch.stack([torch.isfinite(v).all() for v in losses.values()]).tolist()  # one device sync
-        bad = [name for name, ok in zip(losses, finite, strict=True) if not ok]
-        if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
-            self._failed(f"loss terms {bad or 'on another process'}", losses)
-            return None  # Lightning skips backward and the optimizer step
-        self.guard.passed()
-        size = batch["input_ids"].shape[0]
-        # sync_dist: under DDP the logged loss is the mean over processes (one all-reduce of a few scalars)
-        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=size, sync_dist=True)
-        self.log_dict(
-            {f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=size, sync_dist=True
-        )
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
+        self.guard.watch(losses, batch["input_ids"].shape[0])  # checked with the gradients, one sync a step
+        if self.trainer.accumulate_grad_batches > 1 and not self._checked():
+            return None  # a micro-batch is checked before its backward: Lightning skips a bad one alone
         return losses["loss"]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Catch a non-finite gradient with a finite loss; with ``skip`` the step updates nothing."""
+        """Check the step's loss terms and gradients (one device sync); on a non-finite one ``stop`` raises
+        and ``skip`` updates nothing. Finite terms are logged here."""
         self.average_whole_gradients()  # FSDP2 only: once per optimizer step, as DDP would
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if self.trainer.strategy.reduce_boolean_decision(not all_finite(grads), all=False):
-            self._failed("gradients", {})
+        if not self._checked(grads):
             optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are left as they are
 
-    def _failed(self, what: str, losses: Mapping[str, Tensor]) -> None:
-        self.guard.failed(self.global_step, what, losses)  # raises under "stop"
-        self.log("train/nonfinite_skips", float(self.guard.total), batch_size=1)
+    def _checked(self, grads: list[Tensor] | None = None) -> bool:
+        watched = self.guard.check(self.trainer.strategy, self.global_step, grads or [])  # stop: raises
+        if watched is None:
+            self.log("train/nonfinite_skips", float(self.guard.total), batch_size=1)
+            return False
+        for losses, size in watched:  # sync_dist: under DDP the logged loss is the mean over processes
+            self.log("train/loss", losses["loss"], prog_bar=True, batch_size=size, sync_dist=True)
+            self.log_dict(
+                {f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=size, sync_dist=True
+            )
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
+        return True
 
     # ------------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -286,9 +289,7 @@ class DistillationModule(ShardedTraining, L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ hooks
     def configure_callbacks(self) -> list[L.Callback]:
-        """``RunState`` (checkpoints carry what export and resume need), ``TokenizerCheck`` (the data's
-        tokenizer is the models'), ``ScheduleLengthCheck`` (the LR schedule lasts as long as the run) and a
-        teacher cache's checks."""
+        """What export and resume need; the data's tokenizer is the models'; the schedule's length; a cache."""
         cache = [self.cached_teacher] if self.cached_teacher is not None else []
         return [RunState(), TokenizerCheck(), ScheduleLengthCheck(), *cache]
 
@@ -344,4 +345,5 @@ class DistillationModule(ShardedTraining, L.LightningModule):
         return chunked.HeadLossPlan(
             student_head=self.student_head(), teacher=teacher, labels=labels, terms=self._terms,
             names=tuple(weights), weights=weights, chunk_size=self.chunk_size, observer=observer,
+            closed_form=self._closed_form,
         )  # fmt: skip

@@ -205,8 +205,11 @@ def test_bfloat16_teacher_and_mixed_precision_keep_the_student_float32(datamodul
 
 
 @pytest.mark.slow
-def test_compiled_loss_equals_eager(datamodule):
-    """compile_loss fuses the per-chunk loss with torch.compile; the numbers must not change."""
+def test_compiled_loss_equals_eager_and_compiles_once(datamodule):
+    """compile_loss compiles the per-chunk terms with torch.compile: the numbers must not change, and chunks
+    of other sizes (the last of a batch, batches with fewer valid tokens) reuse the one compiled graph."""
+    from torch._dynamo.utils import counters
+
     torch.manual_seed(0)
     eager = tiny_module(datamodule, loss=ForwardKLLoss(temperature=2.0), chunk_size=40).eval()
     compiled = tiny_module(
@@ -218,12 +221,20 @@ def test_compiled_loss_equals_eager(datamodule):
         compile_loss=True,
     ).eval()
     batch = next(iter(datamodule.train_dataloader()))
-    reference, reference_grads = _loss_and_grads(eager, batch)
-    fused, fused_grads = _loss_and_grads(compiled, batch)
+    counters.clear()
+    reference, reference_grads = _loss_and_grads(eager, batch)  # the closed form (the default path)
+    fused, fused_grads = _loss_and_grads(compiled, batch)  # 124 tokens: chunks of 42, 41, 41
     for key in reference:
         torch.testing.assert_close(fused[key], reference[key], rtol=1e-4, atol=1e-6)
     for name, grad in reference_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    for masked in (30, 61):  # 94 tokens (chunks of 32, 31, 31), then 63 (32, 31)
+        shorter = {**batch, "labels": batch["labels"].clone()}
+        shorter["labels"].view(-1)[:masked] = -100
+        _loss_and_grads(compiled, shorter)
+    assert counters["stats"]["unique_graphs"] == graphs, "a chunk of another size was compiled again"
 
 
 class PoisonedTeacher(DistillationModule):

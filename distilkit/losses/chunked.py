@@ -8,8 +8,10 @@ the gradient). Here the logits are formed chunk by chunk over tokens from the fi
 (Liger-Kernel): while it walks the chunks in the forward pass it also forms the gradient with respect
 to the student's hidden states and head weight, so the backward pass only scales what was kept. No
 chunk is recomputed, and memory beyond the inputs is one chunk of logits plus a gradient the size of
-the head weight. The gradient of each chunk's terms with respect to its logits comes from autograd on
-that chunk alone, so any :class:`~distilkit.losses.DistillationLoss` works unchanged.
+the head weight. The gradient of each chunk's terms with respect to its logits comes in closed form where the
+plan has one (cross-entropy and forward KL, see :mod:`distilkit.losses.closed_form`: formed in place in a
+few buffers reused from chunk to chunk), else from autograd on that chunk alone, so any
+:class:`~distilkit.losses.DistillationLoss` works unchanged.
 
 Evaluation walks the same loop (no gradients formed) with an observer that updates its metrics from each
 chunk's logits: one chunk loop for training and evaluation.
@@ -50,10 +52,10 @@ class HeadTeacher:
     features: Tensor
     head: OutputHead
 
-    def __call__(self, rows: slice) -> Tensor:
-        """The teacher's ``(n, V)`` logits at ``rows``."""
+    def __call__(self, rows: slice, out: Tensor | None = None) -> Tensor:
+        """The teacher's ``(n, V)`` logits at ``rows`` (in ``out``, a float32 buffer, when given)."""
         with torch.no_grad():
-            return self.head(self.features[rows])
+            return self.head.post(self.head.raw(self.features[rows], out=out))
 
 
 #: Bytes the chunked path may spend on one chunk's float32 ``(n, V)`` temporaries.
@@ -77,14 +79,63 @@ def resolve_chunk_size(chunk_size: int | str | None, vocab_size: int) -> int | N
 
 
 def chunk_slices(total: int, chunk_size: int | None) -> Iterator[slice]:
-    """Consecutive slices of ``range(total)`` of at most ``chunk_size`` (one slice when None; one empty slice
-    when ``total`` is 0, so that every term exists)."""
-    if total == 0:
-        yield slice(0, 0)
-        return
-    step = total if chunk_size is None else max(1, chunk_size)
-    for start in range(0, total, max(step, 1)):
-        yield slice(start, min(start + step, total))
+    """Consecutive slices of ``range(total)``, as few as hold at most ``chunk_size`` each, of near-equal
+    sizes (no slice is much shorter than the others); one slice when None; one empty slice when ``total`` is
+    0, so that every term exists."""
+    count = 1 if chunk_size is None or total == 0 else -(-total // max(1, chunk_size))
+    size, longer = divmod(total, count)  # the first `longer` slices hold one row more
+    start = 0
+    for index in range(count):
+        stop = start + size + (index < longer)
+        yield slice(start, stop)
+        start = stop
+
+
+class Workspace:
+    """Named float32 ``(rows, V)`` buffers, made on first use and reused by every chunk of one loss call.
+
+    On a CPU a fresh tensor of tens of MiB is new memory from the operating system each time, paid in page
+    faults when it is first written; a few buffers reused from chunk to chunk pay that once per step. (A GPU's
+    caching allocator reuses memory by itself.)
+
+    Args:
+        rows: the most rows a chunk has.
+        vocab_size: V.
+        device: where the buffers live.
+    """
+
+    def __init__(self, rows: int, vocab_size: int, device: torch.device) -> None:
+        self.rows, self.vocab_size, self.device = rows, vocab_size, device
+        self._buffers: dict[str, Tensor] = {}
+
+    def __call__(self, name: str, rows: int) -> Tensor:
+        """The first ``rows`` rows of buffer ``name`` ``(rows, V)`` (holding whatever was left there)."""
+        if name not in self._buffers:
+            self._buffers[name] = torch.empty(self.rows, self.vocab_size, device=self.device)
+        return self._buffers[name][:rows]
+
+
+class ClosedForm(Protocol):
+    """Terms with their gradient in closed form (see :mod:`distilkit.losses.closed_form`)."""
+
+    def accepts(self, teacher: TeacherChunk) -> bool:
+        """Whether the closed form holds with this teacher chunk (else autograd is used)."""
+        ...
+
+    def __call__(
+        self,
+        student: Tensor,
+        teacher: Tensor | None,
+        labels: Tensor,
+        weights: Mapping[str, float],
+        count: int,
+        workspace: Workspace | None,
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """``(student logits (n, V) float32, teacher logits (n, V) float32 or None, labels (n,), weights, N,
+        buffers) -> ({name: Σ over the rows / N}, gradient of Σ weights[name]·term with respect to the student
+        logits (n, V))``; the terms must be what the plan's ``terms`` and ``weights`` define. ``student`` and
+        ``teacher`` are the caller's to overwrite."""
+        ...
 
 
 #: Called on every chunk the loop walks: ``(rows, student_logits (n, V), teacher chunk, labels (n,))``;
@@ -106,6 +157,8 @@ class HeadLossPlan:
         weights: total = Σ weights[name] · term[name]; terms not named get weight 0 (logged only).
         chunk_size: tokens per chunk (None: one chunk).
         observer: optional, called on every chunk (see :data:`ChunkObserver`).
+        closed_form: optional, the same terms with their gradient in closed form (see :data:`ClosedForm`);
+            it must compute exactly what ``terms`` and ``weights`` define.
     """
 
     student_head: OutputHead
@@ -116,14 +169,18 @@ class HeadLossPlan:
     weights: Mapping[str, float]
     chunk_size: int | None
     observer: ChunkObserver | None = None
+    closed_form: ClosedForm | None = None
 
-    def chunk_terms(self, student_raw: Tensor, rows: slice) -> dict[str, Tensor]:
+    def chunk_terms(
+        self, student_raw: Tensor, rows: slice, teacher: TeacherChunk = None
+    ) -> dict[str, Tensor]:
         """Terms of one chunk from the student's raw logits ``(n, V)``; each is the chunk mean × n/N.
 
         The one place a chunk is scored: both the training loss and evaluation come through here, and the
-        :attr:`observer` sees the same logits.
+        :attr:`observer` sees the same logits. ``teacher``: the teacher's chunk if the caller has it already.
         """
-        teacher = None if self.teacher is None else self.teacher(rows)
+        if teacher is None and self.teacher is not None:
+            teacher = self.teacher(rows)
         labels = self.labels[rows]
         student_logits = self.student_head.post(student_raw)  # (n, V)
         if self.observer is not None:
@@ -131,6 +188,37 @@ class HeadLossPlan:
         share = labels.numel() / max(self.labels.numel(), 1)
         terms = self.terms(student_logits, teacher, labels)
         return {name: value * share for name, value in terms.items()}
+
+    def terms_and_gradient(
+        self, features: Tensor, rows: slice, workspace: Workspace
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """Terms of ``rows`` (as :meth:`chunk_terms`, detached) from the student's features ``(n, H)`` and the
+        gradient of their weighted sum with respect to the raw logits ``(n, V)``: in closed form where
+        :attr:`closed_form` holds, else by autograd."""
+        n, source = rows.stop - rows.start, self.teacher
+        teacher: TeacherChunk
+        teacher, owned = None, False
+        if isinstance(source, HeadTeacher):  # its logits are formed here, in a buffer: ours to overwrite
+            teacher, owned = source(rows, out=workspace("teacher", n)), True
+        elif source is not None:
+            teacher, owned = source(rows), False
+        head, closed = self.student_head, self.closed_form
+        usable = self.observer is None and head.weight is not None and head.softcap is None
+        if closed is not None and usable and closed.accepts(teacher):
+            if isinstance(teacher, Tensor) and not owned and teacher.dtype == torch.float32:
+                teacher = workspace("teacher", n).copy_(teacher)  # another source's logits: work on a copy
+            student = head.raw(features, out=workspace("student", n)).float()  # (n, V), ours
+            student = student.mul_(head.scale) if head.scale != 1.0 else student
+            dense = None if not isinstance(teacher, Tensor) else teacher.float()  # (n, V), ours
+            terms, grad = closed(
+                student, dense, self.labels[rows], self.weights, self.labels.numel(), workspace
+            )
+            return terms, grad.mul_(head.scale) if head.scale != 1.0 else grad
+        with torch.enable_grad():
+            raw = head.raw(features).detach().requires_grad_(True)  # (n, V)
+            terms = self.chunk_terms(raw, rows, teacher)
+            (grad,) = torch.autograd.grad(self.weighted(terms), raw)  # (n, V)
+        return {name: value.detach() for name, value in terms.items()}, grad
 
     def weighted(self, terms: Mapping[str, Tensor]) -> Tensor:
         return sum(self.weights.get(name, 0.0) * terms[name] for name in self.names)  # type: ignore[return-value]
@@ -159,21 +247,22 @@ class ChunkedHeadLoss(torch.autograd.Function):
         )
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_bias and bias is not None else None
         sums = {name: features.new_zeros((), dtype=torch.float32) for name in plan.names}
-        for rows in chunk_slices(features.shape[0], plan.chunk_size):
+        slices = list(chunk_slices(features.shape[0], plan.chunk_size))
+        workspace = Workspace(slices[0].stop - slices[0].start, vocab, features.device)  # the longest chunk
+        for rows in slices:
             chunk = features[rows]  # (n, H)
-            with torch.enable_grad():
-                raw = head.raw(chunk).detach().requires_grad_(True)  # (n, V)
-                terms = plan.chunk_terms(raw, rows)
-                (grad_raw,) = torch.autograd.grad(plan.weighted(terms), raw)  # (n, V)
+            terms, grad_raw = plan.terms_and_gradient(chunk, rows, workspace)  # grad_raw (n, V)
             for name in plan.names:
-                sums[name] += terms[name].detach().float()
+                sums[name] += terms[name].float()
             if head.weight is None:  # features are the logits themselves
                 if grad_features is not None:
                     grad_features[rows, :vocab] = grad_raw.to(features.dtype)
                 continue
             if grad_features is not None:
                 grad_features[rows] = (grad_raw @ head.weight[:vocab]).to(features.dtype)  # (n, H)
-            if grad_weight is not None:
+            if grad_weight is not None and grad_raw.dtype == chunk.dtype == torch.float32:
+                grad_weight[:vocab].addmm_(grad_raw.t(), chunk)  # (V, H), in place
+            elif grad_weight is not None:
                 grad_weight[:vocab] += (grad_raw.t() @ chunk).float()  # (V, H)
             if grad_bias is not None:
                 grad_bias[:vocab] += grad_raw.float().sum(0)  # (V,)

@@ -41,12 +41,20 @@ class OutputHead:
     scale: float = 1.0
     softcap: float | None = None
 
-    def raw(self, features: Tensor) -> Tensor:
-        """``(N, H)`` features -> ``(N, V)`` logits before post-processing."""
+    def raw(self, features: Tensor, out: Tensor | None = None) -> Tensor:
+        """``(N, H)`` features -> ``(N, V)`` logits before post-processing; written into ``out`` ``(N, V)``
+        when it is given and features, weight and ``out`` share their dtype (outside autocast)."""
         if self.weight is None:
             return features[..., : self.vocab_size]
-        bias = None if self.bias is None else self.bias[: self.vocab_size]
-        return F.linear(features, self.weight[: self.vocab_size], bias)
+        weight, bias = (
+            self.weight[: self.vocab_size],
+            None if self.bias is None else self.bias[: self.vocab_size],
+        )
+        same = out is not None and features.dtype == weight.dtype == out.dtype and features.dim() == 2
+        if out is None or not same or torch.is_autocast_enabled(features.device.type):
+            return F.linear(features, weight, bias)
+        torch.mm(features, weight.t(), out=out)  # (N, V)
+        return out if bias is None else out.add_(bias)
 
     def post(self, raw_logits: Tensor) -> Tensor:
         """Apply the model's post-head processing to raw logits (any shape)."""

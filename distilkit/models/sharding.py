@@ -104,19 +104,27 @@ def clip_gradients(model: nn.Module, max_value: float, algorithm: str, group: An
         local_shard(grad).mul_(scale.to(grad.dtype))
 
 
-def all_finite(tensors: list[torch.Tensor]) -> bool:
+def finite_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Whether the L2 norm of all the norms of ``tensors`` (local shards) is finite, as a boolean tensor on
+    their device: no device sync. True proves every element finite; False means a bad value or an overflow
+    of the squares (see :func:`all_finite`)."""
+    return torch.isfinite(torch.stack(torch._foreach_norm([local_shard(t) for t in tensors]))).all()
+
+
+def all_finite(tensors: list[torch.Tensor], norm_finite: bool | None = None) -> bool:
     """Whether every element of every tensor is finite, at the cost of one fused norm pass in the usual case.
 
     A finite L2 norm of all the norms means no NaN or inf anywhere; only a non-finite norm (a bad value, or
     an overflow of the squares) needs the exact element-wise check. Sharded tensors (FSDP2) are checked by
-    their local shard; callers combine the processes' answers.
+    their local shard; callers combine the processes' answers. ``norm_finite``: :func:`finite_norm` when the
+    caller has read it already.
     """
     tensors = [local_shard(t) for t in tensors]
     if not tensors:
         return True
-    if bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    if norm_finite is None:
+        norm_finite = bool(finite_norm(tensors))
+    return norm_finite or all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 class ShardedTraining:
