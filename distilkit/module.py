@@ -289,7 +289,7 @@ class DistillationModule(ShardedTraining, L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ hooks
     def configure_callbacks(self) -> list[L.Callback]:
-        """What export and resume need; the data's tokenizer is the models'; the schedule's length; a cache."""
+        """What export and resume need; the data's tokenizer is the models'; schedule length; a cache."""
         cache = [self.cached_teacher] if self.cached_teacher is not None else []
         return [RunState(), TokenizerCheck(), ScheduleLengthCheck(), *cache]
 
