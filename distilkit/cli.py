@@ -22,6 +22,7 @@ from distilkit.commands.evaluate import evaluate_command
 from distilkit.commands.export import export
 from distilkit.commands.generate import generate
 from distilkit.commands.plot import plot
+from distilkit.commands.prune import prune
 from distilkit.commands.trainer import run_lightning
 from distilkit.errors import ConfigError, TrainingStopped
 
@@ -52,6 +53,7 @@ COMMANDS: dict[str, Command] = {
     ),
     "generate": Command("sample text from a model into jsonl that training reads", generate),
     "plot": Command("redraw a run's learning_curve.png from its metrics.csv", plot, positional=True),
+    "prune": Command("cut a student from the teacher into a Hugging Face model directory", prune),
 }
 
 
