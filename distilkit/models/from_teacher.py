@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -160,8 +161,13 @@ class StudentCut:
 
     def finish_for(self, teacher: Any, trainer: Any) -> nn.Module:
         """:meth:`finish` on the first batches of ``trainer``'s training data, the same on every process
-        (rank 0's are broadcast, so every process cuts the same student); the report is printed once."""
+        (rank 0's are broadcast, so every process cuts the same student); the report is printed once.
+
+        On one device or under DDP the teacher first moves where training puts it anyway (a GPU measures
+        faster); a sharded teacher is measured where it is."""
         batches = calibration_data(getattr(trainer, "datamodule", None), self.calibration_batches, self.field)
+        if isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+            teacher.to(trainer.strategy.root_device)
         model = self.finish(teacher, trainer.strategy.broadcast(batches))
         assert self.report is not None
         rank_zero_info("\n".join(self.report.lines()))

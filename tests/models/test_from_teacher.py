@@ -50,8 +50,9 @@ def test_a_cut_without_data_is_the_library_cut_made_at_init(datamodule):
         )
 
 
-def test_a_cut_that_ranks_on_data_uses_the_first_training_batches(datamodule, tmp_path):
-    spec = cut_spec(n_layer=1, n_embd=32, calibration_batches=3)  # blocks ranked, width by activation
+@pytest.mark.parametrize("ranking", ["influence", "loss"])
+def test_a_cut_that_ranks_on_data_uses_the_first_training_batches(datamodule, tmp_path, ranking):
+    spec = cut_spec(n_layer=1, n_embd=32, calibration_batches=3, layer_ranking=ranking)  # width by activation
     module = tiny_module(datamodule, student=spec)
     assert module.student_cut.pending and module.student_cut.report is None
     provisional = module.student
@@ -59,7 +60,9 @@ def test_a_cut_that_ranks_on_data_uses_the_first_training_batches(datamodule, tm
     assert module.student is not provisional and not module.student_cut.pending
 
     batches = list(itertools.islice(datamodule.train_dataloader(), 3))
-    expected, report = cut_from_teacher(module.teacher, {"n_layer": 1, "n_embd": 32}, calibration=batches)
+    targets = {"n_layer": 1, "n_embd": 32}
+    expected, report = cut_from_teacher(module.teacher, targets, calibration=batches, layer_ranking=ranking)
+    assert (report.drop_order is not None) == (ranking == "loss")
     assert module.student_cut.report.layers == report.layers
     assert module.student_cut.report.channels == report.channels
     with torch.no_grad():
@@ -147,6 +150,7 @@ def _qwen2_with_sliding_layers():
             r"model.student=.*mixes from_teacher",
         ),
         (TINY_TEACHER, cut_spec(n_layer=1, importance="random"), rf"{FIELD}.importance='random'"),
+        (TINY_TEACHER, cut_spec(n_layer=1, layer_ranking="cos"), rf"{FIELD}.layer_ranking='cos'"),
         (TINY_TEACHER, cut_spec(n_layer=1, calibration_batches=-1), rf"{FIELD}.calibration_batches=-1"),
         (
             TINY_TEACHER,
