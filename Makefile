@@ -14,7 +14,7 @@ venv: $(PY)
 	$(PIP_INSTALL) -e .
 
 dev: $(PY)
-	$(PIP_INSTALL) -e ".[dev,eval]"
+	$(PIP_INSTALL) -e ".[dev,eval,lora]"
 
 quickstart: venv
 	$(VENV)/bin/distilkit fit --config recipes/quickstart.yaml --trainer.default_root_dir $(RUN_DIR)

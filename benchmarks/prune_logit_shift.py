@@ -16,9 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from _common import print_table
-from distilkit.corpus import builtin_documents
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from distilkit.data.corpus import builtin_documents
 from distilkit.models.pruning import cut_from_teacher
 
 Batch = dict[str, torch.Tensor]
@@ -58,7 +58,12 @@ def main() -> None:
     cases: list[tuple[str, dict[str, int], dict[str, Any]]] = [
         ("depth 4 -> 2, layers [0, 2]", {"n_layer": 2}, {"layers": [0, 2]}),
         ("depth 4 -> 2, layers [1, 3]", {"n_layer": 2}, {"layers": [1, 3]}),
-        ("depth 4 -> 2, ranked", {"n_layer": 2}, {"calibration": calibration}),
+        ("depth 4 -> 2, ranked by influence", {"n_layer": 2}, {"calibration": calibration}),
+        (
+            "depth 4 -> 2, ranked by loss",
+            {"n_layer": 2},
+            {"calibration": calibration, "layer_ranking": "loss"},
+        ),
         ("depth 4 -> 3, ranked", {"n_layer": 3}, {"calibration": calibration}),
         ("n_embd 256 -> 128 (head dim 64 -> 32), magnitude", {"n_embd": 128}, {"importance": "magnitude"}),
         ("n_embd 256 -> 128 (head dim 64 -> 32), activation", {"n_embd": 128}, {"calibration": calibration}),
@@ -70,7 +75,12 @@ def main() -> None:
         ("n_inner 1024 -> 512, magnitude", {"n_inner": 512}, {"importance": "magnitude"}),
         ("n_inner 1024 -> 512, activation", {"n_inner": 512}, {"calibration": calibration}),
         ("2 x 128: layers [0, 2] + magnitude", quickstart, {"layers": [0, 2], "importance": "magnitude"}),
-        ("2 x 128: ranked + activation", quickstart, {"calibration": calibration}),
+        ("2 x 128: ranked by influence + activation", quickstart, {"calibration": calibration}),
+        (
+            "2 x 128: ranked by loss + activation",
+            quickstart,
+            {"calibration": calibration, "layer_ranking": "loss"},
+        ),
     ]
     _, teacher_ppl = shift(teacher, teacher, held_out)
     rows: list[list[object]] = [

@@ -23,6 +23,7 @@ from distilkit.commands.evaluate import evaluate_command
 from distilkit.commands.export import export
 from distilkit.commands.generate import generate
 from distilkit.commands.plot import plot
+from distilkit.commands.prune import prune
 from distilkit.commands.trainer import run_lightning
 from distilkit.errors import ConfigError, RunInterrupted, TrainingStopped
 
@@ -61,6 +62,7 @@ COMMANDS: dict[str, Command] = {
         "--output_dir DIR --mode topk --top_k 64",
         lightning=run_cache,
     ),
+    "prune": Command("cut a student from the teacher into a Hugging Face model directory", prune),
 }
 
 

@@ -21,12 +21,13 @@ from distilkit.losses.compiled import CompiledTerms
 from distilkit.metrics import EvaluationMetrics, NextTokenNLL
 from distilkit.models.checkpoint import check_models_match
 from distilkit.models.heads import BodyOutput, OutputHead, body_features, check_head, output_head
-from distilkit.models.loading import ModelSpec, load_student_and_teacher
+from distilkit.models.loading import ModelSpec
 from distilkit.models.sharding import ShardedTraining
+from distilkit.models.student_hooks import StudentHooks
 from distilkit.run import CachedTeacher, RunState, TokenizerCheck
 
 
-class DistillationModule(ShardedTraining, L.LightningModule):
+class DistillationModule(ShardedTraining, StudentHooks, L.LightningModule):  # type: ignore[misc]
     """Distil a frozen teacher into a student: total = (1 − kd_ratio)·CE + kd_ratio·KD.
 
     CE is the student's next-token cross-entropy on the labels; KD is ``loss(student, teacher)`` on the
@@ -39,12 +40,14 @@ class DistillationModule(ShardedTraining, L.LightningModule):
     never written into a checkpoint. Under Lightning's ``ModelParallelStrategy`` both are sharded with FSDP2
     (:class:`~distilkit.models.sharding.ShardedTraining`). What a checkpoint carries besides the weights
     (tokenizer, random state, configs for export) is kept by :class:`~distilkit.run.RunState`, which the
-    module adds to its trainer.
+    module adds to its trainer. Students cut from the teacher or trained through LoRA adapters are
+    handled by :class:`~distilkit.models.student_hooks.StudentHooks`.
     Extend by overriding the small pieces: :meth:`student_forward`, :meth:`teacher_forward`,
     :meth:`compute_loss`, :meth:`loss_terms` and :meth:`loss_weights`.
 
     Args:
-        student: a Hugging Face model directory or hub name, a config mapping (random init), or a module.
+        student: a Hugging Face model directory or hub name, a config mapping (random init), a module, or
+            ``{from_teacher: {...}}``: cut from the teacher (:mod:`distilkit.models.from_teacher`).
         teacher: the same forms, or None for training without a teacher (or from ``teacher_cache``).
         teacher_cache: a directory written by ``distilkit cache``, to train from instead of a teacher.
         loss: the KD divergence (default ``ForwardKLLoss(temperature=1.0)``).
@@ -66,6 +69,8 @@ class DistillationModule(ShardedTraining, L.LightningModule):
             from the data module by the CLI.
         block_size: context length; fills the positions of config mappings. Linked from the data module.
         eos_token_id: fills the bos/eos ids of config mappings. Linked from the data module.
+        student_adapter: train a pretrained student through LoRA adapters, ``{r, alpha, target_modules,
+            dropout}`` (:mod:`distilkit.models.adapters`): only they train and are checkpointed.
     """
 
     #: Settings of the module a curriculum stage may change (the loss declares its own: ``loss.knobs``).
@@ -89,6 +94,7 @@ class DistillationModule(ShardedTraining, L.LightningModule):
         vocab_size: int | None = None,
         block_size: int | None = None,
         eos_token_id: int | None = None,
+        student_adapter: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         modules = [
@@ -97,9 +103,9 @@ class DistillationModule(ShardedTraining, L.LightningModule):
         self.save_hyperparameters(ignore=["loss", "hidden_loss", "optimizer", "lr_scheduler", *modules])
         self.kd_ratio = kd_ratio
         self.guard = NonFiniteGuard(nonfinite, max_nonfinite_skips)
-        self.student, self.teacher, self.vocab_size = load_student_and_teacher(
-            student, teacher, teacher_dtype=teacher_dtype, vocab_size=vocab_size, block_size=block_size,
-            eos_token_id=eos_token_id,
+        self.load_models(
+            student, teacher, student_adapter, teacher_dtype=teacher_dtype, vocab_size=vocab_size,
+            block_size=block_size, eos_token_id=eos_token_id,
         )  # fmt: skip
         self.chunk_size = chunked.resolve_chunk_size(chunk_size, self.vocab_size)
         self.loss = loss if loss is not None else ForwardKLLoss()
@@ -320,22 +326,6 @@ class DistillationModule(ShardedTraining, L.LightningModule):
         if self.teacher is not None:
             self.teacher.eval()
         return self
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
-        """The module's state without the teacher (checkpoints hold the student and what trains with it)."""
-        state = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        for key in [k for k in state if k.startswith(f"{prefix}teacher.")]:
-            del state[key]
-        return state
-
-    def load_state_dict(
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
-    ) -> Any:
-        """Load a state saved by :meth:`state_dict`; the teacher keeps its own weights (strict otherwise)."""
-        if self.teacher is not None and not any(k.startswith("teacher.") for k in state_dict):
-            state_dict = {**state_dict, **{f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ---------------------------------------------------------------------------------------------- helpers
     def _plan(

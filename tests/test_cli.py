@@ -122,6 +122,31 @@ def test_resume_from_a_checkpoint(tmp_path, corpus, tokenizer_dir, cache_dir):
             ],
             "lr_scheduler.init_args.total_steps=300: is not the run's length of 3 optimizer steps",
         ),
+        (
+            [
+                "--model.init_args.teacher",
+                "null",
+                "--model.init_args.student",
+                '{"from_teacher": {"n_layer": 1}}',
+            ],
+            "model.student.from_teacher={'n_layer': 1}: cuts the student from the teacher, but there is no",
+        ),
+        (
+            ["--model.init_args.student", '{"from_teacher": {"n_embd": 128}}'],
+            "model.student.from_teacher.n_embd=128: exceeds the teacher's n_embd=64",
+        ),
+        (
+            ["--model.init_args.student", '{"from_teacher": {"n_embd": 63}}'],
+            "model.student.from_teacher.n_head=2: must divide n_embd=63",
+        ),
+        (
+            ["--model.init_args.student", '{"from_teacher": {"layers": [0, 2]}}'],
+            "model.student.from_teacher.layers=[0, 2]: holds 2, not a block index in [0, 1]",
+        ),
+        (
+            ["--model.init_args.student", '{"from_teacher": {"layers": [1, 1]}}'],
+            "model.student.from_teacher.layers=[1, 1]: repeats a block",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_clear_message_and_writes_nothing(

@@ -12,7 +12,10 @@ never the teacher, plus one entry written by :class:`distilkit.run.RunState`:
         "tokenizer_files": {"tokenizer.json": "...", ...},   # the run's tokenizer, save_pretrained's files
         "rng": {"torch": ..., "python": [...], "cuda": [...]}, # random state, for an exact resume
         "wandb_run_id": "abc123",                # present when the run logged to W&B
+        "adapters": {"student": {...}},          # LoRA students only: base, base_sha256, settings
     }
+
+A LoRA student's ``state_dict`` entries are its adapters only (:mod:`distilkit.models.adapters`).
 
 Checkpoints written before the models map (distilkit 0.1) hold ``student_config`` instead; they read the same.
 """
@@ -28,6 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from distilkit.data.tokenizer import tokenizer_from_files
 from distilkit.errors import ConfigError
+from distilkit.models.adapters import checkpoint_adapters, merged_from_checkpoint
 from distilkit.models.loading import load_causal_lm
 
 
@@ -39,6 +43,7 @@ class CheckpointExtras(TypedDict, total=False):
     tokenizer_files: dict[str, str]
     rng: dict[str, Any]
     wandb_run_id: str
+    adapters: dict[str, dict[str, Any]]
 
 
 def read_checkpoint(path: str | Path, field: str = "ckpt_path") -> dict[str, Any]:
@@ -78,19 +83,23 @@ def model_configs(checkpoint: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def model_from_checkpoint(
     checkpoint: dict[str, Any], prefix: str = "student", *, where: str = "ckpt_path"
 ) -> nn.Module:
-    """The model stored under ``prefix`` (a Hugging Face causal LM in float32, eval mode).
+    """The model stored under ``prefix`` (a Hugging Face causal LM in float32, eval mode); a LoRA student's
+    base rebuilt with its adapters merged in.
 
     Raises a :class:`ConfigError` naming the prefixes present when ``prefix`` is not one of them, and when
-    the weights do not fit the stored config.
+    the weights do not fit the stored config (or the LoRA base is not the one the adapters trained on).
     """
     configs = model_configs(checkpoint)
     if prefix not in configs:
         raise ConfigError(where, prefix, "names no model of this checkpoint", f"use one of {sorted(configs)}")
+    start = f"{prefix}."
+    state = {k[len(start) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(start)}
+    adapters = checkpoint_adapters(checkpoint).get(prefix)
+    if adapters is not None:
+        return merged_from_checkpoint(adapters, state, where)
     fields = dict(configs[prefix])
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    start = f"{prefix}."
-    state = {k[len(start) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(start)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or [key for key in missing if key not in tied]:

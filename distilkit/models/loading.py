@@ -6,7 +6,8 @@ A model is given as one of:
 * a mapping of transformers config fields with ``model_type`` for random init:
   ``{model_type: gpt2, n_layer: 2, n_embd: 128, n_head: 4}``; ``vocab_size``, the context length and the
   special-token ids come from the tokenizer and ``block_size`` when the mapping leaves them out;
-* an ``nn.Module`` built in code.
+* an ``nn.Module`` built in code;
+* for the student, ``{from_teacher: {...}}``: cut from the teacher (:mod:`distilkit.models.from_teacher`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from transformers import (
 )
 
 from distilkit.errors import ConfigError
+from distilkit.models.from_teacher import StudentCut
 
 ModelSpec = str | Mapping[str, Any] | nn.Module
 
@@ -209,7 +211,7 @@ def check_context(field: str, model: nn.Module | None, block_size: int | None) -
 
 
 def load_student_and_teacher(
-    student: ModelSpec,
+    student: ModelSpec | StudentCut,
     teacher: ModelSpec | None,
     *,
     teacher_dtype: str = "float32",
@@ -221,17 +223,24 @@ def load_student_and_teacher(
     None, and the logit width they are compared on (:func:`shared_vocab_size`).
 
     ``vocab_size``, ``block_size`` and ``eos_token_id`` (the tokenizer's) fill what config mappings leave
-    out; a ``block_size`` longer than either model's context is refused.
+    out; a ``block_size`` longer than either model's context is refused. A student ``{from_teacher: {...}}``
+    (or its parsed :class:`~distilkit.models.from_teacher.StudentCut`) is cut from the loaded teacher: at
+    once, or provisionally when the cut waits for calibration data (``cut.pending``).
     """
     defaults = {"vocab_size": vocab_size, "max_position_embeddings": block_size}
     defaults |= {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
-    student_model = load_causal_lm(student, field="model.student", dtype=torch.float32, defaults=defaults)
-    student_model.train()  # from_pretrained returns eval-mode models
+    cut = StudentCut.parse(student)
+    if cut is None:
+        assert not isinstance(student, StudentCut)
+        student_model = load_causal_lm(student, field="model.student", dtype=torch.float32, defaults=defaults)
+        student_model.train()  # from_pretrained returns eval-mode models
     teacher_model = None
     if teacher is not None:
         dtype = parse_dtype("model.teacher_dtype", teacher_dtype)
         teacher_model = load_causal_lm(teacher, field="model.teacher", dtype=dtype, defaults=defaults)
         teacher_model.requires_grad_(False).eval()
+    if cut is not None:
+        student_model = cut.build(teacher_model)
     for field, model in (("model.student", student_model), ("model.teacher", teacher_model)):
         check_context(field, model, block_size)
     return student_model, teacher_model, shared_vocab_size(student_model, teacher_model, vocab_size)

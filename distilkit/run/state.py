@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 
 from distilkit.data.tokenizer import tokenizer_files
 from distilkit.errors import TrainingStopped
+from distilkit.models.adapters import adapter_record
 from distilkit.models.checkpoint import CheckpointExtras
 from distilkit.models.sharding import all_finite
 from distilkit.run.lightning_internals import log_pending_step
@@ -60,6 +61,11 @@ class RunState(Callback):
             },
             "rng": random_state(),
         }
+        adapters = {
+            p: r for p, m in module.exportable_models().items() if (r := adapter_record(m)) is not None
+        }
+        if adapters:
+            extras["adapters"] = adapters  # LoRA students: what rebuilds and checks their frozen base
         files = self._tokenizer(trainer)
         if files:
             extras["tokenizer_files"] = files

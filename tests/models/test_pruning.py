@@ -166,6 +166,56 @@ def test_ranked_layers_reproduce_the_kept_blocks(model_type: str) -> None:
     torch.testing.assert_close(logits(student), logits(keep_blocks(teacher, report.layers)), rtol=0, atol=0)
 
 
+def _loss(model: Any, data: list[dict[str, torch.Tensor]]) -> float:
+    """Mean next-token cross-entropy where both tokens are real, written out independently of the library."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in data:
+            ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+            out = model(input_ids=ids, attention_mask=batch["attention_mask"], use_cache=False).logits
+            valid = mask[:, 1:] & mask[:, :-1]  # (B, T-1)
+            total += float(
+                torch.nn.functional.cross_entropy(out[:, :-1][valid], ids[:, 1:][valid], reduction="sum")
+            )
+            count += int(valid.sum())
+    return total / count
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_loss_ranking_drops_blocks_greedily_by_the_teachers_loss(model_type: str) -> None:
+    teacher, data = tiny(model_type), batches()
+    name = "n_layer" if model_type == "gpt2" else "num_hidden_layers"
+    student, report = cut(teacher, {name: 2}, calibration=data, layer_ranking="loss", importance="magnitude")
+    left, expected = [0, 1, 2, 3], []
+    for _ in range(2):  # by hand: drop the block whose removal raises the loss least
+        losses = {i: _loss(keep_blocks(teacher, [j for j in left if j != i]), data) for i in left}
+        best = min(losses, key=lambda i: losses[i])
+        left.remove(best)
+        expected.append((best, losses[best]))
+    assert report.layers == left and report.layer_ranking == "loss"
+    assert report.drop_order is not None and [i for i, _ in report.drop_order] == [i for i, _ in expected]
+    torch.testing.assert_close(
+        torch.tensor([x for _, x in report.drop_order]), torch.tensor([x for _, x in expected])
+    )
+    assert report.full_loss == pytest.approx(_loss(teacher, data), rel=1e-5)
+    torch.testing.assert_close(logits(student), logits(keep_blocks(teacher, left)), rtol=0, atol=0)
+    assert "blocks kept (ranked by the loss without them)" in str(report)
+    assert "blocks dropped in turn" in str(report)
+
+
+def test_loss_ranking_drops_an_identity_block_first() -> None:
+    teacher = tiny("gpt2")
+    block = teacher.transformer.h[2]
+    _zero_(block.attn.c_proj.weight, block.attn.c_proj.bias, block.mlp.c_proj.weight, block.mlp.c_proj.bias)
+    _, report = cut(
+        teacher, {"n_layer": 3}, calibration=batches(), layer_ranking="loss", importance="magnitude"
+    )
+    assert report.layers == [0, 1, 3] and report.drop_order is not None
+    assert report.drop_order[0][0] == 2 and report.drop_order[0][1] == pytest.approx(
+        report.full_loss, rel=1e-6
+    )
+
+
 def test_gpt2_scaling_by_inverse_block_index_follows_the_kept_blocks() -> None:
     teacher = tiny("gpt2", scale_attn_by_inverse_layer_idx=True)  # scores divided by (block index + 1)
     student, _ = cut(teacher, {}, layers=[1, 3])
@@ -570,6 +620,11 @@ def test_neox_head_size_that_cannot_hold_the_rotary_dims_exactly() -> None:
 def test_bad_importance() -> None:
     error = check_error("not a known importance", tiny("gpt2"), {}, importance="taylor")
     assert error.field == f"{FIELD}.importance"
+
+
+def test_bad_layer_ranking() -> None:
+    with pytest.raises(ConfigError, match=rf"{FIELD}.layer_ranking='cosine': is not a known ranking"):
+        cut(tiny("gpt2"), {"n_layer": 2}, calibration=batches(), layer_ranking="cosine")
 
 
 def test_data_is_required_where_it_is_used() -> None:

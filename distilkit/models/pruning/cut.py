@@ -7,8 +7,10 @@ layer) and NVIDIA's Minitron (depth and width pruned by measured importance; Mur
 ``cut_from_teacher(teacher, {"n_layer": 2, "n_embd": 128}, calibration=batches)`` returns a fresh
 Hugging Face model of the teacher's class and a :class:`PruneReport`:
 
-* **Depth**: ``layers=[0, 2]`` keeps exactly those blocks, in that order; otherwise the blocks with the
-  largest influence on calibration data (mean 1 − cos(input, output)) are kept, in their original order.
+* **Depth**: ``layers=[0, 2]`` keeps exactly those blocks, in that order; otherwise blocks are ranked on
+  calibration data and the best kept, in their original order: by ``layer_ranking="influence"``, the
+  blocks with the largest influence (mean 1 − cos(input, output)); by ``"loss"``, the blocks left by
+  dropping, one at a time, the block whose removal raises the teacher's next-token loss least.
   Ranking blocks needs data, whatever ``importance`` says: without it, name the blocks.
 * **Width**, ranked per kept block by ``importance`` (:mod:`distilkit.models.pruning.importance`): whole heads
   (with grouped-query attention, whole key/value groups with all their query heads, so the target keeps
@@ -43,6 +45,7 @@ from distilkit.errors import ConfigError
 from distilkit.models.pruning.importance import (
     LayerScores,
     Scores,
+    drop_by_loss,
     magnitude_outside_blocks,
     magnitude_scores,
     measure_activations,
@@ -57,6 +60,8 @@ from distilkit.models.pruning.layouts import (
 
 Importance = Literal["activation", "magnitude"]
 IMPORTANCES = ("activation", "magnitude")
+LayerRanking = Literal["influence", "loss"]
+LAYER_RANKINGS = ("influence", "loss")
 
 
 @dataclasses.dataclass
@@ -75,6 +80,9 @@ class PruneReport:
         heads: per kept block, the teacher's query heads kept.
         channels: the teacher's hidden channels kept (the same in every block).
         kept_share: per unit (``heads``, ``neurons``, ``channels``), the share of the importance kept.
+        layer_ranking: how blocks were ranked when they were (``"influence"`` or ``"loss"``).
+        drop_order: with ``"loss"``, the blocks dropped in turn and the teacher's loss without them.
+        full_loss: with ``"loss"``, the whole teacher's loss on the calibration data.
     """
 
     model_type: str
@@ -90,6 +98,9 @@ class PruneReport:
     heads: list[list[int]]
     channels: list[int]
     kept_share: dict[str, float]
+    layer_ranking: str = "influence"
+    drop_order: list[tuple[int, float]] | None = None
+    full_loss: float | None = None
 
     def lines(self) -> list[str]:
         """A short readable summary, one item per line."""
@@ -102,8 +113,14 @@ class PruneReport:
             f"  sizes: {sizes}",
         ]
         dropped = len(self.layers) < next(iter(self.sizes_before.values()))  # the layer count comes first
-        how = "named" if self.layers_given else "ranked by block influence" if dropped else "all"
+        ranked = "ranked by the loss without them" if self.drop_order else "ranked by block influence"
+        how = "named" if self.layers_given else ranked if dropped else "all"
         out.append(f"  blocks kept ({how}): {self.layers}")
+        if self.drop_order:
+            steps = ", ".join(f"{i} -> {loss:.4f}" for i, loss in self.drop_order)
+            out.append(
+                f"  blocks dropped in turn, next-token loss after (whole: {self.full_loss:.4f}): {steps}"
+            )
         if self.block_scores is not None:
             scores = ", ".join(
                 f"{i}: {s:.4f}" + ("*" if i in self.layers else "") for i, s in enumerate(self.block_scores)
@@ -141,6 +158,7 @@ def cut_from_teacher(
     layers: Sequence[int] | None = None,
     importance: Importance = "activation",
     calibration: Iterable[Mapping[str, Tensor]] | None = None,
+    layer_ranking: LayerRanking = "influence",
     field: str = "model.student.from_teacher",
 ) -> tuple[PreTrainedModel, PruneReport]:
     """A student cut from ``teacher`` to the ``targets`` sizes, with the teacher's most important weights.
@@ -157,8 +175,12 @@ def cut_from_teacher(
         importance: how heads, MLP channels and hidden channels are ranked: ``"activation"`` (needs
             ``calibration``) or ``"magnitude"`` (weight norms).
         calibration: batches (dicts with ``input_ids`` (B, T) and optionally ``attention_mask`` (B, T)),
-            iterated once; needed for activation importance and for ranking blocks. When given, block
-            influence is measured and reported even if ``layers`` names the blocks.
+            iterated once (held as a list for ``layer_ranking="loss"``); needed for activation importance
+            and for ranking blocks. When given, block influence is measured and reported even if
+            ``layers`` names the blocks.
+        layer_ranking: how blocks are ranked when ``layers`` is not given: ``"influence"`` (block
+            influence, one pass) or ``"loss"`` (greedy elimination by the teacher's next-token loss,
+            L + (L − 1) + ... + (k + 1) passes; :func:`~distilkit.models.pruning.importance.drop_by_loss`).
         field: the config field this cut came from, named in error messages.
 
     Returns:
@@ -178,15 +200,28 @@ def cut_from_teacher(
         raise ConfigError(
             f"{field}.importance", importance, "is not a known importance", f"use one of {IMPORTANCES}"
         )
+    if layer_ranking not in LAYER_RANKINGS:
+        raise ConfigError(
+            f"{field}.layer_ranking", layer_ranking, "is not a known ranking", f"use one of {LAYER_RANKINGS}"
+        )
     cuts_width = any(after[r] != before[r] for r in ("hidden", "heads", "inner"))
     _require_data(calibration, named, before, after, importance, cuts_width, field)
 
     head_dim = layout.head_dim(config)
-    measured = None
+    measured, drop_order, full_loss = None, None, None
+    data_field = f"{field}.calibration_batches"
     if calibration is not None:
-        data_field = f"{field}.calibration_batches"
+        calibration = list(calibration) if layer_ranking == "loss" else calibration
         measured = measure_activations(teacher, layout, head_dim, calibration, field=data_field)
-    kept = named if named is not None else _rank_blocks(measured, before["layers"], after["layers"])
+    if named is not None:
+        kept = named
+    elif layer_ranking == "loss" and after["layers"] < before["layers"]:
+        assert isinstance(calibration, list)  # _require_data checked that there is data
+        kept, drop_order, full_loss = drop_by_loss(
+            teacher, layout, calibration, after["layers"], field=data_field
+        )
+    else:
+        kept = _rank_blocks(measured, before["layers"], after["layers"])
 
     sd = teacher.state_dict()
     blocks = {i: layout.read_block(sd, f"{layout.blocks}.{i}.", head_dim) for i in kept}
@@ -218,6 +253,9 @@ def cut_from_teacher(
         heads=[p.heads.tolist() for p in plans],
         channels=channels.tolist(),
         kept_share=_kept_share(width, plans, channels),
+        layer_ranking=layer_ranking,
+        drop_order=drop_order,
+        full_loss=full_loss,
     )
     return student, report
 

@@ -14,9 +14,16 @@ Two measures of width importance (higher keeps), both reported per teacher block
   it feeds; a hidden channel the sum of squares of every weight indexed by it. Biases are left out of the
   head and MLP scores.
 
-Depth importance is the block influence of ShortGPT (Men et al. 2024) and Minitron: the mean over valid
-tokens of 1 − cos(x, y) between a block's input x and output y. A block that barely turns its input
-scores near 0 and is the first to go.
+Depth importance, two ways:
+
+* **influence**: the block influence of ShortGPT (Men et al. 2024) and Minitron: the mean over valid tokens
+  of 1 − cos(x, y) between a block's input x and output y. A block that barely turns its input scores near
+  0 and is the first to go. One pass over the data, but blind to what later blocks make of a change.
+* **loss**: what dropping blocks does to the model's own next-token loss (Minitron's perplexity ranking),
+  by greedy backward elimination: from all blocks, repeatedly drop the one whose removal raises the mean
+  cross-entropy on the data least, until the target count remain (:func:`drop_by_loss`). It costs
+  L + (L − 1) + ... + (k + 1) passes over the data to keep k of L blocks, and sees interactions that a
+  score per block cannot (after one block goes, its neighbour may matter more).
 """
 
 from __future__ import annotations
@@ -220,6 +227,68 @@ def _batch_tensors(batch: Any, field: str, device: torch.device) -> tuple[Tensor
             "pass a (B, T) mask or none",
         )
     return ids.to(device), mask.to(device)
+
+
+# -- depth by loss ------------------------------------------------------------------------------------
+
+
+def drop_by_loss(
+    model: PreTrainedModel, layout: Layout, batches: list[Mapping[str, Any]], keep: int, *, field: str
+) -> tuple[list[int], list[tuple[int, float]], float]:
+    """Greedy backward elimination of blocks by the model's next-token loss on ``batches``.
+
+    Returns:
+        The ``keep`` blocks left (increasing), the dropped blocks in the order dropped with the mean
+        cross-entropy (nats per token) of the model without them, and the loss of the whole model.
+    """
+    blocks = cast(nn.ModuleList, model.get_submodule(layout.blocks))
+    data = [_batch_tensors(batch, field, _device(model)) for batch in batches]
+    skipped: set[int] = set()
+    hooks = [
+        block.register_forward_hook(partial(_skip_if, skipped, i), with_kwargs=True)
+        for i, block in enumerate(blocks)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        full = _mean_loss(model, data, field)
+        dropped: list[tuple[int, float]] = []
+        while len(blocks) - len(skipped) > keep:
+            losses = {}
+            for i in (i for i in range(len(blocks)) if i not in skipped):
+                skipped.add(i)
+                losses[i] = _mean_loss(model, data, field)
+                skipped.remove(i)
+            best = min(losses, key=lambda i: (losses[i], i))  # ties: the lower index goes first
+            skipped.add(best)
+            dropped.append((best, losses[best]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return [i for i in range(len(blocks)) if i not in skipped], dropped, full
+
+
+def _skip_if(skipped: set[int], i: int, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+    """A forward hook that makes block ``i`` the identity while it is in ``skipped``."""
+    if i not in skipped:
+        return None
+    x = args[0] if args else kwargs["hidden_states"]
+    return (x, *output[1:]) if isinstance(output, tuple) else x
+
+
+@torch.no_grad()
+def _mean_loss(model: PreTrainedModel, data: list[tuple[Tensor, Tensor]], field: str) -> float:
+    """Mean next-token cross-entropy over the valid positions (both tokens real) of ``data``."""
+    total, count = 0.0, 0
+    for ids, mask in data:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+        valid = mask[:, 1:].bool() & mask[:, :-1].bool()  # (B, T-1)
+        total += float(F.cross_entropy(logits[valid].float(), ids[:, 1:][valid], reduction="sum"))
+        count += int(valid.sum())
+    if count == 0:
+        raise ConfigError(field, "no tokens", "the calibration batches hold no valid token", "give some text")
+    return total / count
 
 
 # -- magnitude ----------------------------------------------------------------------------------------
