@@ -315,6 +315,7 @@ class DistillationModule(ShardedTraining, StudentHooks, L.LightningModule):  # t
     on_validation_start = on_test_start = on_predict_start = on_fit_start
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # a cut student's config; a LoRA student's base and settings
         check_models_match(checkpoint, self.exportable_models())  # another architecture: a clear error
 
     def on_train_start(self) -> None:

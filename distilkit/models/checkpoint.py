@@ -153,11 +153,11 @@ def check_models_match(
     The error names the first tensor that differs, both shapes, and the config fields that differ.
     """
     state = checkpoint.get("state_dict") or {}
-    stored_configs = model_configs(checkpoint)
+    stored_configs, adapted = model_configs(checkpoint), checkpoint_adapters(checkpoint)
     for prefix, model in models.items():
         start = f"{prefix}."
         stored = {k[len(start) :]: v for k, v in state.items() if k.startswith(start)}
-        if not stored:
+        if not stored or prefix in adapted:  # adapters only: checked against their base by check_adapters
             continue
         own = dict(model.state_dict())
         tied = set(getattr(model, "_tied_weights_keys", None) or [])
