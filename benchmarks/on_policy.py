@@ -21,9 +21,11 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from _common import print_table
+from lightning.pytorch.callbacks import Callback
 
 from distilkit.cli import main as distilkit
 
@@ -34,9 +36,32 @@ VARIANTS = {
     "lmbda 0.5, student sampler": ["--model.init_args.lmbda", "0.5"],
     "lmbda 1, student sampler": ["--model.init_args.lmbda", "1.0"],
     "lmbda 0.5, teacher sampler": ["--model.init_args.lmbda", "0.5", "--model.init_args.sampler", "teacher"],
-    "lmbda 0.5, mixed sampler (K=25)": ["--model.init_args.lmbda", "0.5", "--model.init_args.sampler", "mixed"],
+    "lmbda 0.5, mixed sampler (K=25)": [
+        "--model.init_args.lmbda",
+        "0.5",
+        "--model.init_args.sampler",
+        "mixed",
+    ],
 }
+SWITCH = '{"class_path": "on_policy.SwitchLambda", "init_args": {"at_step": 200, "lmbda": 1.0}}'
+VARIANTS["lmbda 0, then 1 from step 200"] = [
+    "--model.init_args.lmbda",
+    "0.0",
+    f"--trainer.callbacks+={SWITCH}",
+]
 THROUGHPUT = "train/device/items_per_sec"
+
+
+class SwitchLambda(Callback):
+    """Sets the module's ``lmbda`` knob from ``at_step`` on, keeping the recipe's LR schedule (a
+    ``CurriculumCallback`` stage with ``knobs: {lmbda: ...}`` does the same but owns the learning rate)."""
+
+    def __init__(self, at_step: int, lmbda: float) -> None:
+        self.at_step, self.lmbda = at_step, lmbda
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step >= self.at_step and pl_module.lmbda != self.lmbda:
+            pl_module.apply_knobs({"lmbda": self.lmbda})
 
 
 def read_rows(metrics_csv: Path) -> list[dict[str, str]]:
@@ -63,7 +88,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--only", nargs="*", default=None, help="names of VARIANTS to run (default all)")
-    parser.add_argument("--keep", default=None, help="a directory to keep the runs in (default a temporary one)")
+    parser.add_argument(
+        "--keep", default=None, help="a directory to keep the runs in (default a temporary one)"
+    )
     args = parser.parse_args()
     common = [
         *RECIPE,

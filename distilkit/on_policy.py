@@ -154,6 +154,11 @@ class OnPolicyDistillationModule(DistillationModule):
         _check_settings(
             prompt_tokens, max_new_tokens, temperature, top_p, sampler, referee_top_k, val_samples
         )
+        block = kwargs.get("block_size")
+        if block is not None and prompt_tokens >= block:
+            raise ConfigError(
+                "model.prompt_tokens", prompt_tokens, f"leaves no room in blocks of {block}", "shorten"
+            )
         self.prompt_tokens, self.max_new_tokens = prompt_tokens, max_new_tokens
         self.temperature, self.top_p, self.sampler = temperature, top_p, sampler
         self.referee_top_k, self.val_samples, self.seed = referee_top_k, val_samples, seed

@@ -160,7 +160,9 @@ def test_a_resumed_run_samples_and_ends_as_the_uninterrupted_one(
         assert torch.equal(value, teacher_before[key]), f"the teacher changed: {key}"
     assert tables and tables[-1][0] == "on_policy_samples" and tables[-1][1] == ["step", "prompt", "sample"]
     rows_logged = tables[-1][2]  # 4 rows (TABLE_ROWS) at each validation: steps 2 and 4
-    assert [row[0] for row in rows_logged] == [2] * 4 + [4] * 4 and all(row[1] and row[2] for row in rows_logged)
+    assert [row[0] for row in rows_logged] == [2] * 4 + [4] * 4 and all(
+        row[1] and row[2] for row in rows_logged
+    )
 
     L.seed_everything(0)
     data = make_datamodule(corpus, tokenizer_dir, cache_dir)
@@ -200,6 +202,7 @@ def test_the_mixed_sampler_keeps_only_student_tokens_in_the_teachers_top_k(datam
         ({"lmbda": 1.5}, "model.lmbda"),
         ({"sampler": "beam"}, "model.sampler"),
         ({"prompt_tokens": 0}, "model.prompt_tokens"),
+        ({"prompt_tokens": 32}, "model.prompt_tokens"),  # the whole block of 32
         ({"temperature": 0.0}, "model.temperature"),
         ({"teacher": None}, "model.teacher"),
     ],
