@@ -20,6 +20,7 @@ from distilkit.losses import (
 )
 from distilkit.metrics import DistillationKL, TokenPerplexity, TopKAgreement
 from distilkit.module import DistillationModule
+from distilkit.mutual import MutualDistillationModule
 
 __version__ = "0.2.0.dev0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "ForwardKLLoss",
     "GeneralizedJSDLoss",
     "LogitMSELoss",
+    "MutualDistillationModule",
     "ReverseKLLoss",
     "SkewForwardKLLoss",
     "SkewReverseKLLoss",

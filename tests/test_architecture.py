@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"distilkit.losses"},
     {"distilkit.metrics", "distilkit.guards"},
     {"distilkit.run"},
-    {"distilkit.module"},
+    {"distilkit.module", "distilkit.mutual"},
     {"distilkit.callbacks"},
     {"distilkit.commands"},
     {"distilkit.cli", "distilkit", "distilkit.__main__", "distilkit.loggers"},
