@@ -73,7 +73,8 @@ def fit(recipe: str, run_dir: Path, *extra: str) -> dict:
         ["fit", "--config", f"recipes/{recipe}", "--trainer.default_root_dir", str(run_dir), *extra]
         + ["--trainer.callbacks", json.dumps(meter), "--progress_bar.refresh_rate", "1000"]
     )
-    rows = [row for row in csv.DictReader((run_dir / "metrics.csv").open()) if row.get("val/loss")]
+    metrics = run_dir / "metrics.csv"  # absent when nothing was logged (a short run without validation)
+    rows = [row for row in csv.DictReader(metrics.open()) if row.get("val/loss")] if metrics.is_file() else []
     return {"val": rows[-1] if rows else {}, **json.loads((run_dir / "compute.json").read_text())}
 
 
@@ -100,10 +101,9 @@ def main() -> None:
     for name, (_, _, models) in RUNS.items():
         for label, metric in models.items():
             ppl = float(results[name]["val"][metric])
-            rows.append(
-                [label, f"{ppl:.1f}", f"{ppl / alone:.3f}" if "4x256" not in label.split(",")[0] else ""]
-            )
-    print_table(["model (300 steps, same data)", "final val ppl", "vs 2x128 alone"], rows)
+            same_model = label.startswith("2x128")  # compared with the same model trained alone
+            rows.append([label, f"{ppl:.1f}", f"{ppl / alone:.3f}" if same_model else ""])
+    print_table([f"model ({args.steps} steps, same data)", "final val ppl", "vs 2x128 alone"], rows)
     print()
 
     base_flops = results["alone"]["flops_per_step"]
