@@ -49,9 +49,9 @@ class _PeerStates(MutableMapping[Tensor, Any]):
 class PeerOptimizers(Optimizer):
     """One optimizer per peer, as one ``Optimizer``.
 
-    ``param_groups`` lists every peer's groups (the same dicts: setting a group's ``lr`` sets that peer's
-    rate); ``state`` reads and writes each peer's optimizer state; ``state_dict()`` is
-    ``{"peers": [each optimizer's state_dict]}``.
+    ``param_groups`` lists every peer's groups (the peers' own dicts, read afresh: loading a state replaces
+    them; setting a group's ``lr`` sets that peer's rate); ``state`` reads and writes each peer's optimizer
+    state; ``state_dict()`` is ``{"peers": [each optimizer's state_dict]}``.
 
     Args:
         optimizers: the peers' optimizers, in peer order; no parameter may be in two of them.
@@ -61,10 +61,27 @@ class PeerOptimizers(Optimizer):
         params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
         if len({id(p) for p in params}) != len(params):
             raise ValueError("a parameter is in more than one peer's optimizer")
-        super().__init__(params, {})
         self.optimizers = list(optimizers)
-        self.param_groups = [group for opt in self.optimizers for group in opt.param_groups]
-        self.state = _PeerStates(self.optimizers)  # type: ignore[assignment]
+        self._states = _PeerStates(self.optimizers)
+        self._initialised = False
+        super().__init__(params, {})  # hooks and defaults; the groups and states stay the peers'
+        self._initialised = True
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        """Ignored (``Optimizer.__init__`` assigns an empty list): the groups are the peers' own."""
+
+    @property  # type: ignore[override]
+    def state(self) -> _PeerStates:
+        return self._states
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        """Ignored (``Optimizer.__init__`` assigns one): each peer's optimizer keeps its own state."""
 
     def has_gradients(self, index: int) -> bool:
         """Whether any parameter of peer ``index`` holds a gradient."""
@@ -108,9 +125,8 @@ class PeerOptimizers(Optimizer):
             optimizer.load_state_dict(state)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if hasattr(self, "optimizers"):  # Optimizer.__init__ adds the first group itself
+        if self._initialised:  # Optimizer.__init__ offers every parameter once: they are the peers' already
             raise NotImplementedError("add parameter groups to a peer's own optimizer")
-        super().add_param_group(param_group)
 
     def __repr__(self) -> str:
         return f"PeerOptimizers({', '.join(type(opt).__name__ for opt in self.optimizers)})"

@@ -257,6 +257,22 @@ def test_each_peer_exports_by_index_and_by_name_and_reloads_with_transformers(da
     assert "['big', 'small']" in " ".join(capsys.readouterr().err.split())
 
 
+def test_predict_gives_each_peers_next_token_nll(datamodule):
+    torch.manual_seed(0)
+    cohort = _cohort(datamodule, [SMALL, WIDER], chunk_size=16).eval()
+    batch = next(iter(datamodule.val_dataloader()))
+    batch["labels"][0, 10:] = -100  # masked positions predict nothing
+    keep, labels = next_token_targets(batch["labels"])
+    with torch.no_grad():
+        result = cohort.predict_step(batch, 0)
+        assert set(result) == {"peer0", "peer1"}
+        for index in range(2):
+            logits = cohort(batch["input_ids"], batch["attention_mask"], peer=index)[:, :-1][keep]
+            nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+            torch.testing.assert_close(result[f"peer{index}"][keep], nll, rtol=1e-4, atol=1e-5)
+            assert result[f"peer{index}"][~keep].isnan().all()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -287,7 +303,7 @@ def _fit(recipe: Path, run_dir: Path, *overrides: str, wait: bool = True) -> sub
     """`distilkit fit` in a new process (``wait=False``: started, not waited for)."""
     command = [sys.executable, "-m", "distilkit.cli", "fit", "--config", str(recipe)]
     command += ["--trainer.default_root_dir", str(run_dir), *overrides]
-    paths = [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]  # tests/: helpers.SlowSteps
+    paths = [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]  # tests/: helpers.SlowSteps
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     if not wait:
         return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
