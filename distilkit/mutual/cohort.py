@@ -284,12 +284,13 @@ class MutualDistillationModule(L.LightningModule):
         self._batch_failed = False
         updates = self._simultaneous if self.update == "simultaneous" else self._alternate
         losses = updates(batch, keep, labels, features, order)
+        total = self._log_training(losses, batch["input_ids"].shape[0])  # the rates this step used
         scheduler: Any = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
         if not self._batch_failed:
             self.guard.passed()
-        return self._log_training(losses, batch["input_ids"].shape[0])
+        return total
 
     def _simultaneous(
         self, batch: Batch, keep: Tensor, labels: Tensor, features: list[Tensor], order: list[int]
