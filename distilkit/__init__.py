@@ -20,6 +20,7 @@ from distilkit.losses import (
 )
 from distilkit.metrics import DistillationKL, TokenPerplexity, TopKAgreement
 from distilkit.module import DistillationModule
+from distilkit.mutual import MutualDistillationModule
 from distilkit.on_policy import OnPolicyDistillationModule
 
 __version__ = "0.2.0.dev0"
@@ -32,6 +33,7 @@ __all__ = [
     "ForwardKLLoss",
     "GeneralizedJSDLoss",
     "LogitMSELoss",
+    "MutualDistillationModule",
     "OnPolicyDistillationModule",
     "ReverseKLLoss",
     "SkewForwardKLLoss",

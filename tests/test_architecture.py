@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"distilkit.losses"},
     {"distilkit.metrics", "distilkit.guards"},
     {"distilkit.run"},
-    {"distilkit.module", "distilkit.on_policy"},
+    {"distilkit.module", "distilkit.on_policy", "distilkit.mutual"},
     {"distilkit.callbacks"},
     {"distilkit.commands"},
     {"distilkit.cli", "distilkit", "distilkit.__main__", "distilkit.loggers"},

@@ -7,8 +7,10 @@ warm-up and in-stage anneal, and optional values for the distillation knobs that
 (:meth:`DistillationModule.knob_names`: ``kd_ratio`` and the loss's own, such as ``temperature`` or
 ``beta``), which :meth:`DistillationModule.apply_knobs` sets when the stage starts.
 
-The callback owns the learning rate: it sets every parameter group's ``lr`` before each optimizer step,
-so a trainer LR scheduler would fight it and is refused. When the last stage ends, training stops.
+The callback owns the learning rate: it sets every parameter group's ``lr`` of every optimizer before each
+optimizer step, so a trainer LR scheduler would fight it and is refused. A stage's ``lr`` sets every group
+to that rate; its ``lr_scale`` scales each group's own configured rate, so models with their own optimizers
+and rates (a mutual cohort's peers) keep their ratios. When the last stage ends, training stops.
 """
 
 from __future__ import annotations
@@ -178,7 +180,8 @@ class CurriculumCallback(Callback):
     and run the stage again, at most ``max_retries`` times, then advance. (The best point is a CPU copy
     of the trainable state, kept in memory and in checkpoints; ``continue`` keeps none.)
 
-    Logs ``curriculum/stage`` (index), ``curriculum/lr``, ``curriculum/retries`` and ``curriculum/<knob>``.
+    Logs ``curriculum/stage`` (index), ``curriculum/lr`` (the first parameter group's),
+    ``curriculum/retries`` and ``curriculum/<knob>``.
 
     Args:
         stages: the stages, run in order.
@@ -266,9 +269,8 @@ class CurriculumCallback(Callback):
                 "would fight the CurriculumCallback, which sets the learning rate itself",
                 "remove the LR scheduler (put warm-up and anneal in the stages)",
             )
-        optimizer = trainer.optimizers[0]
         if not self.base_lrs:
-            self.base_lrs = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+            self.base_lrs = [group.get("initial_lr", group["lr"]) for group in _param_groups(trainer)]
         known = pl_module.knob_names() if isinstance(pl_module, Tunable) else set()
         for index, stage in enumerate(self.stages):
             unknown = set(stage.knobs) - known
@@ -286,7 +288,7 @@ class CurriculumCallback(Callback):
     ) -> None:
         if "input_ids" in batch and not self.state.tokens_per_step:
             self.state.tokens_per_step = int(batch["input_ids"].numel()) * trainer.accumulate_grad_batches
-        for group, lr in zip(trainer.optimizers[0].param_groups, self.current_lrs(trainer), strict=True):
+        for group, lr in zip(_param_groups(trainer), self.current_lrs(trainer), strict=True):
             group["lr"] = lr
 
     def on_train_batch_end(
@@ -391,14 +393,16 @@ class CurriculumCallback(Callback):
             return
         self.best_point = {
             "module": {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()},
-            "optimizer": _to_cpu(copy.deepcopy(trainer.optimizers[0].state_dict())),
+            "optimizers": [_to_cpu(copy.deepcopy(opt.state_dict())) for opt in trainer.optimizers],
         }
 
     def _restore_best_point(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.best_point is None:
             return
         pl_module.load_state_dict(self.best_point["module"])
-        trainer.optimizers[0].load_state_dict(self.best_point["optimizer"])
+        saved = self.best_point.get("optimizers") or [self.best_point["optimizer"]]  # one, before 0.2
+        for optimizer, state in zip(trainer.optimizers, saved, strict=True):
+            optimizer.load_state_dict(state)
 
     # -------------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -421,6 +425,11 @@ class CurriculumCallback(Callback):
         self.state = CurriculumState.from_state_dict(state_dict["state"])
         self.base_lrs = list(state_dict["base_lrs"])
         self.best_point = state_dict.get("best_point")
+
+
+def _param_groups(trainer: L.Trainer) -> list[dict[str, Any]]:
+    """Every parameter group of every optimizer, in order."""
+    return [group for optimizer in trainer.optimizers for group in optimizer.param_groups]
 
 
 def _to_cpu(value: Any) -> Any:

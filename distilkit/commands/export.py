@@ -6,8 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from distilkit.errors import ConfigError
 from distilkit.files import atomic_directory, refuse_existing
-from distilkit.models.checkpoint import checkpoint_tokenizer, model_from_checkpoint, read_checkpoint
+from distilkit.models.checkpoint import (
+    checkpoint_tokenizer,
+    model_configs,
+    model_from_checkpoint,
+    read_checkpoint,
+)
 from distilkit.models.loading import parse_dtype
 
 
@@ -17,8 +23,10 @@ def export_student(
     dtype: str = "float32",
     overwrite: bool = False,
     model: str = "student",
+    peer: int | str | None = None,
 ) -> Path:
-    """Write the model ``model`` of ``ckpt_path`` and the run's tokenizer to ``output_dir``.
+    """Write the model ``model`` of ``ckpt_path`` (or the cohort's peer ``peer``, by index or name) and the
+    run's tokenizer to ``output_dir``.
 
     The directory is staged beside its final place and renamed into it, so a failure leaves no half
     export; an existing non-empty ``output_dir`` is refused unless ``overwrite`` (checked before any work).
@@ -30,6 +38,8 @@ def export_student(
     refuse_existing(out, overwrite=overwrite, field="output_dir")
     torch_dtype = parse_dtype("dtype", dtype)
     checkpoint = read_checkpoint(ckpt_path)
+    if peer is not None:
+        model = peer_prefix(checkpoint, peer)
     lm: Any = model_from_checkpoint(checkpoint, model, where="model")
     tokenizer = checkpoint_tokenizer(checkpoint)
     with atomic_directory(out, overwrite=overwrite) as staging:
@@ -39,10 +49,33 @@ def export_student(
     return out
 
 
+def peer_prefix(checkpoint: dict[str, Any], peer: int | str) -> str:
+    """The state-dict prefix (``peers.N``) of a cohort's peer given by index or by name (the module's
+    ``names``, kept in the checkpoint's hyperparameters)."""
+    names = list((checkpoint.get("hyper_parameters") or {}).get("names") or [])
+    index = names.index(peer) if isinstance(peer, str) and peer in names else peer
+    if isinstance(index, str) and index.isdigit():
+        index = int(index)
+    prefix = f"peers.{index}"
+    if isinstance(index, int) and prefix in model_configs(checkpoint):
+        return prefix
+    peers = sorted(int(p.split(".")[1]) for p in model_configs(checkpoint) if p.startswith("peers."))
+    choices = f"an index in {peers}" + (f" or a name in {names}" if names else "")
+    raise ConfigError(
+        "peer", peer, "names no peer of this checkpoint", f"use {choices}" if peers else "use --model"
+    )
+
+
 def export(
-    ckpt_path: str, output_dir: str, dtype: str = "float32", overwrite: bool = False, model: str = "student"
+    ckpt_path: str,
+    output_dir: str,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    model: str = "student",
+    peer: int | str | None = None,
 ) -> None:
-    """Write a checkpoint's student as a Hugging Face model directory with the run's tokenizer.
+    """Write a checkpoint's student (or one peer of a cohort) as a Hugging Face model directory with the
+    run's tokenizer.
 
     Args:
         ckpt_path: a checkpoint written by ``distilkit fit`` (``RUN/checkpoints/last.ckpt``).
@@ -50,6 +83,8 @@ def export(
         dtype: dtype of the saved weights: ``float32``, ``bfloat16`` or ``float16``.
         overwrite: replace an existing ``output_dir``.
         model: which model of the checkpoint: ``student`` (default).
+        peer: a peer of a ``MutualDistillationModule`` checkpoint, by index (``0``) or name (``student``);
+            overrides ``model``.
     """
-    out = export_student(ckpt_path, output_dir, dtype, overwrite, model)
-    print(f"exported {model} to {out}")
+    out = export_student(ckpt_path, output_dir, dtype, overwrite, model, peer)
+    print(f"exported {model if peer is None else f'peer {peer}'} to {out}")

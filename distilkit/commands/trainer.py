@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
@@ -18,7 +18,6 @@ from distilkit.callbacks.predictions import PredictionWriter
 from distilkit.callbacks.progress import DistilProgressBar
 from distilkit.data import TextDataModule
 from distilkit.errors import TrainingStopped
-from distilkit.module import DistillationModule
 from distilkit.run.checkpoint_io import AtomicCheckpointIO
 from distilkit.run.directory import (
     SaveRunConfig,
@@ -181,7 +180,7 @@ def out_of_memory_hint(trainer: Trainer, config: Any) -> Iterator[None]:
 def run_lightning(args: list[str]) -> None:
     """Run a LightningCLI subcommand (``fit``, ``validate``, ``test``, ``predict``) with ``args``."""
     DistilCLI(
-        DistillationModule,
+        LightningModule,  # any module: DistillationModule, MutualDistillationModule, a user's own
         TextDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
@@ -216,8 +215,13 @@ def print_summary(trainer: Trainer, console: Console) -> None:
     ):
         if key in metrics:
             lines.append(f"{label:<18} {float(metrics[key]):.2f}")
+    peers = [key.split("/")[1] for key in metrics if key.startswith("val/peer") and key.endswith("/ppl")]
+    lines += [f"{peer + ' val ppl':<18} {float(metrics[f'val/{peer}/ppl']):.2f}" for peer in sorted(peers)]
     console.rule("distilkit")
     for line in lines:
         console.print(line, highlight=False)
     if last:  # printed whole (never wrapped), so it can be copied and run
-        print(f"export the student: distilkit export --ckpt_path '{last}' --output_dir '{root / 'export'}'")
+        what, option = ("a peer", " --peer N") if peers else ("the student", "")
+        print(
+            f"export {what}: distilkit export --ckpt_path '{last}' --output_dir '{root / 'export'}'{option}"
+        )
