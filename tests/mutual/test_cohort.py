@@ -57,8 +57,8 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 
 
 def test_with_kd_ratio_zero_each_peer_trains_exactly_as_alone(datamodule, tmp_path):
-    """Same weights, bit for bit, as a DistillationModule without a teacher on the same batches (clipping
-    included), in both update modes."""
+    """Same weights as a DistillationModule without a teacher on the same batches (clipping included), in
+    both update modes: to float rounding, as the module alone takes CE's gradient in closed form."""
     torch.manual_seed(0)
     peers = [_model(datamodule, SMALL), _model(datamodule, WIDER)]
     alone = []
@@ -80,7 +80,7 @@ def test_with_kd_ratio_zero_each_peer_trains_exactly_as_alone(datamodule, tmp_pa
         tiny_trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(cohort, datamodule)
         assert cohort.trainer.global_step == 3, "one global step per batch, whatever the number of peers"
         for peer, expected in zip(cohort.peers, alone, strict=True):
-            _assert_same(_state(peer), expected)
+            torch.testing.assert_close(_state(peer), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_the_targets_are_detached_no_gradient_crosses_between_peers(datamodule):
@@ -180,7 +180,8 @@ def test_a_frozen_peer_is_a_teacher_then_trains_with_the_student(datamodule, tmp
     trainer = tiny_trainer(tmp_path, max_steps=5, limit_val_batches=0, callbacks=[log])
     trainer.fit(cohort, datamodule)
 
-    _assert_same(log.states[3]["peers.1"], _state(kd.student))
+    # to float rounding: the KD module takes CE + forward KL's gradient in closed form
+    torch.testing.assert_close(log.states[3]["peers.1"], _state(kd.student), rtol=1e-5, atol=1e-5)
     _assert_same(log.states[3]["peers.0"], _state(teacher))
     assert not torch.equal(log.states[5]["peers.0"]["transformer.h.0.mlp.c_fc.weight"],
                            _state(teacher)["transformer.h.0.mlp.c_fc.weight"])  # fmt: skip
