@@ -83,6 +83,36 @@ def test_the_loss_covers_exactly_the_sampled_positions(datamodule):
     torch.testing.assert_close(kd, module.loss(student, teacher), rtol=1e-5, atol=1e-6)
 
 
+def test_a_sampled_step_leaves_the_next_data_step_as_it_was(datamodule):
+    """Sampling and training on the samples changes nothing a later data step sees but the weights: every
+    module's train/eval mode, the global RNG (dropout), the data batch; the data step's loss and gradient
+    are the same before and after it (dropout on, weights held fixed)."""
+    module = on_policy_module(datamodule, seed=0, lmbda=0.5).train()
+    batch = first_batch(datamodule)
+    original = {k: v.clone() for k, v in batch.items()}
+    modes = {name: m.training for name, m in module.named_modules()}
+
+    def data_step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        module.student.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks for both calls
+        loss = module.compute_loss(batch)["loss"]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in module.student.parameters()]
+
+    loss, grads = data_step()
+    rng = torch.get_rng_state()
+    sampled = training_batch(module.sample(batch, module.sampling_generator("sample", 0, 0)))
+    assert torch.equal(torch.get_rng_state(), rng), "sampling drew from the global RNG"
+    module._sampled_step = True
+    module.compute_loss(sampled)["loss"].backward()  # the on-policy step's gradient (not applied)
+    module._sampled_step = False
+    assert {name: m.training for name, m in module.named_modules()} == modes
+    assert all(torch.equal(batch[k], original[k]) for k in original)
+    again, grads_again = data_step()
+    assert torch.equal(again, loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_again, strict=True))
+
+
 def _fit(module, datamodule, tmp_path, steps: int, ckpt_path=None, callbacks=(), **kwargs):
     recorder = Recorder("train/loss", "train/on_policy", "train/generation_share")
     options = {"val_check_interval": 2, "limit_val_batches": 1, **kwargs}
