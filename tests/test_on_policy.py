@@ -160,6 +160,8 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(datamodule, monkeypa
     assert "lmbda" in module.knob_names() and not any(module.is_on_policy(s) for s in range(200))
     module.apply_knobs({"lmbda": 1.0})
     assert all(module.is_on_policy(s) for s in range(200))
+    module.off_policy_steps = 5  # a warm-up on the data, then lmbda
+    assert [module.is_on_policy(s) for s in range(8)] == [False] * 5 + [True] * 3
 
 
 def test_a_resumed_run_samples_and_ends_as_the_uninterrupted_one(
@@ -230,6 +232,7 @@ def test_the_mixed_sampler_keeps_only_student_tokens_in_the_teachers_top_k(datam
     ("kwargs", "field"),
     [
         ({"lmbda": 1.5}, "model.lmbda"),
+        ({"off_policy_steps": -1}, "model.off_policy_steps"),
         ({"sampler": "beam"}, "model.sampler"),
         ({"prompt_tokens": 0}, "model.prompt_tokens"),
         ({"prompt_tokens": 32}, "model.prompt_tokens"),  # the whole block of 32
