@@ -21,47 +21,37 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from _common import print_table
-from lightning.pytorch.callbacks import Callback
 
 from distilkit.cli import main as distilkit
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ["--config", "recipes/on_policy.yaml"]
+NO_WARMUP = ["--model.init_args.off_policy_steps", "0"]
 VARIANTS = {
-    "lmbda 0 (KD on data)": ["--model.init_args.lmbda", "0.0"],
-    "lmbda 0.5, student sampler": ["--model.init_args.lmbda", "0.5"],
-    "lmbda 1, student sampler": ["--model.init_args.lmbda", "1.0"],
-    "lmbda 0.5, teacher sampler": ["--model.init_args.lmbda", "0.5", "--model.init_args.sampler", "teacher"],
-    "lmbda 0.5, mixed sampler (K=25)": [
+    "lmbda 0 (KD on data)": ["--model.init_args.lmbda", "0.0", *NO_WARMUP],
+    "lmbda 0.5, student sampler": ["--model.init_args.lmbda", "0.5", *NO_WARMUP],
+    "lmbda 1, student sampler": ["--model.init_args.lmbda", "1.0", *NO_WARMUP],
+    "lmbda 0.5, teacher sampler": [
+        "--model.init_args.sampler",
+        "teacher",
         "--model.init_args.lmbda",
         "0.5",
+        *NO_WARMUP,
+    ],
+    "lmbda 0.5, mixed sampler (K=25)": [
         "--model.init_args.sampler",
         "mixed",
+        "--model.init_args.lmbda",
+        "0.5",
+        *NO_WARMUP,
     ],
+    "recipe: lmbda 0 for 2/3 of the steps, then 1": ["--model.init_args.lmbda", "1.0"],  # + off_policy_steps
 }
-SWITCH = '{"class_path": "on_policy.SwitchLambda", "init_args": {"at_step": 200, "lmbda": 1.0}}'
-VARIANTS["lmbda 0, then 1 from step 200"] = [
-    "--model.init_args.lmbda",
-    "0.0",
-    f"--trainer.callbacks+={SWITCH}",
-]
+WARMUP_SHARE = 2 / 3  # the recipe's off_policy_steps: 200 of 300
 THROUGHPUT = "train/device/items_per_sec"
-
-
-class SwitchLambda(Callback):
-    """Sets the module's ``lmbda`` knob from ``at_step`` on, keeping the recipe's LR schedule (a
-    ``CurriculumCallback`` stage with ``knobs: {lmbda: ...}`` does the same but owns the learning rate)."""
-
-    def __init__(self, at_step: int, lmbda: float) -> None:
-        self.at_step, self.lmbda = at_step, lmbda
-
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step >= self.at_step and pl_module.lmbda != self.lmbda:
-            pl_module.apply_knobs({"lmbda": self.lmbda})
 
 
 def read_rows(metrics_csv: Path) -> list[dict[str, str]]:
@@ -113,6 +103,12 @@ def main() -> None:
             if args.only and name not in args.only:
                 continue
             run_dir = base / f"run{index}"
+            if name.startswith("recipe"):
+                overrides = [
+                    *overrides,
+                    "--model.init_args.off_policy_steps",
+                    str(round(args.steps * WARMUP_SHARE)),
+                ]
             start = time.perf_counter()
             distilkit(["fit", *common, *overrides, "--trainer.default_root_dir", str(run_dir)])
             wall = time.perf_counter() - start

@@ -83,6 +83,36 @@ def test_the_loss_covers_exactly_the_sampled_positions(datamodule):
     torch.testing.assert_close(kd, module.loss(student, teacher), rtol=1e-5, atol=1e-6)
 
 
+def test_a_sampled_step_leaves_the_next_data_step_as_it_was(datamodule):
+    """Sampling and training on the samples changes nothing a later data step sees but the weights: every
+    module's train/eval mode, the global RNG (dropout), the data batch; the data step's loss and gradient
+    are the same before and after it (dropout on, weights held fixed)."""
+    module = on_policy_module(datamodule, seed=0, lmbda=0.5).train()
+    batch = first_batch(datamodule)
+    original = {k: v.clone() for k, v in batch.items()}
+    modes = {name: m.training for name, m in module.named_modules()}
+
+    def data_step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        module.student.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks for both calls
+        loss = module.compute_loss(batch)["loss"]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in module.student.parameters()]
+
+    loss, grads = data_step()
+    rng = torch.get_rng_state()
+    sampled = training_batch(module.sample(batch, module.sampling_generator("sample", 0, 0)))
+    assert torch.equal(torch.get_rng_state(), rng), "sampling drew from the global RNG"
+    module._sampled_step = True
+    module.compute_loss(sampled)["loss"].backward()  # the on-policy step's gradient (not applied)
+    module._sampled_step = False
+    assert {name: m.training for name, m in module.named_modules()} == modes
+    assert all(torch.equal(batch[k], original[k]) for k in original)
+    again, grads_again = data_step()
+    assert torch.equal(again, loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_again, strict=True))
+
+
 def _fit(module, datamodule, tmp_path, steps: int, ckpt_path=None, callbacks=(), **kwargs):
     recorder = Recorder("train/loss", "train/on_policy", "train/generation_share")
     options = {"val_check_interval": 2, "limit_val_batches": 1, **kwargs}
@@ -130,6 +160,8 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(datamodule, monkeypa
     assert "lmbda" in module.knob_names() and not any(module.is_on_policy(s) for s in range(200))
     module.apply_knobs({"lmbda": 1.0})
     assert all(module.is_on_policy(s) for s in range(200))
+    module.off_policy_steps = 5  # a warm-up on the data, then lmbda
+    assert [module.is_on_policy(s) for s in range(8)] == [False] * 5 + [True] * 3
 
 
 def test_a_resumed_run_samples_and_ends_as_the_uninterrupted_one(
@@ -200,6 +232,7 @@ def test_the_mixed_sampler_keeps_only_student_tokens_in_the_teachers_top_k(datam
     ("kwargs", "field"),
     [
         ({"lmbda": 1.5}, "model.lmbda"),
+        ({"off_policy_steps": -1}, "model.off_policy_steps"),
         ({"sampler": "beam"}, "model.sampler"),
         ({"prompt_tokens": 0}, "model.prompt_tokens"),
         ({"prompt_tokens": 32}, "model.prompt_tokens"),  # the whole block of 32
@@ -225,13 +258,16 @@ def test_the_recipe_runs_under_ddp_on_two_processes(tmp_path, cache_dir):
     command += ["--trainer.log_every_n_steps", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "2"]
     command += ["--trainer.strategy", "ddp", "--data.init_args.batch_size", "2"]
     command += ["--data.init_args.cache_dir", str(cache_dir), "--model.init_args.lmbda", "1.0"]
+    command += ["--model.init_args.off_policy_steps", "0"]  # the recipe's warm-up is 200 steps
+    command += ["--model.init_args.lr_scheduler.init_args.total_steps", "3"]
     command += ["--model.init_args.max_new_tokens", "16", "--model.init_args.val_samples", "4"]
     result = subprocess.run(command, env={**os.environ}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting with 2 processes" in result.stdout + result.stderr
     with open(run_dir / "metrics.csv", newline="") as file:
         rows = list(csv.DictReader(file))
-    assert [float(r["train/on_policy"]) for r in rows if r.get("train/on_policy")] == [1.0, 1.0, 1.0]
+    steps = {r["step"]: float(r["train/on_policy"]) for r in rows if r.get("train/on_policy")}  # by step:
+    assert steps == {"0": 1.0, "1": 1.0, "2": 1.0}  # the last step's row can be written twice at the end
     (val,) = [r for r in rows if r.get("val/sample_teacher_nll")]
     assert float(val["val/sample_teacher_nll"]) > 0 and 0 < float(val["val/sample_distinct2"]) <= 1
     saved = torch.load(Path(run_dir) / "checkpoints" / "last.ckpt", weights_only=True)
