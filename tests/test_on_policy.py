@@ -253,7 +253,6 @@ def test_the_recipe_runs_under_ddp_on_two_processes(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "distilkit.cli", "fit", "--config", str(ROOT / "recipes/on_policy.yaml")]
     command += ["--trainer.default_root_dir", str(run_dir), "--trainer.max_steps", "3"]
-    command += ["--model.init_args.lr_scheduler.init_args.total_steps", "3"]
     command += ["--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2"]
     command += ["--trainer.log_every_n_steps", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "2"]
     command += ["--trainer.strategy", "ddp", "--data.init_args.batch_size", "2"]
