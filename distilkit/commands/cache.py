@@ -35,6 +35,7 @@ from distilkit.data import TextDataModule
 from distilkit.data.teacher_cache import CacheWriter, finalize_cache
 from distilkit.errors import ConfigError
 from distilkit.losses.chunked import chunk_slices
+from distilkit.models.adapters import weights_sha256
 from distilkit.models.heads import check_head
 from distilkit.module import DistillationModule
 
@@ -177,7 +178,9 @@ class TeacherPass(L.LightningModule):
 
 def teacher_identity(spec: Any, model: nn.Module) -> dict[str, str]:
     """The teacher as a cache records it: ``name`` (the directory or hub name, the config mapping as JSON,
-    or the module's class) and ``config_sha256``, a hash of its transformers config (or its ``repr``)."""
+    or the module's class), ``config_sha256``, a hash of its transformers config (or its ``repr``), and
+    ``weights_sha256``, a hash of its weights: a teacher retrained in place is another teacher, so an
+    interrupted cache is never completed with a second teacher's targets."""
     if isinstance(spec, (str, os.PathLike)):
         name = str(spec)
     elif isinstance(spec, dict):
@@ -186,7 +189,8 @@ def teacher_identity(spec: Any, model: nn.Module) -> dict[str, str]:
         name = type(model).__name__
     config: Any = getattr(model, "config", None)
     text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(model)
-    return {"name": name, "config_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    config_hash = hashlib.sha256(text.encode()).hexdigest()
+    return {"name": name, "config_sha256": config_hash, "weights_sha256": weights_sha256(model)}
 
 
 def write_teacher_cache(

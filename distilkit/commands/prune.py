@@ -2,7 +2,8 @@
 teacher's tokenizer) that ``AutoModelForCausalLM.from_pretrained`` loads and a recipe's ``student:`` names.
 
 Either from a recipe whose student is ``{from_teacher: {...}}`` (``--config R.yaml``: its teacher, its
-data and its cut, exactly as ``distilkit fit`` would cut), or from explicit arguments; explicit arguments
+data and its cut, as a one-process ``distilkit fit`` would cut; under DDP a fit calibrates on rank 0's
+share of the first batches), or from explicit arguments; explicit arguments
 override the recipe's. The cut itself is :class:`~distilkit.models.from_teacher.StudentCut`.
 """
 

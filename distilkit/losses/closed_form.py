@@ -46,8 +46,12 @@ class CrossEntropyAndForwardKL:
         return teacher is None or (isinstance(teacher, Tensor) and self.is_forward_kl())
 
     def is_forward_kl(self) -> bool:
-        loss = self.loss
-        return isinstance(loss, ForwardKLLoss) and type(loss).divergence is ForwardKLLoss.divergence
+        """The plain forward KL: a subclass that overrides ``divergence`` or ``forward``, or a hook on the
+        loss, would be skipped by the closed form, so those take autograd."""
+        loss, kind = self.loss, type(self.loss)
+        plain = kind.divergence is ForwardKLLoss.divergence and kind.forward is ForwardKLLoss.forward
+        hooked = bool(loss._forward_hooks or loss._forward_pre_hooks)
+        return isinstance(loss, ForwardKLLoss) and plain and not hooked
 
     def __call__(
         self,

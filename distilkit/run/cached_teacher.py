@@ -127,6 +127,13 @@ class CachedTeacher(Callback):
                     f"the cache in {self.cache.directory} holds {self.cache.num_blocks(split)}",
                     "make a cache for this run with `distilkit cache`, or point to a matching one",
                 )
+        if stage == "test" and datasets.get("test") is not datasets.get("val"):
+            raise ConfigError(
+                "data.test_files",
+                getattr(data, "test_files", None),
+                "are not in the teacher cache (it holds the training and validation blocks)",
+                "test with --model.init_args.teacher_cache null (the student's metrics need no teacher)",
+            )
         if stage == "predict" and datasets.get("predict") is not datasets.get("val"):
             raise ConfigError(
                 "data.predict_files",

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 from helpers import TINY_STUDENT, TINY_TEACHER, run_cli, tiny_recipe
+from transformers import GPT2Config, GPT2LMHeadModel
 
+from distilkit.commands.cache import teacher_identity
 from distilkit.data.teacher_cache import TeacherCache
 from distilkit.errors import ConfigError
 
@@ -89,7 +91,7 @@ def test_the_cache_holds_every_block_and_records_what_it_was_made_from(topk_cach
     identity = manifest["identity"]
     assert set(identity) >= {"train_data", "tokenizer", "block_size", "teacher"}
     assert json.loads(identity["teacher"]["name"])["model_type"] == "gpt2"
-    assert len(identity["teacher"]["config_sha256"]) == 64
+    assert len(identity["teacher"]["config_sha256"]) == len(identity["teacher"]["weights_sha256"]) == 64
     cache = TeacherCache(topk_cache)
     targets = cache.targets("train", [0, cache.num_blocks("train") - 1])  # (2, T, K)
     assert targets.ids.shape == (2, 32, 8)
@@ -214,3 +216,13 @@ def test_training_from_a_cache_resumes_exactly_after_a_kill(tmp_path, recipe, to
     b = torch.load(last, weights_only=True)
     assert a["global_step"] == b["global_step"] == 10
     assert max(float((a["state_dict"][k] - b["state_dict"][k]).abs().max()) for k in a["state_dict"]) <= 1e-6
+
+
+def test_a_teacher_retrained_in_place_is_another_teacher():
+    """Same config, other weights: another identity, so an interrupted cache is not completed with it."""
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)
+    torch.manual_seed(0)
+    first, second = GPT2LMHeadModel(config), GPT2LMHeadModel(config)
+    one, other = teacher_identity("teacher", first), teacher_identity("teacher", second)
+    assert one["config_sha256"] == other["config_sha256"] and one["weights_sha256"] != other["weights_sha256"]
+    assert teacher_identity("teacher", first) == one

@@ -149,3 +149,17 @@ def test_chunk_slices_are_few_contiguous_and_even(total, size):
     assert all(a.stop == b.start for a, b in zip(slices, slices[1:], strict=False))
     assert len(slices) == (1 if size is None or total == 0 else -(-total // size))
     assert max(lengths) - min(lengths) <= 1 and (size is None or max(lengths) <= size)
+
+
+def test_a_forward_kl_that_overrides_forward_or_is_hooked_takes_autograd():
+    """The closed form would skip an override of ``forward`` or a hook on the loss: those are not plain."""
+
+    class DoubledKL(ForwardKLLoss):
+        def forward(self, student_logits, teacher_logits, labels=None):
+            return 2 * super().forward(student_logits, teacher_logits, labels)
+
+    assert CrossEntropyAndForwardKL(ForwardKLLoss()).is_forward_kl()
+    assert not CrossEntropyAndForwardKL(DoubledKL()).is_forward_kl()
+    hooked = ForwardKLLoss()
+    hooked.register_forward_hook(lambda module, args, output: output)
+    assert not CrossEntropyAndForwardKL(hooked).is_forward_kl()

@@ -115,3 +115,9 @@ def test_batches_without_block_indices_and_predict_files_are_refused(live, data,
     with pytest.raises(ConfigError, match="are not in the teacher cache"):
         quiet_trainer().predict(cached, other)
     assert len(quiet_trainer().predict(cached, data)) > 0, "the validation blocks (no predict_files) are"
+    tested = TextDataModule(
+        str(small_corpus), test_files=str(small_corpus), tokenizer=data.tokenizer.name_or_path,
+        block_size=32, batch_size=4, val_fraction=0.25, cache_dir=str(data.cache_dir),
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="data.test_files.*are not in the teacher cache"):
+        quiet_trainer().test(cached, tested, verbose=False)  # their block indices are not validation blocks
