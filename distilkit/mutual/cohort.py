@@ -65,6 +65,11 @@ class MutualDistillationModule(L.LightningModule):
     under no_grad, as a teacher does, so a pretrained peer frozen for N steps makes the first N steps
     ordinary KD from it, and fine-tunes it together with the student afterwards.
 
+    ``burn_in_steps = N`` trains every peer on the labels alone (KD weight 0) for the first N steps, as the
+    burn-in of codistillation (Anil et al. 2018): peers trained from scratch are no better than each other
+    at first, and learning from an untrained peer's near-uniform predictions slows every peer down.
+    Evaluation weighs its terms with the configured ``kd_ratio`` throughout.
+
     Each peer has its own optimizer (``optimizer`` builds one per peer, or ``optimizers`` gives one each)
     and LR scheduler (``lr_scheduler`` / ``lr_schedulers``), stepped every step; Lightning sees them as one
     :class:`~distilkit.mutual.optimizers.PeerOptimizers`, so ``trainer.global_step`` counts batches and a
@@ -92,6 +97,7 @@ class MutualDistillationModule(L.LightningModule):
         order: ``fixed`` (peer order) or ``rotate`` for the alternate sequence.
         frozen_steps: per peer, the steps it stays frozen for (default 0: all train from the start; at
             least one peer must).
+        burn_in_steps: the first steps in which every peer trains on the labels alone (default 0).
         chunk_size: tokens per chunk of the loss; ``"auto"`` from a byte budget; None unchunked.
         gradient_clip_val: clip each peer's gradient norm to this before its update (None: no clipping).
         nonfinite: ``stop`` at a non-finite loss term or gradient, or ``skip`` that peer's update.
@@ -119,6 +125,7 @@ class MutualDistillationModule(L.LightningModule):
         update: Update = "alternate",
         order: Literal["fixed", "rotate"] = "fixed",
         frozen_steps: list[int] | None = None,
+        burn_in_steps: int = 0,
         chunk_size: int | Literal["auto"] | None = "auto",
         gradient_clip_val: float | None = None,
         nonfinite: Literal["stop", "skip"] = "stop",
@@ -160,6 +167,9 @@ class MutualDistillationModule(L.LightningModule):
                 "must be >= 0 with at least one 0",
                 "let a peer train at once",
             )
+        if burn_in_steps < 0:
+            raise ConfigError("model.burn_in_steps", burn_in_steps, "must be >= 0", "use 0 for no burn-in")
+        self.burn_in_steps = burn_in_steps
         if update not in ("alternate", "simultaneous"):
             raise ConfigError("model.update", update, "is not an update", "use alternate or simultaneous")
         if order not in ("fixed", "rotate"):
@@ -214,7 +224,7 @@ class MutualDistillationModule(L.LightningModule):
     ) -> dict[str, Tensor]:
         """``{"loss": total, "ce_loss": ..., "kd_loss": ...}`` of peer ``index`` (total differentiable when
         its ``features[index]`` are), its target the others' ``features``."""
-        ratio = self.kd_ratios[index]
+        ratio = 0.0 if self.training and self.global_step < self.burn_in_steps else self.kd_ratios[index]
         weights = {"ce_loss": 1.0 - ratio, "kd_loss": ratio}
         plan = HeadLossPlan(
             student_head=self.peer_head(index),

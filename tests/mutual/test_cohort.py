@@ -190,6 +190,34 @@ def test_a_frozen_peer_is_a_teacher_then_trains_with_the_student(datamodule, tmp
     assert all(len(trainer.optimizers[0].state[p]) > 0 for p in teacher_params), "its optimizer took over"
 
 
+class StateLog(Callback):
+    def __init__(self) -> None:
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.states[trainer.global_step] = {f"peers.{i}": _state(p) for i, p in enumerate(pl_module.peers)}
+
+
+def test_burn_in_trains_on_the_labels_alone_then_distils(datamodule, tmp_path):
+    """With burn_in_steps 2 the first 2 steps are those of kd_ratio 0 (exactly), the third distils."""
+    torch.manual_seed(0)
+    peers = [_model(datamodule, SMALL), _model(datamodule, WIDER)]
+    logs = {}
+    for name, kwargs in {
+        "alone": {"kd_ratio": 0.0},
+        "burn-in": {"kd_ratio": 0.5, "burn_in_steps": 2},
+    }.items():
+        cohort = _cohort(datamodule, [copy.deepcopy(p) for p in peers], **kwargs)
+        logs[name] = StateLog()
+        tiny_trainer(tmp_path, max_steps=3, limit_val_batches=0, callbacks=[logs[name]]).fit(
+            cohort, datamodule
+        )
+    for peer in ("peers.0", "peers.1"):
+        _assert_same(logs["burn-in"].states[2][peer], logs["alone"].states[2][peer])
+        key = "transformer.h.0.mlp.c_fc.weight"
+        assert not torch.equal(logs["burn-in"].states[3][peer][key], logs["alone"].states[3][peer][key])
+
+
 class RateLog(Callback):
     def __init__(self) -> None:
         self.rates: list[list[float]] = []
@@ -284,6 +312,7 @@ def test_predict_gives_each_peers_next_token_nll(datamodule):
         ({"frozen_steps": [2, 3]}, "model.frozen_steps"),
         ({"names": ["a", "a"]}, "model.names"),
         ({"update": "both"}, "model.update"),
+        ({"burn_in_steps": -1}, "model.burn_in_steps"),
     ],
 )
 def test_bad_settings_name_the_field(datamodule, kwargs, field):
