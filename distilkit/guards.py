@@ -110,10 +110,14 @@ class ScheduleLengthCheck(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         steps = trainer.estimated_stepping_batches
-        for config in trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
+        stepped = [
+            (scheduler, config.interval)
+            for config in trainer.lr_scheduler_configs
+            for scheduler in getattr(config.scheduler, "schedulers", [config.scheduler])
+        ]
+        for scheduler, interval in stepped:  # a cohort's PeerSchedulers holds one per peer
             found = next((v for cls, v in self.HORIZONS.items() if isinstance(scheduler, cls)), None)
-            if found is None or config.interval != "step" or not math.isfinite(steps):
+            if found is None or interval != "step" or not math.isfinite(steps):
                 continue
             attribute, name = found
             horizon = int(getattr(scheduler, attribute))

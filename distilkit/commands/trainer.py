@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +18,8 @@ from distilkit.callbacks.learning_curve import LearningCurve
 from distilkit.callbacks.predictions import PredictionWriter
 from distilkit.callbacks.progress import DistilProgressBar
 from distilkit.data import TextDataModule
-from distilkit.errors import TrainingStopped
+from distilkit.errors import ConfigError, TrainingStopped
+from distilkit.mutual import MutualDistillationModule
 from distilkit.run.checkpoint_io import AtomicCheckpointIO
 from distilkit.run.directory import (
     SaveRunConfig,
@@ -82,6 +84,7 @@ class DistilCLI(LightningCLI):
         asked = config.get("ckpt_path")
         config.ckpt_path = resolve_checkpoint(root, asked, subcommand)
         if subcommand == "fit":
+            refuse_manual_optimization_settings(config)
             refuse_existing_run(root, resuming=asked is not None)
             if asked is not None and config.ckpt_path is None:  # last_or_new, and nothing to resume
                 CSVLogger(save_dir=root).rewind(-1)  # rows of an attempt that never checkpointed
@@ -224,4 +227,32 @@ def print_summary(trainer: Trainer, console: Console) -> None:
         what, option = ("a peer", " --peer N") if peers else ("the student", "")
         print(
             f"export {what}: distilkit export --ckpt_path '{last}' --output_dir '{root / 'export'}'{option}"
+        )
+
+
+def refuse_manual_optimization_settings(config: Any) -> None:
+    """A cohort updates its peers itself (manual optimization), where Lightning refuses the trainer's
+    gradient clipping and accumulation with a traceback: refuse them first, naming the setting to use."""
+    path = str((config.get("model") or {}).get("class_path") or "")
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        return  # jsonargparse names a class that does not import
+    if not (isinstance(cls, type) and issubclass(cls, MutualDistillationModule)):
+        return
+    trainer = config.trainer
+    if trainer.get("gradient_clip_val") is not None:
+        raise ConfigError(
+            "trainer.gradient_clip_val",
+            trainer.gradient_clip_val,
+            "is not used by a cohort (each peer is updated by the module itself)",
+            "set model.init_args.gradient_clip_val instead (each peer is clipped by its own norm)",
+        )
+    if int(trainer.get("accumulate_grad_batches") or 1) > 1:
+        raise ConfigError(
+            "trainer.accumulate_grad_batches",
+            trainer.accumulate_grad_batches,
+            "is not supported by a cohort (its peers are updated on every batch)",
+            "raise data.batch_size instead",
         )

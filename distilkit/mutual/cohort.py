@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distilkit.batch import Batch, next_token_targets
 from distilkit.errors import ConfigError, check_range
-from distilkit.guards import NonFiniteGuard
+from distilkit.guards import NonFiniteGuard, ScheduleLengthCheck
 from distilkit.losses import DistillationLoss, ForwardKLLoss
 from distilkit.losses.chunked import (
     ChunkObserver,
@@ -32,6 +32,7 @@ from distilkit.models.sharding import all_finite, average_replicated_gradients
 from distilkit.mutual.optimizers import PeerOptimizers, PeerSchedulers
 from distilkit.mutual.peers import cohort_vocab_size, load_peers, peer_index, peer_names, per_peer
 from distilkit.run.state import RunState
+from distilkit.run.tokenizers import TokenizerCheck
 
 Update = Literal["alternate", "simultaneous"]
 
@@ -445,8 +446,9 @@ class MutualDistillationModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ hooks
     def configure_callbacks(self) -> list[L.Callback]:
-        """:class:`~distilkit.run.RunState`, so every checkpoint carries what export and resume need."""
-        return [RunState()]
+        """``RunState`` (checkpoints carry what export and resume need), ``TokenizerCheck`` (the data's
+        tokenizer is every peer's) and ``ScheduleLengthCheck`` (each peer's schedule lasts the run)."""
+        return [RunState(), TokenizerCheck(), ScheduleLengthCheck()]
 
     def on_fit_start(self) -> None:
         """Refuse what the cohort's per-peer updates cannot do (FSDP2, other multi-process strategies than

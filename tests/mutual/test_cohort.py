@@ -424,3 +424,27 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (["--trainer.gradient_clip_val", "1.0"], "trainer.gradient_clip_val=1.0: is not used by a cohort"),
+        (["--trainer.accumulate_grad_batches", "2"], "trainer.accumulate_grad_batches=2: is not supported"),
+        (["--trainer.max_steps", "5"], "total_steps=300: is not the run's length of 5 optimizer steps"),
+    ],
+)
+def test_the_mutual_recipe_refuses_what_a_cohort_cannot_do_in_one_line(
+    override, message, tmp_path, cache_dir, capsys
+):
+    """Trainer settings of automatic optimization and a schedule shorter than the run: refused before any
+    step, with the setting to use (Lightning would raise a traceback, or stop at step 301)."""
+    root = Path(__file__).parents[2]
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        fit_run(
+            root / "recipes" / "mutual.yaml", run_dir, "--data.init_args.cache_dir", str(cache_dir), *override
+        )
+    assert exit_info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err and "Traceback" not in err

@@ -41,7 +41,7 @@ def test_updates_match_a_plain_mutual_learning_loop(datamodule, tmp_path, update
     torch.manual_seed(0)
     peers = [_model(datamodule, SMALL), _model(datamodule, WIDER)]
     make_opt = partial(torch.optim.AdamW, lr=3e-3, weight_decay=0.1)
-    make_sched = partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=3e-3, total_steps=6, pct_start=0.5)
+    make_sched = partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=3e-3, total_steps=3, pct_start=0.5)
     ref = [copy.deepcopy(p) for p in peers]
     cohort = _cohort(
         datamodule, [copy.deepcopy(p) for p in peers], kd_ratio=0.5, update=update, chunk_size=16,
