@@ -127,19 +127,17 @@ class CachedTeacher(Callback):
                     f"the cache in {self.cache.directory} holds {self.cache.num_blocks(split)}",
                     "make a cache for this run with `distilkit cache`, or point to a matching one",
                 )
-        if stage == "test" and datasets.get("test") is not datasets.get("val"):
+        own_files = {
+            "test": ("data.test_files", "test_files"),
+            "predict": ("data.predict_files", "predict_sources"),
+        }
+        if stage in own_files and datasets.get(stage) is not datasets.get("val"):  # blocks numbered apart
+            field, attribute = own_files[stage]
             raise ConfigError(
-                "data.test_files",
-                getattr(data, "test_files", None),
+                field,
+                getattr(data, attribute, None),
                 "are not in the teacher cache (it holds the training and validation blocks)",
-                "test with --model.init_args.teacher_cache null (the student's metrics need no teacher)",
-            )
-        if stage == "predict" and datasets.get("predict") is not datasets.get("val"):
-            raise ConfigError(
-                "data.predict_files",
-                getattr(data, "predict_sources", None),
-                "are not in the teacher cache (it holds the training and validation blocks)",
-                "predict with --model.init_args.teacher_cache null (the student's NLL needs no teacher)",
+                f"{stage} with --model.init_args.teacher_cache null (the student's metrics need no teacher)",
             )
 
     def _check_temperature(self) -> None:
