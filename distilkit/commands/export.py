@@ -62,7 +62,10 @@ def peer_prefix(checkpoint: dict[str, Any], peer: int | str) -> str:
     peers = sorted(int(p.split(".")[1]) for p in model_configs(checkpoint) if p.startswith("peers."))
     choices = f"an index in {peers}" + (f" or a name in {names}" if names else "")
     raise ConfigError(
-        "peer", peer, "names no peer of this checkpoint", f"use {choices}" if peers else "use --model"
+        "peer",
+        peer,
+        "names no peer of this checkpoint" + ("" if peers else " (it holds no cohort)"),
+        f"use {choices}" if peers else "leave --peer out to export its student",
     )
 
 

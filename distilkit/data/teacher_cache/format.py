@@ -64,7 +64,10 @@ def cache_settings(
     if not (isinstance(entries, int) and 1 <= entries <= vocab_size):
         field = "cache.top_k" if mode == "topk" else "cache.samples"
         raise ConfigError(
-            field, entries, f"must be an integer in [1, vocab_size={vocab_size}]", "use e.g. 64"
+            field,
+            entries,
+            f"must be an integer in [1, vocab_size={vocab_size}]",
+            "use e.g. 64" if mode == "topk" else "use e.g. 12",
         )
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ConfigError("cache.temperature", temperature, "must be a finite number > 0", "use e.g. 1.0")
