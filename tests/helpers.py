@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import struct
+import subprocess
 import time
 from pathlib import Path
 
+import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 from wandb.proto import wandb_internal_pb2
@@ -120,6 +123,33 @@ def fit_run(recipe: Path, run_dir: Path, *overrides: str) -> None:
 def resume_run(recipe: Path, run_dir: Path, max_steps: int, *overrides: str) -> None:
     """Resume the run in ``run_dir`` from its last checkpoint and train on to ``max_steps``."""
     fit_run(recipe, run_dir, *overrides, "--trainer.max_steps", str(max_steps), "--ckpt_path", "last")
+
+
+# ------------------------------------------------------------------------------------------- interrupts
+def kill_when_checkpointed(process: subprocess.Popen, last: Path, at_step: int, timeout: float = 240) -> int:
+    """SIGKILL ``process`` once its ``last`` checkpoint holds step ``at_step`` or later (or it has ended, or
+    ``timeout`` passed); the global step of the checkpoint it left."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if last.is_file() and torch.load(last, weights_only=True)["global_step"] >= at_step:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    return torch.load(last, weights_only=True)["global_step"]
+
+
+def signal_at_marker(
+    process: subprocess.Popen, marker: Path, signum: int, timeout: float = 240
+) -> tuple[int, str]:
+    """Send ``signum`` once ``marker`` exists (:class:`SlowSteps` writes it) and wait: the exit status and
+    the standard error."""
+    deadline = time.monotonic() + timeout
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    return process.returncode, err
 
 
 # ------------------------------------------------------------------------------------------------ readers

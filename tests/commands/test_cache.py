@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_STUDENT, TINY_TEACHER, run_cli, tiny_recipe
+from helpers import TINY_STUDENT, TINY_TEACHER, kill_when_checkpointed, run_cli, tiny_recipe
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from distilkit.commands.cache import teacher_identity
@@ -201,14 +199,7 @@ def test_training_from_a_cache_resumes_exactly_after_a_kill(tmp_path, recipe, to
         command, env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     last = killed / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        if last.is_file() and torch.load(last, weights_only=True)["global_step"] >= 4:
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    killed_at = torch.load(last, weights_only=True)["global_step"]
+    killed_at = kill_when_checkpointed(process, last, at_step=4)
     assert 4 <= killed_at < 10, "the run was not killed mid-training"
 
     run_cli(*fit, "--trainer.default_root_dir", str(killed), "--ckpt_path", "last")

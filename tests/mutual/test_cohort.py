@@ -6,17 +6,24 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import TINY_STUDENT, csv_rows, fit_run, run_cli, tiny_module, tiny_recipe, tiny_trainer
+from helpers import (
+    TINY_STUDENT,
+    csv_rows,
+    fit_run,
+    kill_when_checkpointed,
+    run_cli,
+    tiny_module,
+    tiny_recipe,
+    tiny_trainer,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -383,14 +390,7 @@ def test_a_killed_cohort_resumes_exactly(tmp_path, corpus, tokenizer_dir, cache_
         recipe, killed, *every_step, "--trainer.callbacks", json.dumps(slow), wait=False
     )  # 0.3 s a step
     last = killed / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if last.is_file() and torch.load(last, weights_only=True)["global_step"] >= 3:
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    killed_at = torch.load(last, weights_only=True)["global_step"]
+    killed_at = kill_when_checkpointed(process, last, at_step=3)
     assert 3 <= killed_at < 8, "the run was not killed mid-training"
     fit_run(recipe, killed, *every_step, "--ckpt_path", "last")
 

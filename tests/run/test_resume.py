@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,12 @@ import torch
 from helpers import (
     branch_point,
     csv_rows,
+    kill_when_checkpointed,
     make_datamodule,
     read_records,
     rewound_history,
     run_file,
+    signal_at_marker,
     tiny_module,
     tiny_recipe,
     tiny_trainer,
@@ -168,14 +169,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights_and_logs(
         stderr=subprocess.DEVNULL,
     )
     last = killed_dir / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if last.is_file() and torch.load(last, weights_only=True)["global_step"] >= 5:
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    killed_at = torch.load(last, weights_only=True)["global_step"]
+    killed_at = kill_when_checkpointed(process, last, at_step=5)
     assert 5 <= killed_at < 12, "the run was not killed mid-training"
 
     _run(cli, killed_dir, env, "--ckpt_path", "last")
@@ -212,12 +206,8 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(tmp_path, corp
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 240
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 143, err[-2000:]
+    returncode, err = signal_at_marker(process, marker, signal.SIGTERM)
+    assert returncode == 143, err[-2000:]
     stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert 5 <= stopped_at < 12
     (step_4,) = (run_dir / "checkpoints").glob("*step=4.ckpt")

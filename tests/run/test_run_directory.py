@@ -9,12 +9,11 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import csv_rows, fit_run, resume_run, run_cli, tiny_model_dir, tiny_recipe
+from helpers import csv_rows, fit_run, resume_run, run_cli, signal_at_marker, tiny_model_dir, tiny_recipe
 from transformers import AutoTokenizer
 
 from distilkit.data.tokenizer import train_bpe
@@ -215,12 +214,8 @@ def test_ctrl_c_writes_last_ckpt_exits_130_and_resumes_without_repeated_rows(
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 240
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err[-2000:]
+    returncode, err = signal_at_marker(process, marker, signal.SIGINT)
+    assert returncode == 130, err[-2000:]
     assert "Ctrl-C" in err and "resume with --ckpt_path last" in err
     stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert 3 <= stopped_at < 10
