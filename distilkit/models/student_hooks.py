@@ -47,10 +47,14 @@ class StudentHooks:
         self.student = attach_adapter(self.student, student_adapter, base=student)
 
     def setup(self, stage: str) -> None:
-        """Finish a cut that ranks on data, on the run's training data (once, whatever the stage)."""
-        if self.student_cut is not None and self.student_cut.pending:
-            assert self.teacher is not None  # a cut is built from the teacher
-            self.student = self.student_cut.finish_for(self.teacher, self.trainer)
+        """Finish a cut that ranks on data, on the run's training data (once, whatever the stage); a run
+        that loads a checkpoint takes its student from there instead (:meth:`on_load_checkpoint`), so the
+        calibration passes are not paid for a student about to be replaced."""
+        cut = self.student_cut
+        if cut is None or not cut.pending or self.trainer.ckpt_path is not None:  # type: ignore[attr-defined]
+            return
+        assert self.teacher is not None  # a cut is built from the teacher
+        self.student = cut.finish_for(self.teacher, self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Before a checkpoint's weights load: a cut student takes the checkpoint's config (and the place of

@@ -179,7 +179,7 @@ def test_the_cli_fits_resumes_and_exports_a_cut_student(tmp_path, corpus, tokeni
     recipe.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "run"
     fit_run(recipe, run_dir)
-    resume_run(recipe, run_dir, 6)  # the pending cut is made again, then the checkpoint's weights replace it
+    resume_run(recipe, run_dir, 6)  # no cut is made: the checkpoint's student replaces the pending one
     last = run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 6
     run_cli("export", "--ckpt_path", str(last), "--output_dir", str(tmp_path / "export"))
