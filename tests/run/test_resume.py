@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -158,12 +159,18 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights_and_logs(
         tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir, max_steps=12, val_check_interval=4
     )
     cli = _cli(recipe, "--checkpoint.every_n_train_steps", "1", "--trainer.logger", WANDB)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     _run(cli, tmp_path / "straight", env)
 
+    # 0.3 s steps, so the kill lands just after step 5's checkpoint, between validations: killed in the
+    # moment between a step's checkpoint and that step's validation, a resume skips the validation
+    # (Lightning fast-forwards it), which is not what this test is about
+    slow = json.dumps(
+        [{"class_path": "helpers.SlowSteps", "init_args": {"marker": str(tmp_path / "m"), "at_step": 0}}]
+    )
     killed_dir = tmp_path / "killed"
     process = subprocess.Popen(
-        [*cli, "--trainer.default_root_dir", str(killed_dir)],
+        [*cli, "--trainer.default_root_dir", str(killed_dir), "--trainer.callbacks", slow],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
