@@ -1,18 +1,24 @@
-"""Mutual and online distillation at equal steps and data, against the same model trained alone and
-against distilling from the pretrained teacher.
+"""Mutual and online distillation at equal steps and data, over several seeds, against the same model
+trained alone and against distilling from the pretrained teacher.
 
 Every run is a shipped recipe as it is (the quickstart's data, optimizer and 300 steps), run through
-``distilkit fit``: ``baseline.yaml`` (the 2 x 128 student alone), ``quickstart.yaml`` (the same student
-distilled from the shipped, pretrained 4 x 256 teacher), ``mutual.yaml`` (two 2 x 128 peers, simultaneous
-updates after a 100-step burn-in on the labels alone) and the same with ``update: alternate``, and
-``online_teacher.yaml`` (a 4 x 256 and a 2 x 128 peer trained from scratch together). Each reports its
-final validation perplexity (step 300, the whole validation split) and its compute, both measured in the
-run itself: the FLOPs of one training step (forward and backward matmuls and attention, torch's
-``FlopCounterMode``) and the median wall time of its steps. The shipped teacher's own pretraining is
-measured the same way on two steps of ``teacher_pretrain.yaml`` (its checkpoint is the one at step 400).
-``--steps`` below 100 leaves the mutual runs inside their burn-in (no distillation).
+``distilkit fit`` once per seed (``--seed_everything``: the models' initialisation, dropout and data order):
+``baseline.yaml`` (the 2 x 128 student alone), ``mutual.yaml`` (two 2 x 128 peers) and the same at
+``kd_ratio: 0`` (its control: each peer trained alone, with the cohort's initialisation, data and dropout
+draws, so that the peer's influence is measured seed by seed), ``online_teacher.yaml`` (a 4 x 256 and a
+2 x 128 peer trained from scratch together) and ``quickstart.yaml`` (the same student distilled from the
+shipped, pretrained 4 x 256 teacher). Each reports its final validation perplexity (step 300, the whole
+validation split) per seed, their mean, and how many seeds end below the model trained alone at the same
+seed (a 2 x 128 model) or below its control; and its compute, measured in the seed-0 run:
+the FLOPs of one training step (forward and backward matmuls and attention, counted by a dispatch mode)
+and the median wall time of its steps. The shipped teacher's own pretraining is measured the same way on
+two steps of ``teacher_pretrain.yaml`` (its checkpoint is the one at step 400).
 
-Run: ``python benchmarks/mutual.py`` (about 40 minutes on 2 idle CPU cores; ``--steps 30`` for a check).
+The runs go ``--jobs`` at a time, each in its own process with ``cores / jobs`` threads, so step times
+compare only between runs made with the same ``--jobs``.
+
+Run: ``python benchmarks/mutual.py`` (3 seeds, 2 jobs: about 45 minutes on 2 idle CPU cores;
+``--steps 30 --seeds 0`` for a check; ``--runs alone mutual cohort-kd0`` for a part).
 """
 
 from __future__ import annotations
@@ -22,41 +28,35 @@ import csv
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _common import print_table
 
-from distilkit.cli import main as distilkit
-
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_PRETRAIN_STEPS = 400  # recipes/teacher: the best checkpoint of teacher_pretrain.yaml, at step 400
 
-#: name -> (recipe, extra arguments, {model label: the metric of its final val ppl})
+#: name -> (recipe, extra arguments, {model label: the metric of its final val ppl}); a label starting with
+#: "2x128" is the student's size, compared with the same model trained alone.
 RUNS: dict[str, tuple[str, list[str], dict[str, str]]] = {
     "alone": ("baseline.yaml", [], {"2x128 alone (baseline.yaml)": "val/ppl"}),
-    "quickstart": (
-        "quickstart.yaml",
-        [],
+    "cohort-kd0": (
+        "mutual.yaml",
+        ["--model.init_args.kd_ratio", "0"],
         {
-            "2x128 from the pretrained 4x256 teacher (quickstart.yaml)": "val/ppl",
-            "the pretrained 4x256 teacher itself": "val/teacher_ppl",
+            "2x128 mutual.yaml at kd_ratio 0 (each peer alone), peer 0": "val/peer0/ppl",
+            "2x128 mutual.yaml at kd_ratio 0 (each peer alone), peer 1": "val/peer1/ppl",
         },
     ),
     "mutual": (
         "mutual.yaml",
         [],
         {
-            "2x128 mutual, peer 0 (mutual.yaml: simultaneous, burn-in 100)": "val/peer0/ppl",
-            "2x128 mutual, peer 1": "val/peer1/ppl",
-        },
-    ),
-    "mutual alternate": (
-        "mutual.yaml",
-        ["--model.init_args.update", "alternate"],
-        {
-            "2x128 mutual alternate (burn-in 100), peer 0": "val/peer0/ppl",
-            "2x128 mutual alternate (burn-in 100), peer 1": "val/peer1/ppl",
+            "2x128 mutual.yaml, peer 0": "val/peer0/ppl",
+            "2x128 mutual.yaml, peer 1": "val/peer1/ppl",
         },
     ),
     "online": (
@@ -67,19 +67,91 @@ RUNS: dict[str, tuple[str, list[str], dict[str, str]]] = {
             "its 4x256 online teacher": "val/peer0/ppl",
         },
     ),
+    "quickstart": (
+        "quickstart.yaml",
+        [],
+        {
+            "2x128 from the pretrained 4x256 teacher (quickstart.yaml)": "val/ppl",
+            "the pretrained 4x256 teacher itself": "val/teacher_ppl",
+        },
+    ),
 }
 
+#: run -> its control: the same models, initialisation, data and dropout, with no peer to learn from
+CONTROLS = {"mutual": "cohort-kd0"}
 
-def fit(recipe: str, run_dir: Path, *extra: str) -> dict:
-    """Run ``recipe`` into ``run_dir`` with the compute meter; its last validation row and compute."""
+
+def fit(recipe: str, run_dir: Path, threads: int, *extra: str) -> dict:
+    """Run ``recipe`` into ``run_dir`` in a process of its own with the compute meter; its last validation
+    row and compute."""
     meter = [{"class_path": "_common.StepCompute", "init_args": {"output": str(run_dir / "compute.json")}}]
-    distilkit(
-        ["fit", "--config", f"recipes/{recipe}", "--trainer.default_root_dir", str(run_dir), *extra]
-        + ["--trainer.callbacks", json.dumps(meter), "--progress_bar.refresh_rate", "1000"]
-    )
+    command = [sys.executable, "-m", "distilkit", "fit", "--config", f"recipes/{recipe}"]
+    command += ["--trainer.default_root_dir", str(run_dir), *extra]
+    command += ["--trainer.callbacks", json.dumps(meter), "--progress_bar.refresh_rate", "1000"]
+    path = os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")]))
+    env = os.environ | {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": path}
+    log = run_dir.with_suffix(".log")
+    with log.open("w") as out:
+        done = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{log.read_text()[-3000:]}")
     metrics = run_dir / "metrics.csv"  # absent when nothing was logged (a short run without validation)
     rows = [row for row in csv.DictReader(metrics.open()) if row.get("val/loss")] if metrics.is_file() else []
     return {"val": rows[-1] if rows else {}, **json.loads((run_dir / "compute.json").read_text())}
+
+
+def quality_rows(results: dict[tuple[str, int], dict], names: list[str], seeds: list[int]) -> list[list[str]]:
+    """Per model: its final val ppl at each seed and their mean; for the 2 x 128 models, the mean against
+    the model alone's mean and at how many seeds it ends below the model alone at that seed; for a run with
+    a control (:data:`CONTROLS`), the mean over seeds of its ratio to the same peer of the control run."""
+    alone = (
+        {seed: float(results["alone", seed]["val"]["val/ppl"]) for seed in seeds} if "alone" in names else {}
+    )
+    rows = []
+    for name in names:
+        control = CONTROLS.get(name) if CONTROLS.get(name) in names else None
+        for label, metric in RUNS[name][2].items():
+            ppl = {seed: float(results[name, seed]["val"][metric]) for seed in seeds}
+            mean = statistics.mean(ppl.values())
+            cells = [label, " / ".join(f"{ppl[s]:.1f}" for s in seeds), f"{mean:.1f}", "", "", ""]
+            if label.startswith("2x128") and alone:
+                cells[3] = f"{mean / statistics.mean(alone.values()):.3f}"
+                cells[4] = f"{sum(ppl[s] < alone[s] for s in seeds)} / {len(seeds)}"
+            if control is not None:
+                paired = [ppl[s] / float(results[control, s]["val"][metric]) for s in seeds]
+                cells[5] = (
+                    f"{statistics.mean(paired):.3f} ({sum(r < 1 for r in paired)} / {len(seeds)} below)"
+                )
+            rows.append(cells)
+    return rows
+
+
+def _median_step(result: dict) -> float:
+    """The median wall time of a run's steps after the first two (all of them in a shorter run)."""
+    times = result["step_seconds"]
+    return statistics.median(times[2:] or times)
+
+
+def compute_rows(
+    results: dict[tuple[str, int], dict], names: list[str], seed: int, steps: int, pretrain: dict | None
+) -> list[list[str]]:
+    """Per run (at ``seed``): FLOPs and median wall time of a step, each against the model alone."""
+    base = results["alone", seed] if "alone" in names else None
+    rows = []
+    for name in names:
+        flops = results[name, seed]["flops_per_step"]
+        seconds = _median_step(results[name, seed])
+        note = ""
+        if name == "quickstart" and pretrain is not None:
+            teacher = pretrain["flops_per_step"] * TEACHER_PRETRAIN_STEPS
+            note = f" + {teacher / 1e12:.1f} (teacher pretraining, {TEACHER_PRETRAIN_STEPS} steps)"
+        ratios = ["", ""]
+        if base is not None:
+            base_seconds = _median_step(base)
+            ratios = [f"{flops / base['flops_per_step']:.2f}", f"{seconds / base_seconds:.2f}"]
+        total = f"{flops * steps / 1e12:.1f}{note}"
+        rows.append([name, f"{flops / 1e9:.1f}", ratios[0], f"{seconds:.2f}", ratios[1], total])
+    return rows
 
 
 def main() -> None:
@@ -87,42 +159,50 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=300, help="training steps of every run (300: the recipes)"
     )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every run")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each with cores/jobs threads")
+    parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="runs to make")
     args = parser.parse_args()
-    length = [] if args.steps == 300 else ["--trainer.max_steps", str(args.steps)]
-    length += [] if args.steps == 300 else ["--trainer.val_check_interval", str(args.steps)]
-    print(f"load average at the start: {os.getloadavg()}")
-    results = {}
+    length = []  # every recipe's schedule lasts its run: OneCycleLR over all of its steps
+    if args.steps != 300:
+        length = ["--trainer.max_steps", str(args.steps), "--trainer.val_check_interval", str(args.steps)]
+        length += ["--model.init_args.lr_scheduler.init_args.total_steps", str(args.steps)]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    print(f"load average at the start: {os.getloadavg()}; {args.jobs} jobs of {threads} threads")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (recipe, extra, _) in RUNS.items():
-            results[name] = fit(recipe, Path(tmp) / name.replace(" ", "-"), *extra, *length)
-            print(f"{name}: {results[name]['val']} load {os.getloadavg()}", flush=True)
+        jobs = {
+            (name, seed): (RUNS[name][0], Path(tmp) / f"{name.replace(' ', '-')}-{seed}", RUNS[name][1])
+            for seed in args.seeds
+            for name in args.runs
+        }
         short = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"]
-        pretrain = fit("teacher_pretrain.yaml", Path(tmp) / "teacher-pretrain", *short)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = {
+                key: pool.submit(
+                    fit, recipe, run_dir, threads, *extra, "--seed_everything", str(key[1]), *length
+                )
+                for key, (recipe, run_dir, extra) in jobs.items()
+            }
+            pretrain = None
+            if "quickstart" in args.runs:  # the shipped teacher's pretraining, for the compute table
+                pretrain = pool.submit(
+                    fit, "teacher_pretrain.yaml", Path(tmp) / "teacher-pretrain", threads, *short
+                )
+            results = {}
+            for key, future in futures.items():
+                results[key] = future.result()
+                ppl = {
+                    k: round(float(v), 1) for k, v in results[key]["val"].items() if k.endswith("ppl") and v
+                }
+                print(f"{key}: {ppl} load {os.getloadavg()}", flush=True)
+            pretrain_result = None if pretrain is None else pretrain.result()
     print(f"load average at the end: {os.getloadavg()}\n")
 
-    alone = float(results["alone"]["val"]["val/ppl"])
-    rows = []
-    for name, (_, _, models) in RUNS.items():
-        for label, metric in models.items():
-            ppl = float(results[name]["val"][metric])
-            same_model = label.startswith("2x128")  # compared with the same model trained alone
-            rows.append([label, f"{ppl:.1f}", f"{ppl / alone:.3f}" if same_model else ""])
-    print_table([f"model ({args.steps} steps, same data)", "final val ppl", "vs 2x128 alone"], rows)
+    seeds = " / ".join(str(s) for s in args.seeds)
+    headers = [f"model ({args.steps} steps, same data)", f"final val ppl, seeds {seeds}", "mean"]
+    headers += ["mean vs 2x128 alone", "seeds below alone", "vs the same peer at kd_ratio 0"]
+    print_table(headers, quality_rows(results, args.runs, args.seeds))
     print()
-
-    base_flops = results["alone"]["flops_per_step"]
-    base_time = statistics.median(results["alone"]["step_seconds"][2:])
-    rows = []
-    for name in RUNS:
-        flops = results[name]["flops_per_step"]
-        seconds = statistics.median(results[name]["step_seconds"][2:])
-        total = flops * args.steps
-        note = ""
-        if name == "quickstart":
-            teacher = pretrain["flops_per_step"] * TEACHER_PRETRAIN_STEPS
-            note = f" + {teacher / 1e12:.1f} (teacher pretraining, {TEACHER_PRETRAIN_STEPS} steps)"
-        ratios = [f"{flops / base_flops:.2f}", f"{seconds:.2f}", f"{seconds / base_time:.2f}"]
-        rows.append([name, f"{flops / 1e9:.1f}", *ratios, f"{total / 1e12:.1f}{note}"])
     headers = [
         "run",
         "GFLOPs / step",
@@ -131,9 +211,8 @@ def main() -> None:
         "vs alone",
         f"TFLOPs ({args.steps} steps)",
     ]
-    print_table(headers, rows)
+    print_table(headers, compute_rows(results, args.runs, args.seeds[0], args.steps, pretrain_result))
 
 
 if __name__ == "__main__":
-    os.chdir(ROOT)
     main()

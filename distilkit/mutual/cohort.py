@@ -71,6 +71,14 @@ class MutualDistillationModule(L.LightningModule):
     at first, and learning from an untrained peer's near-uniform predictions slows every peer down.
     Evaluation weighs its terms with the configured ``kd_ratio`` throughout.
 
+    ``kd_positions: peer_better`` lets a peer learn from the others only where they know more: at the
+    positions whose next token the others' mixture gives more probability than the peer itself does
+    (``g_t = [m_t(y_t) > p_t(y_t)]``, KD ``= (1/N)·Σ_t g_t·KD_t``, logged as ``kd_share``, the mean of
+    ``g``); elsewhere the peer learns from the labels alone. With two peers no position teaches both ways,
+    so a large online teacher learns from its student only where the student is right and it is not (the
+    per-token form of taking the best peer as the teacher, Guo et al. 2020, "Online Knowledge Distillation
+    via Collaborative Learning"). ``all`` (default) is deep mutual learning as published.
+
     Each peer has its own optimizer (``optimizer`` builds one per peer, or ``optimizers`` gives one each)
     and LR scheduler (``lr_scheduler`` / ``lr_schedulers``), stepped every step; Lightning sees them as one
     :class:`~distilkit.mutual.optimizers.PeerOptimizers`, so ``trainer.global_step`` counts batches and a
@@ -99,6 +107,7 @@ class MutualDistillationModule(L.LightningModule):
         frozen_steps: per peer, the steps it stays frozen for (default 0: all train from the start; at
             least one peer must).
         burn_in_steps: the first steps in which every peer trains on the labels alone (default 0).
+        kd_positions: ``all`` (every position learns from the others) or ``peer_better`` (above).
         chunk_size: tokens per chunk of the loss; ``"auto"`` from a byte budget; None unchunked.
         gradient_clip_val: clip each peer's gradient norm to this before its update (None: no clipping).
         nonfinite: ``stop`` at a non-finite loss term or gradient, or ``skip`` that peer's update.
@@ -127,6 +136,7 @@ class MutualDistillationModule(L.LightningModule):
         order: Literal["fixed", "rotate"] = "fixed",
         frozen_steps: list[int] | None = None,
         burn_in_steps: int = 0,
+        kd_positions: Literal["all", "peer_better"] = "all",
         chunk_size: int | Literal["auto"] | None = "auto",
         gradient_clip_val: float | None = None,
         nonfinite: Literal["stop", "skip"] = "stop",
@@ -171,6 +181,11 @@ class MutualDistillationModule(L.LightningModule):
         if burn_in_steps < 0:
             raise ConfigError("model.burn_in_steps", burn_in_steps, "must be >= 0", "use 0 for no burn-in")
         self.burn_in_steps = burn_in_steps
+        if kd_positions not in ("all", "peer_better"):
+            raise ConfigError(
+                "model.kd_positions", kd_positions, "is not a choice of positions", "use all or peer_better"
+            )
+        self.kd_positions = kd_positions
         if update not in ("alternate", "simultaneous"):
             raise ConfigError("model.update", update, "is not an update", "use alternate or simultaneous")
         if order not in ("fixed", "rotate"):
@@ -213,11 +228,23 @@ class MutualDistillationModule(L.LightningModule):
         )
 
     def peer_terms(self, student_logits: Tensor, target: TeacherChunk, labels: Tensor) -> dict[str, Tensor]:
-        """CE on the labels and KD against the others' mixture, each a mean over the ``(N, V)`` chunk."""
+        """CE on the labels and KD against the others' mixture, each a mean over the ``(n, V)`` chunk.
+
+        With ``kd_positions: peer_better`` KD is ``(1/n)·Σ_t g_t·KD_t``, where ``g_t = 1`` at the positions
+        whose next token the mixture gives more probability than the peer does (``kd_share``: the mean of g).
+        """
         count = max(labels.numel(), 1)
-        terms = {"ce_loss": F.cross_entropy(student_logits.float(), labels, reduction="sum") / count}
+        nll = F.cross_entropy(student_logits.float(), labels, reduction="none")  # (n,)
+        terms = {"ce_loss": nll.sum() / count}
         assert isinstance(target, Tensor)  # a PeerMixture hands out (n, V) tensors
-        terms["kd_loss"] = self.loss(student_logits, target)
+        if self.kd_positions == "all":
+            terms["kd_loss"] = self.loss(student_logits, target)
+            return terms
+        target_nll = -target.float().log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)  # (n,)
+        better = target_nll < nll.detach()  # (n,) the others predict the next token better here
+        gated = torch.where(better, labels, self.loss.ignore_index)
+        terms["kd_loss"] = self.loss(student_logits, target, gated) * (better.sum() / count)
+        terms["kd_share"] = better.float().mean()
         return terms
 
     def peer_losses(
@@ -227,12 +254,13 @@ class MutualDistillationModule(L.LightningModule):
         its ``features[index]`` are), its target the others' ``features``."""
         ratio = 0.0 if self.training and self.global_step < self.burn_in_steps else self.kd_ratios[index]
         weights = {"ce_loss": 1.0 - ratio, "kd_loss": ratio}
+        names = (*weights, "kd_share") if self.kd_positions == "peer_better" else tuple(weights)
         plan = HeadLossPlan(
             student_head=self.peer_head(index),
             teacher=self.targets_for(index, features),
             labels=labels,
             terms=self.peer_terms,
-            names=tuple(weights),
+            names=names,
             weights=weights,
             chunk_size=self.chunk_size,
             observer=observer,

@@ -104,6 +104,40 @@ def test_the_targets_are_detached_no_gradient_crosses_between_peers(datamodule):
         assert all(p.grad is not None for p in cohort.peers[1].parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 16])
+def test_peer_better_positions_learn_from_the_others_only_where_they_predict_the_next_token_better(
+    datamodule, chunk_size
+):
+    """KD = (1/N)·Σ_t g_t·KL(m_t ‖ p_t), g_t = [m_t(y_t) > p_t(y_t)]; at the other positions the peer's
+    gradient is CE's alone; with two peers, no position teaches both ways."""
+    torch.manual_seed(0)
+    cohort = _cohort(datamodule, [SMALL, WIDER], kd_positions="peer_better", chunk_size=chunk_size)
+    batch = next(iter(datamodule.train_dataloader()))
+    keep, labels = next_token_targets(batch["labels"])
+    features = [cohort.peer_forward(i, batch).last[:, :-1][keep] for i in range(2)]
+    logits = [cohort.peer_head(i)(f).float() for i, f in enumerate(features)]  # (N, V)
+    nll = [torch.nn.functional.cross_entropy(z, labels, reduction="none") for z in logits]  # (N,)
+    learns = [nll[1] < nll[0], nll[0] < nll[1]]  # where the other peer predicts better
+    assert 0 < learns[0].sum() < labels.numel() and not (learns[0] & learns[1]).any()
+    for index, other in ((0, 1), (1, 0)):
+        cohort.zero_grad(set_to_none=True)
+        losses = cohort.peer_losses(index, features, labels)
+        kl = torch.nn.functional.kl_div(
+            logits[index].log_softmax(-1),
+            logits[other].detach().log_softmax(-1),
+            log_target=True,
+            reduction="none",
+        ).sum(-1)  # (N,)
+        expected_kd = (kl * learns[index]).sum() / labels.numel()
+        torch.testing.assert_close(losses["kd_loss"], expected_kd.detach(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(losses["kd_share"], learns[index].float().mean())
+        expected = 0.5 * nll[index].mean() + 0.5 * expected_kd
+        torch.testing.assert_close(losses["loss"], expected.detach(), rtol=1e-4, atol=1e-6)
+        (grad,) = torch.autograd.grad(losses["loss"], features[index], retain_graph=True)  # (N, H)
+        (reference,) = torch.autograd.grad(expected, features[index], retain_graph=True)
+        torch.testing.assert_close(grad, reference, rtol=1e-4, atol=1e-7)
+
+
 class RecordingKL(ForwardKLLoss):
     """Forward KL that keeps every target it is given."""
 
@@ -320,6 +354,7 @@ def test_predict_gives_each_peers_next_token_nll(datamodule):
         ({"names": ["a", "a"]}, "model.names"),
         ({"update": "both"}, "model.update"),
         ({"burn_in_steps": -1}, "model.burn_in_steps"),
+        ({"kd_positions": "best"}, "model.kd_positions"),
     ],
 )
 def test_bad_settings_name_the_field(datamodule, kwargs, field):
