@@ -32,53 +32,104 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from _common import print_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_PRETRAIN_STEPS = 400  # recipes/teacher: the best checkpoint of teacher_pretrain.yaml, at step 400
 
-#: name -> (recipe, extra arguments, {model label: the metric of its final val ppl}); a label starting with
-#: "2x128" is the student's size, compared with the same model trained alone.
-RUNS: dict[str, tuple[str, list[str], dict[str, str]]] = {
-    "alone": ("baseline.yaml", [], {"2x128 alone (baseline.yaml)": "val/ppl"}),
-    "cohort-kd0": (
-        "mutual.yaml",
-        ["--model.init_args.kd_ratio", "0"],
-        {
-            "2x128 mutual.yaml at kd_ratio 0 (each peer alone), peer 0": "val/peer0/ppl",
-            "2x128 mutual.yaml at kd_ratio 0 (each peer alone), peer 1": "val/peer1/ppl",
-        },
-    ),
-    "mutual": (
-        "mutual.yaml",
-        [],
-        {
-            "2x128 mutual.yaml, peer 0": "val/peer0/ppl",
-            "2x128 mutual.yaml, peer 1": "val/peer1/ppl",
-        },
-    ),
-    "online": (
-        "online_teacher.yaml",
-        [],
-        {
-            "2x128 with an online 4x256 teacher (online_teacher.yaml)": "val/peer1/ppl",
-            "its 4x256 online teacher": "val/peer0/ppl",
-        },
-    ),
-    "quickstart": (
+
+@dataclass(frozen=True)
+class Run:
+    """One recipe run at every seed: the models it reports (label -> the metric of its final val ppl; a
+    label starting with "2x128" is the student's size), the run of the same model alone at the same number
+    of steps (``alone``), and the run that is its control (the same peers, initialisation, data and
+    dropout draws, with nothing to learn from each other)."""
+
+    recipe: str
+    models: dict[str, str]
+    extra: tuple[str, ...] = ()
+    alone: str | None = None
+    control: str | None = None
+
+
+LONG = ("--trainer.max_steps", "900", "--trainer.val_check_interval", "150")  # mutual.yaml's length
+
+RUNS: dict[str, Run] = {
+    "alone": Run("baseline.yaml", {"2x128 alone (baseline.yaml, 300 steps)": "val/ppl"}),
+    "quickstart": Run(
         "quickstart.yaml",
-        [],
         {
-            "2x128 from the pretrained 4x256 teacher (quickstart.yaml)": "val/ppl",
+            "2x128 from the pretrained 4x256 teacher (quickstart.yaml, 300 steps)": "val/ppl",
             "the pretrained 4x256 teacher itself": "val/teacher_ppl",
         },
+        alone="alone",
+    ),
+    "online": Run(
+        "online_teacher.yaml",
+        {
+            "2x128 with an online 4x256 teacher (online_teacher.yaml, 300 steps)": "val/peer1/ppl",
+            "its 4x256 online teacher": "val/peer0/ppl",
+        },
+        alone="alone",
+    ),
+    "alone-900": Run(
+        "baseline.yaml",
+        {"2x128 alone (baseline.yaml at 900 steps)": "val/ppl"},
+        extra=LONG,
+        alone="alone-900",
+    ),
+    "mutual": Run(
+        "mutual.yaml",
+        {
+            "2x128 mutual.yaml (900 steps), peer 0": "val/peer0/ppl",
+            "2x128 mutual.yaml, peer 1": "val/peer1/ppl",
+        },
+        alone="alone-900",
+        control="mutual-kd0",
+    ),
+    "mutual-kd0": Run(
+        "mutual.yaml",
+        {
+            "2x128 mutual.yaml at kd_ratio 0 (each peer alone), peer 0": "val/peer0/ppl",
+            "2x128 mutual.yaml at kd_ratio 0, peer 1": "val/peer1/ppl",
+        },
+        extra=("--model.init_args.kd_ratio", "0"),
+        alone="alone-900",
     ),
 }
 
-#: run -> its control: the same models, initialisation, data and dropout, with no peer to learn from
-CONTROLS = {"mutual": "cohort-kd0"}
+
+def run_arguments(run: Run, steps: int | None) -> list[str]:
+    """``run``'s own arguments, at ``steps`` when given (then every run has that length), with its LR
+    schedules (OneCycleLR over all of a run's steps) as long as the run."""
+    config = yaml.safe_load((ROOT / "recipes" / run.recipe).read_text())
+    extra = list(run.extra)
+    if steps is not None:
+        extra = [a for a in extra if a not in LONG] + ["--trainer.max_steps", str(steps)]
+        extra += ["--trainer.val_check_interval", str(steps)]
+    length = int(extra[extra.index("--trainer.max_steps") + 1]) if "--trainer.max_steps" in extra else None
+    init_args = config["model"]["init_args"]
+    if length is None or length == config["trainer"]["max_steps"]:
+        return extra
+    if "lr_scheduler" in init_args:
+        return [*extra, "--model.init_args.lr_scheduler.init_args.total_steps", str(length)]
+    schedules = [
+        s | {"init_args": s["init_args"] | {"total_steps": length}} for s in init_args["lr_schedulers"]
+    ]
+    return [*extra, "--model.init_args.lr_schedulers", json.dumps(schedules)]
+
+
+def run_steps(run: Run, steps: int | None) -> int:
+    """How many steps ``run`` trains for."""
+    if steps is not None:
+        return steps
+    if "--trainer.max_steps" in run.extra:
+        return int(run.extra[run.extra.index("--trainer.max_steps") + 1])
+    return int(yaml.safe_load((ROOT / "recipes" / run.recipe).read_text())["trainer"]["max_steps"])
 
 
 def fit(recipe: str, run_dir: Path, threads: int, *extra: str) -> dict:
@@ -101,24 +152,31 @@ def fit(recipe: str, run_dir: Path, threads: int, *extra: str) -> dict:
 
 
 def quality_rows(results: dict[tuple[str, int], dict], names: list[str], seeds: list[int]) -> list[list[str]]:
-    """Per model: its final val ppl at each seed and their mean; for the 2 x 128 models, the mean against
-    the model alone's mean and at how many seeds it ends below the model alone at that seed; for a run with
-    a control (:data:`CONTROLS`), the mean over seeds of its ratio to the same peer of the control run."""
-    alone = (
-        {seed: float(results["alone", seed]["val"]["val/ppl"]) for seed in seeds} if "alone" in names else {}
-    )
+    """Per model: its final val ppl at each seed and their mean; for a 2 x 128 model, its mean against the
+    mean of the model alone at the same length, and at how many seeds it ends below the model alone at that
+    seed; for a run with a control, the mean over seeds of its ratio to the same peer of the control."""
+
+    def ppl(name: str, metric: str) -> dict[int, float]:
+        return {seed: float(results[name, seed]["val"][metric]) for seed in seeds}
+
     rows = []
     for name in names:
-        control = CONTROLS.get(name) if CONTROLS.get(name) in names else None
-        for label, metric in RUNS[name][2].items():
-            ppl = {seed: float(results[name, seed]["val"][metric]) for seed in seeds}
-            mean = statistics.mean(ppl.values())
-            cells = [label, " / ".join(f"{ppl[s]:.1f}" for s in seeds), f"{mean:.1f}", "", "", ""]
-            if label.startswith("2x128") and alone:
-                cells[3] = f"{mean / statistics.mean(alone.values()):.3f}"
-                cells[4] = f"{sum(ppl[s] < alone[s] for s in seeds)} / {len(seeds)}"
-            if control is not None:
-                paired = [ppl[s] / float(results[control, s]["val"][metric]) for s in seeds]
+        run = RUNS[name]
+        alone = ppl(run.alone, "val/ppl") if run.alone in names else None
+        for (label, metric), position in zip(run.models.items(), range(len(run.models)), strict=True):
+            own = ppl(name, metric)
+            cells = [
+                label,
+                " / ".join(f"{own[s]:.1f}" for s in seeds),
+                f"{statistics.mean(own.values()):.1f}",
+            ]
+            cells += ["", "", ""]
+            if label.startswith("2x128") and alone is not None:
+                cells[3] = f"{statistics.mean(own.values()) / statistics.mean(alone.values()):.3f}"
+                cells[4] = f"{sum(own[s] < alone[s] for s in seeds)} / {len(seeds)}"
+            if run.control in names:
+                control = ppl(run.control, list(RUNS[run.control].models.values())[position])
+                paired = [own[s] / control[s] for s in seeds]
                 cells[5] = (
                     f"{statistics.mean(paired):.3f} ({sum(r < 1 for r in paired)} / {len(seeds)} below)"
                 )
@@ -133,85 +191,83 @@ def _median_step(result: dict) -> float:
 
 
 def compute_rows(
-    results: dict[tuple[str, int], dict], names: list[str], seed: int, steps: int, pretrain: dict | None
+    results: dict[tuple[str, int], dict],
+    names: list[str],
+    seed: int,
+    steps: dict[str, int],
+    pretrain: dict | None,
 ) -> list[list[str]]:
-    """Per run (at ``seed``): FLOPs and median wall time of a step, each against the model alone."""
+    """Per run (at ``seed``): FLOPs and median wall time of a step, each against the model alone, and the
+    FLOPs of the whole run."""
     base = results["alone", seed] if "alone" in names else None
     rows = []
     for name in names:
-        flops = results[name, seed]["flops_per_step"]
-        seconds = _median_step(results[name, seed])
+        flops, seconds = results[name, seed]["flops_per_step"], _median_step(results[name, seed])
         note = ""
         if name == "quickstart" and pretrain is not None:
             teacher = pretrain["flops_per_step"] * TEACHER_PRETRAIN_STEPS
             note = f" + {teacher / 1e12:.1f} (teacher pretraining, {TEACHER_PRETRAIN_STEPS} steps)"
         ratios = ["", ""]
         if base is not None:
-            base_seconds = _median_step(base)
-            ratios = [f"{flops / base['flops_per_step']:.2f}", f"{seconds / base_seconds:.2f}"]
-        total = f"{flops * steps / 1e12:.1f}{note}"
-        rows.append([name, f"{flops / 1e9:.1f}", ratios[0], f"{seconds:.2f}", ratios[1], total])
+            ratios = [f"{flops / base['flops_per_step']:.2f}", f"{seconds / _median_step(base):.2f}"]
+        total = f"{flops * steps[name] / 1e12:.1f}{note}"
+        rows.append(
+            [name, str(steps[name]), f"{flops / 1e9:.1f}", ratios[0], f"{seconds:.2f}", ratios[1], total]
+        )
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--steps", type=int, default=300, help="training steps of every run (300: the recipes)"
-    )
+    parser.add_argument("--steps", type=int, help="train every run for this many steps (default: its own)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every run")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each with cores/jobs threads")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="runs to make")
     args = parser.parse_args()
-    length = []  # every recipe's schedule lasts its run: OneCycleLR over all of its steps
-    if args.steps != 300:
-        length = ["--trainer.max_steps", str(args.steps), "--trainer.val_check_interval", str(args.steps)]
-        length += ["--model.init_args.lr_scheduler.init_args.total_steps", str(args.steps)]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    steps = {name: run_steps(RUNS[name], args.steps) for name in args.runs}
     print(f"load average at the start: {os.getloadavg()}; {args.jobs} jobs of {threads} threads")
-    with tempfile.TemporaryDirectory() as tmp:
-        jobs = {
-            (name, seed): (RUNS[name][0], Path(tmp) / f"{name.replace(' ', '-')}-{seed}", RUNS[name][1])
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
+        futures = {
+            (name, seed): pool.submit(
+                fit,
+                RUNS[name].recipe,
+                Path(tmp) / f"{name}-{seed}",
+                threads,
+                *run_arguments(RUNS[name], args.steps),
+                "--seed_everything",
+                str(seed),
+            )
+            for name in reversed(args.runs)  # the costliest first: the runs finish closer together
             for seed in args.seeds
-            for name in args.runs
         }
-        short = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0"]
-        with ThreadPoolExecutor(args.jobs) as pool:
-            futures = {
-                key: pool.submit(
-                    fit, recipe, run_dir, threads, *extra, "--seed_everything", str(key[1]), *length
-                )
-                for key, (recipe, run_dir, extra) in jobs.items()
-            }
-            pretrain = None
-            if "quickstart" in args.runs:  # the shipped teacher's pretraining, for the compute table
-                pretrain = pool.submit(
-                    fit, "teacher_pretrain.yaml", Path(tmp) / "teacher-pretrain", threads, *short
-                )
-            results = {}
-            for key, future in futures.items():
-                results[key] = future.result()
-                ppl = {
-                    k: round(float(v), 1) for k, v in results[key]["val"].items() if k.endswith("ppl") and v
-                }
-                print(f"{key}: {ppl} load {os.getloadavg()}", flush=True)
-            pretrain_result = None if pretrain is None else pretrain.result()
+        pretrain = None
+        if "quickstart" in args.runs:  # the shipped teacher's pretraining, for the compute table
+            pretrain_run = Run("teacher_pretrain.yaml", {}, extra=("--trainer.max_steps", "2"))
+            arguments = [*run_arguments(pretrain_run, None), "--trainer.limit_val_batches", "0"]
+            pretrain = pool.submit(
+                fit, "teacher_pretrain.yaml", Path(tmp) / "teacher-pretrain", threads, *arguments
+            )
+        results = {}
+        for key, future in futures.items():
+            results[key] = future.result()
+            ppl = {k: round(float(v), 1) for k, v in results[key]["val"].items() if k.endswith("ppl") and v}
+            print(f"{key}: {ppl} load {os.getloadavg()}", flush=True)
+        pretrain_result = None if pretrain is None else pretrain.result()
     print(f"load average at the end: {os.getloadavg()}\n")
 
     seeds = " / ".join(str(s) for s in args.seeds)
-    headers = [f"model ({args.steps} steps, same data)", f"final val ppl, seeds {seeds}", "mean"]
-    headers += ["mean vs 2x128 alone", "seeds below alone", "vs the same peer at kd_ratio 0"]
+    headers = [
+        "model (same data)",
+        f"final val ppl, seeds {seeds}",
+        "mean",
+        "mean vs 2x128 alone (same steps)",
+    ]
+    headers += ["seeds below alone", "vs the same peer at kd_ratio 0"]
     print_table(headers, quality_rows(results, args.runs, args.seeds))
     print()
-    headers = [
-        "run",
-        "GFLOPs / step",
-        "vs alone",
-        "median s / step",
-        "vs alone",
-        f"TFLOPs ({args.steps} steps)",
-    ]
-    print_table(headers, compute_rows(results, args.runs, args.seeds[0], args.steps, pretrain_result))
+    headers = ["run", "steps", "GFLOPs / step", "vs alone", "median s / step", "vs alone", "TFLOPs (run)"]
+    print_table(headers, compute_rows(results, args.runs, args.seeds[0], steps, pretrain_result))
 
 
 if __name__ == "__main__":
