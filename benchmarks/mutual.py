@@ -1,24 +1,26 @@
 """Mutual and online distillation at equal steps and data, over several seeds, against the same model
 trained alone and against distilling from the pretrained teacher.
 
-Every run is a shipped recipe as it is (the quickstart's data, optimizer and 300 steps), run through
-``distilkit fit`` once per seed (``--seed_everything``: the models' initialisation, dropout and data order):
-``baseline.yaml`` (the 2 x 128 student alone), ``mutual.yaml`` (two 2 x 128 peers) and the same at
-``kd_ratio: 0`` (its control: each peer trained alone, with the cohort's initialisation, data and dropout
-draws, so that the peer's influence is measured seed by seed), ``online_teacher.yaml`` (a 4 x 256 and a
-2 x 128 peer trained from scratch together) and ``quickstart.yaml`` (the same student distilled from the
-shipped, pretrained 4 x 256 teacher). Each reports its final validation perplexity (step 300, the whole
-validation split) per seed, their mean, and how many seeds end below the model trained alone at the same
-seed (a 2 x 128 model) or below its control; and its compute, measured in the seed-0 run:
-the FLOPs of one training step (forward and backward matmuls and attention, counted by a dispatch mode)
-and the median wall time of its steps. The shipped teacher's own pretraining is measured the same way on
-two steps of ``teacher_pretrain.yaml`` (its checkpoint is the one at step 400).
+Every run is a shipped recipe as it is (the quickstart's data and optimizer), run through ``distilkit fit``
+once per seed (``--seed_everything``: the models' initialisation, dropout and data order):
+``baseline.yaml`` (the 2 x 128 student alone, 300 steps, and the same at 900 steps), ``mutual.yaml`` (two
+2 x 128 peers, 900 steps) and the same at ``kd_ratio: 0`` (its control: each peer trained alone, with the
+cohort's initialisation, data and dropout draws, so that what a peer gives the other is measured seed by
+seed), ``online_teacher.yaml`` (a 4 x 256 and a 2 x 128 peer trained from scratch together, 300 steps) and
+``quickstart.yaml`` (the same student distilled from the shipped, pretrained 4 x 256 teacher, 300 steps).
+Each reports its final validation perplexity (the last step, the whole validation split) per seed, their
+mean, and how many seeds end below the model trained alone for as many steps at the same seed, or below its
+control; and its compute, measured in the seed-0 run: the FLOPs of one training step (forward and backward
+matmuls and attention, counted by a dispatch mode) and the median wall time of its steps. The shipped
+teacher's own pretraining is measured the same way on two steps of ``teacher_pretrain.yaml`` (its
+checkpoint is the one at step 400).
 
 The runs go ``--jobs`` at a time, each in its own process with ``cores / jobs`` threads, so step times
 compare only between runs made with the same ``--jobs``.
 
-Run: ``python benchmarks/mutual.py`` (3 seeds, 2 jobs: about 45 minutes on 2 idle CPU cores;
-``--steps 30 --seeds 0`` for a check; ``--runs alone mutual cohort-kd0`` for a part).
+Run: ``python benchmarks/mutual.py`` (3 seeds, 2 jobs: about 75 minutes on 2 idle CPU cores;
+``--steps 30 --seeds 0`` for a check; ``--runs alone-900 mutual mutual-kd0`` for a part;
+``--steps 300 --runs mutual mutual-kd0 --mutual-args="--model.init_args.kd_ratio 0.2"`` for a variant).
 """
 
 from __future__ import annotations
@@ -223,6 +225,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every run")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each with cores/jobs threads")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="runs to make")
+    parser.add_argument(
+        "--mutual-args",
+        default="",
+        help="more arguments for the mutual runs and their control, to measure a variant of mutual.yaml "
+        '(e.g. --mutual-args="--model.init_args.burn_in_steps 200")',
+    )
     args = parser.parse_args()
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     steps = {name: run_steps(RUNS[name], args.steps) for name in args.runs}
@@ -234,6 +242,7 @@ def main() -> None:
                 RUNS[name].recipe,
                 Path(tmp) / f"{name}-{seed}",
                 threads,
+                *(args.mutual_args.split() if name.startswith("mutual") else []),
                 *run_arguments(RUNS[name], args.steps),
                 "--seed_everything",
                 str(seed),

@@ -89,11 +89,12 @@ class MutualDistillationModule(L.LightningModule):
     supported. ``16-mixed`` (a loss scaler) is refused; use ``bf16-mixed``.
 
     Logs ``train/loss`` (mean over the peers updated), ``train/peer{i}/loss``, ``…/ce_loss``, ``…/kd_loss``,
-    ``…/lr``; ``val/loss`` and ``val/ce_loss`` (means over the peers), ``val/peer{i}/loss``, ``…/ce_loss``,
-    ``…/kd_loss``, ``…/ppl``, ``…/top1_agreement`` and ``…/kl`` (against the others' mixture), and
-    ``val/peer_agreement`` (the mean over peers of their top-1 agreement with the others' mixture: with two
-    peers, the share of positions where both predict the same token). Checkpoints hold every peer
-    (``peers.0.``, ``peers.1.`` ...); ``distilkit export --peer N`` (or ``--peer NAME``) writes one.
+    ``…/lr`` (and ``…/kd_share`` with ``peer_better``); ``val/loss`` and ``val/ce_loss`` (means over the
+    peers), ``val/peer{i}/loss``, ``…/ce_loss``, ``…/kd_loss``, ``…/ppl``, ``…/top1_agreement`` and
+    ``…/kl`` (against the others' mixture), and ``val/peer_agreement`` (the mean over peers of their top-1
+    agreement with the others' mixture: with two peers, the share of positions where both predict the same
+    token). Checkpoints hold every peer (``peers.0.``, ``peers.1.`` ...); ``distilkit export --peer N`` (or
+    ``--peer NAME``) writes one.
 
     Args:
         peers: two or more model specs, as for ``student:`` (a Hugging Face directory or hub name, a config
