@@ -173,7 +173,7 @@ def quality_rows(results: dict[tuple[str, int], dict], names: list[str], seeds: 
                 f"{statistics.mean(own.values()):.1f}",
             ]
             cells += ["", "", ""]
-            if label.startswith("2x128") and alone is not None:
+            if label.startswith("2x128") and alone is not None and run.alone != name:
                 cells[3] = f"{statistics.mean(own.values()) / statistics.mean(alone.values()):.3f}"
                 cells[4] = f"{sum(own[s] < alone[s] for s in seeds)} / {len(seeds)}"
             if run.control in names:
