@@ -18,7 +18,7 @@ checkpoint is the one at step 400).
 The runs go ``--jobs`` at a time, each in its own process with ``cores / jobs`` threads, so step times
 compare only between runs made with the same ``--jobs``.
 
-Run: ``python benchmarks/mutual.py`` (3 seeds, 2 jobs: about 75 minutes on 2 idle CPU cores;
+Run: ``python benchmarks/mutual.py`` (3 seeds, 2 jobs: about 45 minutes on 2 CPU cores;
 ``--steps 30 --seeds 0`` for a check; ``--runs alone-900 mutual mutual-kd0`` for a part;
 ``--steps 300 --runs mutual mutual-kd0 --mutual-args="--model.init_args.kd_ratio 0.2"`` for a variant).
 """
