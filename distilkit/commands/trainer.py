@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ from distilkit.mutual import MutualDistillationModule
 from distilkit.run.checkpoint_io import AtomicCheckpointIO
 from distilkit.run.directory import (
     SaveRunConfig,
+    class_from_path,
     evaluation_directory,
     place_loggers,
     refuse_existing_run,
@@ -233,13 +233,8 @@ def print_summary(trainer: Trainer, console: Console) -> None:
 def refuse_manual_optimization_settings(config: Any) -> None:
     """A cohort updates its peers itself (manual optimization), where Lightning refuses the trainer's
     gradient clipping and accumulation with a traceback: refuse them first, naming the setting to use."""
-    path = str((config.get("model") or {}).get("class_path") or "")
-    module, _, name = path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name) if module else None
-    except (ImportError, AttributeError):
-        return  # jsonargparse names a class that does not import
-    if not (isinstance(cls, type) and issubclass(cls, MutualDistillationModule)):
+    cls = class_from_path(str((config.get("model") or {}).get("class_path") or ""))
+    if cls is None or not issubclass(cls, MutualDistillationModule):
         return
     trainer = config.trainer
     if trainer.get("gradient_clip_val") is not None:
