@@ -241,7 +241,8 @@ class MutualDistillationModule(L.LightningModule):
         if self.kd_positions == "all":
             terms["kd_loss"] = self.loss(student_logits, target)
             return terms
-        target_nll = -target.float().log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)  # (n,)
+        target = target.float()  # (n, V) logits or log-probabilities: -log m(y) = logsumexp(t) - t_y
+        target_nll = torch.logsumexp(target, -1) - target.gather(-1, labels[:, None]).squeeze(-1)  # (n,)
         better = target_nll < nll.detach()  # (n,) the others predict the next token better here
         gated = torch.where(better, labels, self.loss.ignore_index)
         terms["kd_loss"] = self.loss(student_logits, target, gated) * (better.sum() / count)
