@@ -56,16 +56,19 @@ class Run:
     extra: tuple[str, ...] = ()
     alone: str | None = None
     control: str | None = None
+    steps: int | None = None  # None: the recipe's own max_steps
+    val_check_interval: int | None = None  # with ``steps``: how often it validates
 
+    def recipe_config(self) -> dict:
+        return yaml.safe_load((ROOT / "recipes" / self.recipe).read_text())
 
-LONG = ("--trainer.max_steps", "900", "--trainer.val_check_interval", "150")  # mutual.yaml's length
 
 RUNS: dict[str, Run] = {
-    "alone": Run("baseline.yaml", {"2x128 alone (baseline.yaml, 300 steps)": "val/ppl"}),
+    "alone": Run("baseline.yaml", {"2x128 alone (baseline.yaml)": "val/ppl"}),
     "quickstart": Run(
         "quickstart.yaml",
         {
-            "2x128 from the pretrained 4x256 teacher (quickstart.yaml, 300 steps)": "val/ppl",
+            "2x128 from the pretrained 4x256 teacher (quickstart.yaml)": "val/ppl",
             "the pretrained 4x256 teacher itself": "val/teacher_ppl",
         },
         alone="alone",
@@ -73,21 +76,22 @@ RUNS: dict[str, Run] = {
     "online": Run(
         "online_teacher.yaml",
         {
-            "2x128 with an online 4x256 teacher (online_teacher.yaml, 300 steps)": "val/peer1/ppl",
+            "2x128 with an online 4x256 teacher (online_teacher.yaml)": "val/peer1/ppl",
             "its 4x256 online teacher": "val/peer0/ppl",
         },
         alone="alone",
     ),
     "alone-900": Run(
         "baseline.yaml",
-        {"2x128 alone (baseline.yaml at 900 steps)": "val/ppl"},
-        extra=LONG,
+        {"2x128 alone (baseline.yaml)": "val/ppl"},
         alone="alone-900",
+        steps=900,  # mutual.yaml's length and validation interval
+        val_check_interval=150,
     ),
     "mutual": Run(
         "mutual.yaml",
         {
-            "2x128 mutual.yaml (900 steps), peer 0": "val/peer0/ppl",
+            "2x128 mutual.yaml, peer 0": "val/peer0/ppl",
             "2x128 mutual.yaml, peer 1": "val/peer1/ppl",
         },
         alone="alone-900",
@@ -105,33 +109,27 @@ RUNS: dict[str, Run] = {
 }
 
 
+def run_steps(run: Run, steps: int | None) -> int:
+    """How many steps ``run`` trains for: ``steps`` when given, else its own length."""
+    return steps or run.steps or int(run.recipe_config()["trainer"]["max_steps"])
+
+
 def run_arguments(run: Run, steps: int | None) -> list[str]:
-    """``run``'s own arguments, at ``steps`` when given (then every run has that length), with its LR
-    schedules (OneCycleLR over all of a run's steps) as long as the run."""
-    config = yaml.safe_load((ROOT / "recipes" / run.recipe).read_text())
-    extra = list(run.extra)
-    if steps is not None:
-        extra = [a for a in extra if a not in LONG] + ["--trainer.max_steps", str(steps)]
-        extra += ["--trainer.val_check_interval", str(steps)]
-    length = int(extra[extra.index("--trainer.max_steps") + 1]) if "--trainer.max_steps" in extra else None
+    """``run``'s own arguments, at ``steps`` when given (then every run has that length and validates once
+    at its end), with its LR schedules (OneCycleLR over all of a run's steps) as long as the run."""
+    config = run.recipe_config()
+    length = run_steps(run, steps)
+    if length == config["trainer"]["max_steps"]:
+        return list(run.extra)
+    interval = length if steps else (run.val_check_interval or length)
+    extra = [*run.extra, "--trainer.max_steps", str(length), "--trainer.val_check_interval", str(interval)]
     init_args = config["model"]["init_args"]
-    if length is None or length == config["trainer"]["max_steps"]:
-        return extra
     if "lr_scheduler" in init_args:
         return [*extra, "--model.init_args.lr_scheduler.init_args.total_steps", str(length)]
     schedules = [
         s | {"init_args": s["init_args"] | {"total_steps": length}} for s in init_args["lr_schedulers"]
     ]
     return [*extra, "--model.init_args.lr_schedulers", json.dumps(schedules)]
-
-
-def run_steps(run: Run, steps: int | None) -> int:
-    """How many steps ``run`` trains for."""
-    if steps is not None:
-        return steps
-    if "--trainer.max_steps" in run.extra:
-        return int(run.extra[run.extra.index("--trainer.max_steps") + 1])
-    return int(yaml.safe_load((ROOT / "recipes" / run.recipe).read_text())["trainer"]["max_steps"])
 
 
 def fit(recipe: str, run_dir: Path, threads: int, *extra: str) -> dict:
@@ -153,7 +151,9 @@ def fit(recipe: str, run_dir: Path, threads: int, *extra: str) -> dict:
     return {"val": rows[-1] if rows else {}, **json.loads((run_dir / "compute.json").read_text())}
 
 
-def quality_rows(results: dict[tuple[str, int], dict], names: list[str], seeds: list[int]) -> list[list[str]]:
+def quality_rows(
+    results: dict[tuple[str, int], dict], names: list[str], seeds: list[int], steps: dict[str, int]
+) -> list[list[str]]:
     """Per model: its final val ppl at each seed and their mean; for a 2 x 128 model, its mean against the
     mean of the model alone at the same length, and at how many seeds it ends below the model alone at that
     seed; for a run with a control, the mean over seeds of its ratio to the same peer of the control."""
@@ -165,16 +165,17 @@ def quality_rows(results: dict[tuple[str, int], dict], names: list[str], seeds: 
     for name in names:
         run = RUNS[name]
         alone = ppl(run.alone, "val/ppl") if run.alone in names else None
-        for (label, metric), position in zip(run.models.items(), range(len(run.models)), strict=True):
+        for position, (label, metric) in enumerate(run.models.items()):
             own = ppl(name, metric)
+            mean = statistics.mean(own.values())
             cells = [
-                label,
+                f"{label}, {steps[name]} steps",
                 " / ".join(f"{own[s]:.1f}" for s in seeds),
-                f"{statistics.mean(own.values()):.1f}",
+                f"{mean:.1f}",
             ]
             cells += ["", "", ""]
             if label.startswith("2x128") and alone is not None and run.alone != name:
-                cells[3] = f"{statistics.mean(own.values()) / statistics.mean(alone.values()):.3f}"
+                cells[3] = f"{mean / statistics.mean(alone.values()):.3f}"
                 cells[4] = f"{sum(own[s] < alone[s] for s in seeds)} / {len(seeds)}"
             if run.control in names:
                 control = ppl(run.control, list(RUNS[run.control].models.values())[position])
@@ -242,7 +243,7 @@ def main() -> None:
                 RUNS[name].recipe,
                 Path(tmp) / f"{name}-{seed}",
                 threads,
-                *(args.mutual_args.split() if name.startswith("mutual") else []),
+                *(args.mutual_args.split() if RUNS[name].recipe == "mutual.yaml" else []),
                 *run_arguments(RUNS[name], args.steps),
                 "--seed_everything",
                 str(seed),
@@ -252,7 +253,7 @@ def main() -> None:
         }
         pretrain = None
         if "quickstart" in args.runs:  # the shipped teacher's pretraining, for the compute table
-            pretrain_run = Run("teacher_pretrain.yaml", {}, extra=("--trainer.max_steps", "2"))
+            pretrain_run = Run("teacher_pretrain.yaml", {}, steps=2)
             arguments = [*run_arguments(pretrain_run, None), "--trainer.limit_val_batches", "0"]
             pretrain = pool.submit(
                 fit, "teacher_pretrain.yaml", Path(tmp) / "teacher-pretrain", threads, *arguments
@@ -273,7 +274,7 @@ def main() -> None:
         "mean vs 2x128 alone (same steps)",
     ]
     headers += ["seeds below alone", "vs the same peer at kd_ratio 0"]
-    print_table(headers, quality_rows(results, args.runs, args.seeds))
+    print_table(headers, quality_rows(results, args.runs, args.seeds, steps))
     print()
     headers = ["run", "steps", "GFLOPs / step", "vs alone", "median s / step", "vs alone", "TFLOPs (run)"]
     print_table(headers, compute_rows(results, args.runs, args.seeds[0], steps, pretrain_result))
