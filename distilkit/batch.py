@@ -13,6 +13,9 @@ from torch import Tensor
 
 Batch = Mapping[str, Tensor]
 
+#: The fields of a batch a model's forward takes (``labels`` and bookkeeping such as ``block_index`` are not).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
 #: Label of a position that is not predicted (the Hugging Face and PyTorch convention).
 IGNORE_INDEX = -100
 
@@ -33,3 +36,8 @@ def next_token_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
     shifted = labels[:, 1:]  # (B, T-1)
     keep = shifted != IGNORE_INDEX  # (B, T-1)
     return keep, shifted[keep]
+
+
+def model_inputs(batch: Batch) -> dict[str, Tensor]:
+    """The fields of ``batch`` a model's forward takes (:data:`MODEL_INPUTS` that are present)."""
+    return {name: batch[name] for name in MODEL_INPUTS if batch.get(name) is not None}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from distilkit.batch import Batch, next_token_targets
+from distilkit.batch import Batch, model_inputs, next_token_targets
 from distilkit.data.teacher_cache.targets import SparseTargets
 from distilkit.errors import ConfigError, check_range
 from distilkit.guards import NonFiniteGuard, ScheduleLengthCheck
@@ -138,7 +138,7 @@ class DistillationModule(ShardedTraining, StudentHooks, L.LightningModule):  # t
         """The student's final hidden states ``(B, T, H_s)`` (its logits for a module without a head),
         plus every layer's when a ``hidden_loss`` needs them."""
         hidden = self.hidden_loss is not None
-        return body_features(self.student, batch["input_ids"], batch.get("attention_mask"), hidden)
+        return body_features(self.student, **model_inputs(batch), output_hidden_states=hidden)
 
     def teacher_forward(self, batch: Batch) -> BodyOutput | None:
         """The teacher's :class:`BodyOutput` under no_grad, or None without a teacher."""
@@ -146,7 +146,7 @@ class DistillationModule(ShardedTraining, StudentHooks, L.LightningModule):  # t
             return None
         with torch.no_grad():
             hidden = self.hidden_loss is not None
-            return body_features(self.teacher, batch["input_ids"], batch.get("attention_mask"), hidden)
+            return body_features(self.teacher, **model_inputs(batch), output_hidden_states=hidden)
 
     def student_head(self) -> OutputHead:
         return output_head(self.student, self.vocab_size)

@@ -95,9 +95,15 @@ class BodyOutput(NamedTuple):
 
 
 def body_features(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, output_hidden_states: bool = False
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    output_hidden_states: bool = False,
+    **inputs: Tensor,
 ) -> BodyOutput:
-    """Run the model's body on ``(B, T)`` ids: its final hidden states, and every layer's if asked."""
+    """Run the model's body on ``(B, T)`` ids: its final hidden states, and every layer's if asked.
+    ``inputs``: further forward arguments of the batch (``position_ids``; see
+    :func:`distilkit.batch.model_inputs`)."""
     if _has_separable_head(model):
         base: Any = model.base_model
         out = base(
@@ -105,6 +111,7 @@ def body_features(
             attention_mask=attention_mask,
             use_cache=False,
             output_hidden_states=output_hidden_states,
+            **inputs,
         )
         return BodyOutput(out[0], out.hidden_states if output_hidden_states else None)
     if output_hidden_states:
@@ -114,7 +121,7 @@ def body_features(
             "has no hidden states to distil",
             "use a Hugging Face causal LM, or drop hidden_loss",
         )
-    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **inputs)
     return BodyOutput(out.logits if hasattr(out, "logits") else out)
 
 

@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distilkit.batch import Batch, next_token_targets
+from distilkit.batch import Batch, model_inputs, next_token_targets
 from distilkit.errors import ConfigError, check_range
 from distilkit.guards import NonFiniteGuard, ScheduleLengthCheck
 from distilkit.losses import DistillationLoss, ForwardKLLoss
@@ -213,7 +213,7 @@ class MutualDistillationModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------------- pieces
     def peer_forward(self, index: int, batch: Batch) -> BodyOutput:
         """Peer ``index``'s final hidden states ``(B, T, H_i)`` (gradients as the caller's context allows)."""
-        return body_features(self.peers[index], batch["input_ids"], batch.get("attention_mask"))
+        return body_features(self.peers[index], **model_inputs(batch))
 
     def peer_head(self, index: int) -> OutputHead:
         return output_head(self.peers[index], self.vocab_size)
