@@ -1,8 +1,8 @@
 """distilkit: knowledge distillation for GPT-style causal language models, on PyTorch Lightning.
 
-The layers, lowest first (each imports only from those below it; ``tests/test_architecture.py`` checks):
-``errors``, ``files``, ``batch`` -> ``data/`` -> ``models/`` -> ``losses/``, ``metrics`` -> ``guards``,
-``module`` -> ``run/`` -> ``callbacks/`` -> ``commands/`` -> ``cli``.
+The layers, lowest first (each imports only from its own and those below it; ``tests/test_architecture.py``
+checks): ``batch.py``, ``errors.py``, ``files.py`` -> ``data/`` -> ``models/`` -> ``losses/``, ``metrics.py``
+-> ``teachers/`` -> ``run/`` -> ``modules/`` -> ``callbacks/`` -> ``commands/`` -> ``cli.py``.
 """
 
 from distilkit.callbacks import CurriculumCallback, Stage
@@ -19,9 +19,7 @@ from distilkit.losses import (
     TVDLoss,
 )
 from distilkit.metrics import DistillationKL, TokenPerplexity, TopKAgreement
-from distilkit.module import DistillationModule
-from distilkit.mutual import MutualDistillationModule
-from distilkit.on_policy import OnPolicyDistillationModule
+from distilkit.modules import DistillationModule, MutualDistillationModule, OnPolicyDistillationModule
 
 __version__ = "0.2.0.dev0"
 

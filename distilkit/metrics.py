@@ -144,16 +144,17 @@ class NextTokenNLL:
     Args:
         keep: ``(B, T-1)`` the positions that predict a token (:func:`distilkit.batch.next_token_targets`).
         with_teacher: also keep the teacher's NLL (the chunks then carry its logits).
+        name: what :meth:`result` calls the scored model's NLL (``student``, ``peer0`` ...).
     """
 
-    def __init__(self, keep: Tensor, with_teacher: bool) -> None:
-        self.keep = keep
+    def __init__(self, keep: Tensor, with_teacher: bool, name: str = "student") -> None:
+        self.keep, self.name = keep, name
         count = int(keep.sum())
-        names = ("student", "teacher") if with_teacher else ("student",)
-        self.flat = {name: torch.full((count,), float("nan"), device=keep.device) for name in names}  # (N,)
+        names = (name, "teacher") if with_teacher else (name,)
+        self.flat = {n: torch.full((count,), float("nan"), device=keep.device) for n in names}  # (N,)
 
     def observe(self, rows: slice, student: Tensor, teacher: Any, labels: Tensor) -> None:
-        self.flat["student"][rows] = F.cross_entropy(student.float(), labels, reduction="none")
+        self.flat[self.name][rows] = F.cross_entropy(student.float(), labels, reduction="none")
         if isinstance(teacher, Tensor) and "teacher" in self.flat:
             self.flat["teacher"][rows] = F.cross_entropy(teacher.float(), labels, reduction="none")
 

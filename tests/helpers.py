@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import struct
 import subprocess
@@ -269,6 +270,19 @@ class SlowSteps(Callback):
         if trainer.global_step >= self.at_step:
             self.marker.touch()
         time.sleep(self.seconds)
+
+
+class KillAtValidation(Callback):
+    """SIGKILLs its own process when the validation after optimizer step ``at_step`` starts: after that step's
+    checkpoint (``every_n_train_steps``), before its validation."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
+        if fitting and trainer.global_step == self.at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class OutOfMemoryAt(Callback):

@@ -13,9 +13,6 @@ rank 0 merges them into ``manifest.json``, which records the teacher, the data's
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +22,6 @@ import lightning as L
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from rich.console import Console
-from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from distilkit.batch import Batch
@@ -35,9 +31,8 @@ from distilkit.data import TextDataModule
 from distilkit.data.teacher_cache import CacheWriter, finalize_cache
 from distilkit.errors import ConfigError
 from distilkit.losses.chunked import chunk_slices
-from distilkit.models.adapters import weights_sha256
-from distilkit.models.heads import check_head
-from distilkit.module import DistillationModule
+from distilkit.modules import DistillationModule
+from distilkit.teachers import LiveTeacher, model_identity
 
 SPLITS = ("train", "val")
 DESCRIPTION = (
@@ -94,14 +89,14 @@ class TeacherPass(L.LightningModule):
 
     def __init__(self, source: DistillationModule, data: TextDataModule, options: CacheOptions) -> None:
         super().__init__()
-        if source.teacher is None:
+        if not isinstance(source.teacher_source, LiveTeacher):
             raise ConfigError(
                 "model.teacher",
                 None,
                 "is needed: distilkit cache runs the recipe's teacher",
                 "use a recipe with a teacher (e.g. recipes/quickstart.yaml)",
             )
-        self.teacher = source.teacher  # registered: Lightning moves it to the device
+        self.teacher_source = source.teacher_source  # registered: Lightning moves it to the device
         self._source = (source,)  # not registered: the student stays where it is
         self.data, self.options = data, options
         given = options.temperature
@@ -116,9 +111,12 @@ class TeacherPass(L.LightningModule):
 
     def identity(self) -> dict[str, Any]:
         """What the targets are made from: the data module's identity and the teacher's (see
-        :func:`teacher_identity`). A resumed run must match it; training compares the data's part."""
-        spec = self.source.hparams.get("teacher")
-        return {**self.data.identity(), "teacher": teacher_identity(spec, self.teacher)}
+        :func:`~distilkit.teachers.model_identity`). A resumed run must match it; training compares the data's
+        part."""
+        return {
+            **self.data.identity(),
+            "teacher": model_identity(self.teacher_source.spec, self.teacher_source.model),
+        }
 
     # -------------------------------------------------------------------------------------------- the loop
     def setup(self, stage: str) -> None:
@@ -152,20 +150,16 @@ class TeacherPass(L.LightningModule):
         ]
 
     def on_predict_start(self) -> None:
-        teacher_head = self.source.teacher_head()
-        assert teacher_head is not None
-        check_head(self.teacher, teacher_head, "model.teacher")
+        self.teacher_source.check_head()
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Write the teacher's targets of the batch's blocks (``batch["block_index"]`` ``(B,)``)."""
         assert self.writer is not None
-        body = self.source.teacher_forward(batch)
-        head = self.source.teacher_head()
-        assert body is not None and head is not None
+        teaching = self.teacher_source.teach(batch, "val")
         blocks, length = batch["block_index"], batch["input_ids"].shape[1]
         per_chunk = max(1, (self.source.chunk_size or blocks.numel() * length) // length)
         for rows in chunk_slices(blocks.numel(), per_chunk):
-            logits = head(body.last[rows])  # (b, T, V)
+            logits = teaching.head(teaching.last[rows])  # (b, T, V)
             self.writer.write(self.splits[dataloader_idx], blocks[rows], logits)
 
     def on_predict_end(self) -> None:
@@ -174,23 +168,6 @@ class TeacherPass(L.LightningModule):
         self.trainer.strategy.barrier("teacher_cache_closed")
         if self.trainer.is_global_zero:
             self.manifest = finalize_cache(self.options.output_dir)
-
-
-def teacher_identity(spec: Any, model: nn.Module) -> dict[str, str]:
-    """The teacher as a cache records it: ``name`` (the directory or hub name, the config mapping as JSON,
-    or the module's class), ``config_sha256``, a hash of its transformers config (or its ``repr``), and
-    ``weights_sha256``, a hash of its weights: a teacher retrained in place is another teacher, so an
-    interrupted cache is never completed with a second teacher's targets."""
-    if isinstance(spec, (str, os.PathLike)):
-        name = str(spec)
-    elif isinstance(spec, dict):
-        name = json.dumps(spec, sort_keys=True, default=str)
-    else:
-        name = type(model).__name__
-    config: Any = getattr(model, "config", None)
-    text = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else repr(model)
-    config_hash = hashlib.sha256(text.encode()).hexdigest()
-    return {"name": name, "config_sha256": config_hash, "weights_sha256": weights_sha256(model)}
 
 
 def write_teacher_cache(

@@ -24,7 +24,7 @@ from distilkit.data.tokenizer import check_same_vocabulary
 from distilkit.errors import ConfigError
 from distilkit.files import check_writable, write_text
 from distilkit.models.checkpoint import load_model_and_tokenizer, trained_block_size
-from distilkit.module import DistillationModule
+from distilkit.modules import DistillationModule
 
 
 def evaluate(

@@ -18,7 +18,7 @@ from distilkit.callbacks.predictions import PredictionWriter
 from distilkit.callbacks.progress import DistilProgressBar
 from distilkit.data import TextDataModule
 from distilkit.errors import ConfigError, TrainingStopped
-from distilkit.mutual import MutualDistillationModule
+from distilkit.modules import MutualDistillationModule
 from distilkit.run.checkpoint_io import AtomicCheckpointIO
 from distilkit.run.directory import (
     SaveRunConfig,

@@ -6,6 +6,7 @@ import math
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distilkit.batch import IGNORE_INDEX
@@ -110,6 +111,30 @@ class DistillationLoss(nn.Module):
         """Per-position divergence of float32, temperature-scaled logits ``(M, V)`` -> ``(M,)``."""
         raise NotImplementedError
 
+    def kd_and_ce(
+        self, student_logits: Tensor, teacher: Tensor | SparseTargets, labels: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """KD against the teacher's logits or sparse targets, and the student's cross-entropy on ``labels``:
+        the module's two terms, from one call (a loss may compute both from one softmax).
+
+        Args:
+            student_logits: ``(n, V)`` logits of the student.
+            teacher: the teacher's ``(n, V)`` logits, or its :class:`SparseTargets` at the same positions.
+            labels: ``(n,)`` next-token targets, every one a token (the chunked loss has removed the masked
+                positions: checking here would cost a device sync per chunk).
+
+        Returns:
+            ``(kd, ce)``, float32 means over the n positions (CE at temperature 1).
+        """
+        if isinstance(teacher, SparseTargets):
+            return self.sparse_forward_and_ce(student_logits, teacher, labels)
+        return self(student_logits, teacher), cross_entropy(student_logits, labels, self.ignore_index)
+
+    def has_closed_form(self) -> bool:
+        """Whether :meth:`kd_and_ce` takes its gradient in closed form in the chunked loss (the plain forward
+        KL does; see :class:`~distilkit.losses.ForwardKLLoss`)."""
+        return False
+
     def sparse_forward(
         self, student_logits: Tensor, targets: SparseTargets, labels: Tensor | None = None
     ) -> Tensor:
@@ -180,7 +205,7 @@ class DistillationLoss(nn.Module):
         count, t = max(labels.numel(), 1), self.temperature
         student = student.float()
         if t != 1.0:
-            ce = torch.nn.functional.cross_entropy(student, labels, reduction="sum") / count
+            ce = F.cross_entropy(student, labels, reduction="sum") / count
             return self.sparse_divergence(student / t, targets).sum() / count * (t * t), ce
         buckets, label_log_probs = student_buckets(student, targets, extra=labels.unsqueeze(-1))
         assert label_log_probs is not None
@@ -207,6 +232,13 @@ class DistillationLoss(nn.Module):
                 f"differs from the temperature the teacher's targets were made at ({temperature})",
                 f"set loss.temperature to {temperature}, or remake the cache at {self.temperature}",
             )
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Mean next-token cross-entropy of ``logits (n, V)`` on ``labels (n,)`` in float32, over the positions
+    not equal to ``ignore_index``; exactly 0 (with a gradient path) when there are none."""
+    total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp_min(1)  # a tensor: no device sync
 
 
 def kl_from_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:

@@ -8,10 +8,11 @@ the gradient). Here the logits are formed chunk by chunk over tokens from the fi
 (Liger-Kernel): while it walks the chunks in the forward pass it also forms the gradient with respect
 to the student's hidden states and head weight, so the backward pass only scales what was kept. No
 chunk is recomputed, and memory beyond the inputs is one chunk of logits plus a gradient the size of
-the head weight. The gradient of each chunk's terms with respect to its logits comes in closed form where the
-plan has one (cross-entropy and forward KL, see :mod:`distilkit.losses.closed_form`: formed in place in a
-few buffers reused from chunk to chunk), else from autograd on that chunk alone, so any
-:class:`~distilkit.losses.DistillationLoss` works unchanged.
+the head weight. The gradient of each chunk's terms with respect to its logits comes from autograd on that
+chunk alone, so any :class:`~distilkit.losses.DistillationLoss` and any terms work unchanged; the default
+terms (cross-entropy and forward KL, :mod:`distilkit.losses.closed_form`) are an autograd function whose
+backward is a closed form, formed in buffers of a :class:`~distilkit.losses.workspace.Workspace` that the
+loop lends while it works on a chunk and that lives from step to step.
 
 Evaluation walks the same loop (no gradients formed) with an observer that updates its metrics from each
 chunk's logits: one chunk loop for training and evaluation.
@@ -28,10 +29,11 @@ from torch import Tensor
 
 from distilkit.data.teacher_cache.targets import SparseTargets
 from distilkit.errors import ConfigError
+from distilkit.losses.workspace import Workspace
 from distilkit.models.heads import OutputHead
 
 #: What a chunk of student logits is compared with: the teacher's ``(n, V)`` logits (a live teacher, a
-#: mixture of peers ...) or its :class:`SparseTargets` (a teacher cache), or None without a teacher.
+#: mixture of models ...) or its :class:`SparseTargets` (a teacher cache ...), or None without a teacher.
 TeacherChunk = Tensor | SparseTargets | None
 
 #: ``(student_logits (n, V), teacher chunk, labels (n,)) -> {name: mean over the chunk}``
@@ -39,23 +41,11 @@ TermsFn = Callable[[Tensor, TeacherChunk, Tensor], dict[str, Tensor]]
 
 
 class TeacherChunks(Protocol):
-    """The teacher's side of the loss at the valid positions, handed out a chunk of rows at a time (no
-    gradient flows into it)."""
+    """The teacher's side of the loss at the N valid positions, a chunk of rows at a time (no gradient flows
+    into it). ``out``: an ``(n, V)`` float32 buffer a dense source may write its logits into and return; a
+    sparse source ignores it."""
 
-    def __call__(self, rows: slice) -> Tensor | SparseTargets: ...
-
-
-@dataclass(frozen=True)
-class HeadTeacher:
-    """A live teacher: its final hidden states ``(N, H_t)`` at the valid positions, through its head."""
-
-    features: Tensor
-    head: OutputHead
-
-    def __call__(self, rows: slice, out: Tensor | None = None) -> Tensor:
-        """The teacher's ``(n, V)`` logits at ``rows`` (in ``out``, a float32 buffer, when given)."""
-        with torch.no_grad():
-            return self.head.post(self.head.raw(self.features[rows], out=out))
+    def __call__(self, rows: slice, out: Tensor | None = None) -> Tensor | SparseTargets: ...
 
 
 #: Bytes the chunked path may spend on one chunk's float32 ``(n, V)`` temporaries.
@@ -91,53 +81,6 @@ def chunk_slices(total: int, chunk_size: int | None) -> Iterator[slice]:
         start = stop
 
 
-class Workspace:
-    """Named float32 ``(rows, V)`` buffers, made on first use and reused by every chunk of one loss call.
-
-    On a CPU a fresh tensor of tens of MiB is new memory from the operating system each time, paid in page
-    faults when it is first written; a few buffers reused from chunk to chunk pay that once per step. (A GPU's
-    caching allocator reuses memory by itself.)
-
-    Args:
-        rows: the most rows a chunk has.
-        vocab_size: V.
-        device: where the buffers live.
-    """
-
-    def __init__(self, rows: int, vocab_size: int, device: torch.device) -> None:
-        self.rows, self.vocab_size, self.device = rows, vocab_size, device
-        self._buffers: dict[str, Tensor] = {}
-
-    def __call__(self, name: str, rows: int) -> Tensor:
-        """The first ``rows`` rows of buffer ``name`` ``(rows, V)`` (holding whatever was left there)."""
-        if name not in self._buffers:
-            self._buffers[name] = torch.empty(self.rows, self.vocab_size, device=self.device)
-        return self._buffers[name][:rows]
-
-
-class ClosedForm(Protocol):
-    """Terms with their gradient in closed form (see :mod:`distilkit.losses.closed_form`)."""
-
-    def accepts(self, teacher: TeacherChunk) -> bool:
-        """Whether the closed form holds with this teacher chunk (else autograd is used)."""
-        ...
-
-    def __call__(
-        self,
-        student: Tensor,
-        teacher: Tensor | None,
-        labels: Tensor,
-        weights: Mapping[str, float],
-        count: int,
-        workspace: Workspace | None,
-    ) -> tuple[dict[str, Tensor], Tensor]:
-        """``(student logits (n, V) float32, teacher logits (n, V) float32 or None, labels (n,), weights, N,
-        buffers) -> ({name: Σ over the rows / N}, gradient of Σ weights[name]·term with respect to the student
-        logits (n, V))``; the terms must be what the plan's ``terms`` and ``weights`` define. ``student`` and
-        ``teacher`` are the caller's to overwrite."""
-        ...
-
-
 #: Called on every chunk the loop walks: ``(rows, student_logits (n, V), teacher chunk, labels (n,))``;
 #: evaluation updates its metrics this way, on the logits the loss already formed.
 ChunkObserver = Callable[[slice, Tensor, TeacherChunk, Tensor], None]
@@ -149,16 +92,15 @@ class HeadLossPlan:
 
     Attributes:
         student_head: the student's output head (its ``weight``/``bias`` are passed separately).
-        teacher: the teacher's side at the valid positions, chunk by chunk (e.g. :class:`HeadTeacher`), or
-            None without a teacher.
+        teacher: the teacher's side at the valid positions, chunk by chunk (:class:`TeacherChunks`), or None
+            without a teacher.
         labels: ``(N,)`` next-token targets, all valid (masked positions removed beforehand).
         terms: the per-chunk terms; returns exactly the keys in ``names``.
         names: the names of the terms, in a fixed order.
         weights: total = Σ weights[name] · term[name]; terms not named get weight 0 (logged only).
         chunk_size: tokens per chunk (None: one chunk).
         observer: optional, called on every chunk (see :data:`ChunkObserver`).
-        closed_form: optional, the same terms with their gradient in closed form (see :data:`ClosedForm`);
-            it must compute exactly what ``terms`` and ``weights`` define.
+        workspace: buffers kept between chunks and steps (a new one per call when None).
     """
 
     student_head: OutputHead
@@ -169,7 +111,7 @@ class HeadLossPlan:
     weights: Mapping[str, float]
     chunk_size: int | None
     observer: ChunkObserver | None = None
-    closed_form: ClosedForm | None = None
+    workspace: Workspace | None = None
 
     def chunk_terms(
         self, student_raw: Tensor, rows: slice, teacher: TeacherChunk = None
@@ -193,29 +135,15 @@ class HeadLossPlan:
         self, features: Tensor, rows: slice, workspace: Workspace
     ) -> tuple[dict[str, Tensor], Tensor]:
         """Terms of ``rows`` (as :meth:`chunk_terms`, detached) from the student's features ``(n, H)`` and the
-        gradient of their weighted sum with respect to the raw logits ``(n, V)``: in closed form where
-        :attr:`closed_form` holds, else by autograd."""
-        n, source = rows.stop - rows.start, self.teacher
-        teacher: TeacherChunk
-        teacher, owned = None, False
-        if isinstance(source, HeadTeacher):  # its logits are formed here, in a buffer: ours to overwrite
-            teacher, owned = source(rows, out=workspace("teacher", n)), True
-        elif source is not None:
-            teacher, owned = source(rows), False
-        head, closed = self.student_head, self.closed_form
-        usable = self.observer is None and head.weight is not None and head.softcap is None
-        if closed is not None and usable and closed.accepts(teacher):
-            if isinstance(teacher, Tensor) and not owned and teacher.dtype == torch.float32:
-                teacher = workspace("teacher", n).copy_(teacher)  # another source's logits: work on a copy
-            student = head.raw(features, out=workspace("student", n)).float()  # (n, V), ours
-            student = student.mul_(head.scale) if head.scale != 1.0 else student
-            dense = None if not isinstance(teacher, Tensor) else teacher.float()  # (n, V), ours
-            terms, grad = closed(
-                student, dense, self.labels[rows], self.weights, self.labels.numel(), workspace
-            )
-            return terms, grad.mul_(head.scale) if head.scale != 1.0 else grad
-        with torch.enable_grad():
-            raw = head.raw(features).detach().requires_grad_(True)  # (n, V)
+        gradient of their weighted sum with respect to the raw logits ``(n, V)``, by autograd on this chunk
+        alone (in the workspace's buffers, lent to the terms while they run)."""
+        n, head, vocab = rows.stop - rows.start, self.student_head, self.student_head.vocab_size
+        teacher = None
+        if self.teacher is not None:  # a dense source writes its logits into the buffer
+            teacher = self.teacher(rows, out=workspace("teacher", n, vocab, features.device))
+        raw = head.raw(features, out=workspace("student", n, vocab, features.device))  # (n, V)
+        with torch.enable_grad(), workspace.lent():
+            raw = raw.detach().requires_grad_(True)
             terms = self.chunk_terms(raw, rows, teacher)
             (grad,) = torch.autograd.grad(self.weighted(terms), raw)  # (n, V)
         return {name: value.detach() for name, value in terms.items()}, grad
@@ -247,9 +175,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
         )
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if want_bias and bias is not None else None
         sums = {name: features.new_zeros((), dtype=torch.float32) for name in plan.names}
-        slices = list(chunk_slices(features.shape[0], plan.chunk_size))
-        workspace = Workspace(slices[0].stop - slices[0].start, vocab, features.device)  # the longest chunk
-        for rows in slices:
+        workspace = plan.workspace if plan.workspace is not None else Workspace()
+        for rows in chunk_slices(features.shape[0], plan.chunk_size):
             chunk = features[rows]  # (n, H)
             terms, grad_raw = plan.terms_and_gradient(chunk, rows, workspace)  # grad_raw (n, V)
             for name in plan.names:

@@ -14,6 +14,9 @@ from torch import Tensor
 from distilkit.batch import IGNORE_INDEX
 from distilkit.errors import check_range
 from distilkit.losses.base import DistillationLoss, kl_from_log_probs, log_mixture
+from distilkit.losses.closed_form import cross_entropy_and_forward_kl
+from distilkit.losses.sparse import SparseTargets
+from distilkit.losses.workspace import in_chunk_loop
 
 
 def _log_probs(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -54,6 +57,27 @@ class ForwardKLLoss(DistillationLoss):
     """
 
     sparse_modes: ClassVar[tuple[str, ...]] = ("topk", "sample")
+
+    def kd_and_ce(
+        self, student_logits: Tensor, teacher: Tensor | SparseTargets, labels: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """KD and CE as :meth:`DistillationLoss.kd_and_ce`. Against dense logits inside the chunked loss,
+        from one softmax of the student with the gradient in closed form
+        (:func:`~distilkit.losses.closed_form.cross_entropy_and_forward_kl`), when this is the plain forward
+        KL (:meth:`has_closed_form`)."""
+        fused = self.has_closed_form() and in_chunk_loop() and not torch.compiler.is_compiling()
+        if isinstance(teacher, Tensor) and fused:
+            ce, kd = cross_entropy_and_forward_kl(student_logits, teacher, labels, self.temperature)
+            return kd, ce
+        return super().kd_and_ce(student_logits, teacher, labels)
+
+    def has_closed_form(self) -> bool:
+        """Whether this loss is the plain forward KL, whose gradient the closed form gives: a subclass that
+        overrides ``divergence`` or ``forward``, or a hook on the loss, would be bypassed by it, so those
+        take autograd."""
+        kind = type(self)
+        plain = kind.divergence is ForwardKLLoss.divergence and kind.forward is ForwardKLLoss.forward
+        return plain and not (self._forward_hooks or self._forward_pre_hooks)
 
     def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         if torch.compiler.is_compiling():  # let the compiler fuse the plain formula and its gradient

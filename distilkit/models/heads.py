@@ -98,6 +98,7 @@ def body_features(
     model: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor | None = None,
+    *,
     output_hidden_states: bool = False,
     **inputs: Tensor,
 ) -> BodyOutput:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from safetensors import SafetensorError
 from torch import nn
 from transformers import (
@@ -30,6 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from distilkit.data.tokenizer import check_same_vocabulary
 from distilkit.errors import ConfigError
 from distilkit.models.from_teacher import StudentCut
 
@@ -244,6 +246,23 @@ def load_student_and_teacher(
     for field, model in (("model.student", student_model), ("model.teacher", teacher_model)):
         check_context(field, model, block_size)
     return student_model, teacher_model, shared_vocab_size(student_model, teacher_model, vocab_size)
+
+
+def check_model_tokenizer(field: str, spec: Any, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a data tokenizer that is not the one saved beside the model directory ``spec`` (token for token,
+    id for id): a ConfigError naming both and the first differing tokens. A model given otherwise (a config
+    mapping, a module) has nothing to compare; a directory without tokenizer files is said once (its
+    vocabulary is then checked by size only)."""
+    if not (isinstance(spec, (str, os.PathLike)) and (Path(spec).expanduser() / "config.json").is_file()):
+        return
+    own = tokenizer_of(spec)
+    if own is None:
+        rank_zero_warn(
+            f"{field}={str(spec)!r} has no tokenizer files: its vocabulary is checked by size only"
+        )
+        return
+    source = getattr(tokenizer, "name_or_path", "") or "the data"
+    check_same_vocabulary(own, f"{field} ({spec})", tokenizer, f"data.tokenizer ({source})")
 
 
 def tokenizer_of(spec: Any) -> PreTrainedTokenizerBase | None:

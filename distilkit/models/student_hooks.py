@@ -26,7 +26,8 @@ class StudentHooks:
     (:meth:`load_models`) and keeps checkpoints free of what their specs rebuild on load."""
 
     student: nn.Module
-    teacher: nn.Module | None
+    teacher: nn.Module | None  # the teacher model, when one runs here
+    teacher_source: nn.Module | None  # everything of the teacher, rebuilt from its spec on load
     vocab_size: int
     student_cut: StudentCut | None = None
     trainer: Any
@@ -37,14 +38,16 @@ class StudentHooks:
         teacher: ModelSpec | None,
         student_adapter: Mapping[str, Any] | None = None,
         **loading: Any,
-    ) -> None:
-        """Set ``student``, ``teacher`` and ``vocab_size`` (``loading``: the keyword arguments of
-        :func:`~distilkit.models.loading.load_student_and_teacher`), with the student's adapters if any."""
+    ) -> nn.Module | None:
+        """Set ``student`` (with its adapters if any) and ``vocab_size``, and return the teacher model, loaded
+        from ``teacher`` (``loading``: the keyword arguments of
+        :func:`~distilkit.models.loading.load_student_and_teacher`)."""
         self.student_cut = StudentCut.parse(student)  # kept: a cut may finish in setup
-        self.student, self.teacher, self.vocab_size = load_student_and_teacher(
+        self.student, teacher_model, self.vocab_size = load_student_and_teacher(
             self.student_cut or student, teacher, **loading
         )
         self.student = attach_adapter(self.student, student_adapter, base=student)
+        return teacher_model
 
     def setup(self, stage: str) -> None:
         """Finish a cut that ranks on data, on the run's training data (once, whatever the stage); a run
@@ -79,5 +82,6 @@ class StudentHooks:
 
     def rebuilt_on_load(self, prefix: str) -> dict[str, Tensor]:
         """The state entries checkpoints leave out, by key: the teacher's and a LoRA student's frozen base."""
-        teacher = {} if self.teacher is None else self.teacher.state_dict(prefix=f"{prefix}teacher.")
+        source = self.teacher_source
+        teacher = {} if source is None else source.state_dict(prefix=f"{prefix}teacher_source.")
         return teacher | {f"{prefix}student.{k}": v for k, v in frozen_base(self.student).items()}

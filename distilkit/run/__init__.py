@@ -1,8 +1,6 @@
 """A run's books: its directory, loggers, atomic checkpoint writes, signals, and the state a checkpoint
-carries besides the weights (:class:`RunState`), and a teacher cache standing in for the teacher
-(:class:`CachedTeacher`)."""
+carries besides the weights (:class:`RunState`)."""
 
-from distilkit.run.cached_teacher import CachedTeacher
 from distilkit.run.checkpoint_io import AtomicCheckpointIO
 from distilkit.run.loggers import CSVLogger, WandbLogger
 from distilkit.run.signals import CheckpointAtEnd, CheckpointOnInterrupt, CheckpointOnSigterm
@@ -12,7 +10,6 @@ from distilkit.run.tokenizers import TokenizerCheck
 __all__ = [
     "AtomicCheckpointIO",
     "CSVLogger",
-    "CachedTeacher",
     "CheckpointAtEnd",
     "CheckpointOnInterrupt",
     "CheckpointOnSigterm",

@@ -30,3 +30,30 @@ def log_pending_step(trainer: Any) -> None:
 #: ``LightningCLI._parse_ckpt_path``: overridden by the CLI (see ``DistilCLI._parse_ckpt_path``). Lightning
 #: calls it from ``LightningCLI.__init__`` with no public switch to turn it off.
 CLI_PARSE_CKPT_PATH = "_parse_ckpt_path"
+
+
+def validation_skipped_by_resume(trainer: Any) -> bool:
+    """Whether this fit resumed from a checkpoint written at the end of a training batch whose validation was
+    due: the checkpoint comes before that validation (``every_n_train_steps``, the end-of-run checkpoint), and
+    Lightning fast-forwards past it on a resume, losing its log row and what callbacks do at a validation (the
+    curriculum's plateau check). Call it in ``on_train_start``. Private: the epoch loop's restart stage and
+    its ``_should_check_val_fx`` decide; no public API says either."""
+    loop = trainer.fit_loop.epoch_loop
+    fetcher = trainer.fit_loop._data_fetcher
+    return bool(loop.restarted_on_train_batch_end) and bool(loop._should_check_val_fx(fetcher))
+
+
+def run_validation_now(trainer: Any) -> None:
+    """Run the fit's validation loop now, as the training epoch loop does after a batch (its state flags and
+    hooks set and restored the same way). Private: the epoch loop's ``val_loop`` and the logger connector's
+    ``_first_loop_iter`` are not public; ``trainer.validate`` would start a separate run."""
+    from lightning.pytorch.trainer import call
+
+    connector, val_loop = trainer._logger_connector, trainer.fit_loop.epoch_loop.val_loop
+    val_loop.restarting = False  # a new validation, not the restored one's remainder
+    trainer.validating = True
+    first_loop_iter = connector._first_loop_iter
+    call._call_lightning_module_hook(trainer, "on_validation_model_zero_grad")
+    val_loop.run()
+    trainer.training = True
+    connector._first_loop_iter = first_loop_iter

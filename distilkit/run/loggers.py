@@ -114,15 +114,25 @@ class CSVLogger(Logger):
         self.save()
 
     @rank_zero_only
-    def rewind(self, last_step: int) -> int:
+    def rewind(self, last_step: int, evaluations_at_last: bool = True) -> int:
         """Drop the rows logged at steps after ``last_step`` (written by a run that went on past the
-        checkpoint it is resumed from); the file is replaced atomically. Returns the rows dropped."""
+        checkpoint it is resumed from), and the validation rows at ``last_step`` itself unless
+        ``evaluations_at_last`` (a validation that came after the checkpoint, to be run again); the file is
+        replaced atomically. Returns the rows dropped."""
         self.save()
         rows = self._read_rows()
-        kept = [row for row in rows if not row.get("step") or int(float(row["step"])) <= last_step]
-        if len(kept) < len(rows):
-            self._rewrite(self._header(), kept)
-        return len(rows) - len(kept)
+
+        def kept(row: dict[str, Any]) -> bool:
+            step = int(float(row["step"])) if row.get("step") else None
+            if step is None or step < last_step:
+                return True
+            validation = any(key.startswith("val/") and value for key, value in row.items())
+            return step == last_step and (evaluations_at_last or not validation)
+
+        kept_rows = [row for row in rows if kept(row)]
+        if len(kept_rows) < len(rows):
+            self._rewrite(self._header(), kept_rows)
+        return len(rows) - len(kept_rows)
 
     def _header(self) -> list[str]:
         if self._keys is None:
@@ -176,11 +186,13 @@ def rewind_point(global_step: int) -> int:
     return global_step - 1
 
 
-def rewind_csv_loggers(trainer: Any, global_step: int) -> None:
-    """Drop CSV rows past a checkpoint at ``global_step`` (called when a fit resumes from it)."""
+def rewind_csv_loggers(trainer: Any, global_step: int, evaluations_at_last: bool = True) -> None:
+    """Drop CSV rows past a checkpoint at ``global_step`` (called when a fit resumes from it); with
+    ``evaluations_at_last`` False also the validation rows of the checkpoint's own step (it was written before
+    that validation, which the resumed fit runs again)."""
     for logger in trainer.loggers:
         if isinstance(logger, CSVLogger):
-            logger.rewind(rewind_point(global_step))
+            logger.rewind(rewind_point(global_step), evaluations_at_last)
 
 
 def wandb_loggers(trainer: Any) -> list[LightningWandbLogger]:

@@ -20,7 +20,11 @@ from distilkit.errors import TrainingStopped
 from distilkit.models.adapters import adapter_record
 from distilkit.models.checkpoint import CheckpointExtras
 from distilkit.models.sharding import all_finite
-from distilkit.run.lightning_internals import log_pending_step
+from distilkit.run.lightning_internals import (
+    log_pending_step,
+    run_validation_now,
+    validation_skipped_by_resume,
+)
 from distilkit.run.loggers import rewind_csv_loggers, wandb_loggers
 
 KEY = "distilkit"
@@ -39,8 +43,9 @@ class RunState(Callback):
     state and the W&B run id; and on save, first writes the finishing step's log row (a kill right after
     the save would lose it otherwise) and refuses to checkpoint non-finite weights.
 
-    On a resumed fit it restores the random state (dropout masks continue as they would have) and drops the
-    ``metrics.csv`` rows the interrupted run logged past the checkpoint (they are logged again).
+    On a resumed fit it restores the random state (dropout masks continue as they would have), drops the
+    ``metrics.csv`` rows the interrupted run logged past the checkpoint (they are logged again), and runs the
+    validation that was due at the checkpoint's step when the checkpoint came before it.
     """
 
     def __init__(self) -> None:
@@ -83,6 +88,13 @@ class RunState(Callback):
             )
         log_pending_step(trainer)
         checkpoint[KEY] = self.extras(trainer, pl_module)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        """A fit resumed from a checkpoint written before a validation that was due runs that validation
+        first (Lightning would skip it: its log row and a curriculum's plateau check would be lost)."""
+        if validation_skipped_by_resume(trainer):
+            rewind_csv_loggers(trainer, trainer.global_step, evaluations_at_last=False)
+            run_validation_now(trainer)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == "fit":

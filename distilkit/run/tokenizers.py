@@ -1,4 +1,4 @@
-"""Where tokenizers meet: the data's tokenizer against the ones saved with the teacher and the student."""
+"""Where tokenizers meet: the data's tokenizer against the ones saved with the models a module trains."""
 
 from __future__ import annotations
 
@@ -8,33 +8,23 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 
-from distilkit.data.tokenizer import check_same_vocabulary
-from distilkit.models.loading import tokenizer_of
+from distilkit.models.loading import check_model_tokenizer
 
 
 class TokenizerCheck(Callback):
     """Before a run starts, compare the data module's tokenizer with the tokenizer saved beside every model
-    directory the module was built from (``model.teacher``, ``model.student``, ``model.peers[1]`` ...: its
-    hyperparameters that name a directory with a ``config.json``), token for token and id for id. A
-    mismatch is a :class:`~distilkit.errors.ConfigError` naming both and the first differing tokens; a model
-    directory without a tokenizer is said once (its vocabulary is then checked by size only)."""
+    directory the module trains (``model.student``, ``model.peers[1]`` ...: its hyperparameters that name a
+    directory with a ``config.json``; the teacher's is left out, as a teacher source checks its own), token
+    for token and id for id (:func:`~distilkit.models.loading.check_model_tokenizer`)."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        data = getattr(trainer, "datamodule", None)
-        tokenizer = getattr(data, "tokenizer", None)
+        tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
         if tokenizer is None:
             return
         for field, directory in model_directories(dict(pl_module.hparams)):
-            own = tokenizer_of(directory)
-            if own is None:
-                rank_zero_warn(
-                    f"{field}={directory!r} has no tokenizer files: its vocabulary is checked by size only"
-                )
-                continue
-            source = getattr(tokenizer, "name_or_path", "") or "the data"
-            check_same_vocabulary(own, f"{field} ({directory})", tokenizer, f"data.tokenizer ({source})")
+            if field != "model.teacher":
+                check_model_tokenizer(field, directory, tokenizer)
 
 
 def model_directories(hparams: dict[str, Any], prefix: str = "model") -> Iterator[tuple[str, str]]:

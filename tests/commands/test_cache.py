@@ -15,9 +15,9 @@ import torch
 from helpers import TINY_STUDENT, TINY_TEACHER, kill_when_checkpointed, run_cli, tiny_recipe
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from distilkit.commands.cache import teacher_identity
 from distilkit.data.teacher_cache import TeacherCache
 from distilkit.errors import ConfigError
+from distilkit.teachers import model_identity
 
 QUIET = ("--trainer.enable_progress_bar", "false")
 
@@ -214,6 +214,6 @@ def test_a_teacher_retrained_in_place_is_another_teacher():
     config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)
     torch.manual_seed(0)
     first, second = GPT2LMHeadModel(config), GPT2LMHeadModel(config)
-    one, other = teacher_identity("teacher", first), teacher_identity("teacher", second)
+    one, other = model_identity("teacher", first), model_identity("teacher", second)
     assert one["config_sha256"] == other["config_sha256"] and one["weights_sha256"] != other["weights_sha256"]
-    assert teacher_identity("teacher", first) == one
+    assert model_identity("teacher", first) == one

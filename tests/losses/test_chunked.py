@@ -19,7 +19,7 @@ from distilkit.losses import (
     TVDLoss,
 )
 from distilkit.losses.chunked import HeadLossPlan, chunk_slices, head_losses
-from distilkit.losses.closed_form import CrossEntropyAndForwardKL, ce_and_forward_kl_
+from distilkit.losses.closed_form import cross_entropy_and_forward_kl
 from distilkit.models.heads import OutputHead
 
 LOSSES = [
@@ -61,9 +61,7 @@ def test_default_path_equals_reference_for_every_divergence(datamodule, loss):
     torch.manual_seed(0)
     module = tiny_module(datamodule, loss=loss, kd_ratio=0.3).eval()  # eval: no dropout between the runs
     batch = next(iter(datamodule.train_dataloader()))
-    assert (module._closed_form is not None) and module._closed_form.is_forward_kl() == (
-        type(loss) is ForwardKLLoss
-    )
+    assert module.loss.has_closed_form() == (type(loss) is ForwardKLLoss)
     _assert_same(module, batch, chunk_size=50)
 
 
@@ -73,7 +71,7 @@ def test_default_path_without_a_teacher_equals_reference(datamodule):
 
 
 def test_a_subclass_with_its_own_terms_keeps_them(datamodule):
-    """The closed form computes the module's own terms; a subclass's terms are differentiated by autograd."""
+    """A subclass's terms built on the module's own (closed form inside) are differentiated by autograd."""
 
     class Doubled(DistillationModule):
         def loss_terms(self, student_logits, teacher, labels):
@@ -82,7 +80,6 @@ def test_a_subclass_with_its_own_terms_keeps_them(datamodule):
             }
 
     module = tiny_module(datamodule, cls=Doubled).eval()
-    assert module._closed_form is None
     batch = next(iter(datamodule.train_dataloader()))
     _assert_same(module, batch, chunk_size=50)
     plain = tiny_module(datamodule, student=module.student, teacher=module.teacher).eval()
@@ -91,24 +88,25 @@ def test_a_subclass_with_its_own_terms_keeps_them(datamodule):
 
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 def test_closed_form_matches_autograd_in_float64(temperature):
-    """Values and gradient of ``ce_and_forward_kl_`` against autograd on the definitions, a masked vocabulary
-    entry (teacher logit -inf) included."""
+    """Values and gradient of the fused CE + forward KL against autograd on the definitions, a masked
+    vocabulary entry (teacher logit -inf) included, with weights on the two terms."""
     g = torch.Generator().manual_seed(0)
     s = torch.randn(6, 11, generator=g, dtype=torch.float64) * 3
     t = torch.randn(6, 11, generator=g, dtype=torch.float64) * 3
     t[:, 4] = float("-inf")
     labels = torch.randint(0, 11, (6,), generator=g)
-    weights, count = {"ce_loss": 0.3, "kd_loss": 0.7}, 10  # the block is 6 of the 10 rows averaged over
-    terms, grad = ce_and_forward_kl_(s.float(), t.float(), labels, weights, count, temperature)
+    fused = s.float().clone().requires_grad_(True)
+    ce, kd = cross_entropy_and_forward_kl(fused, t.float(), labels, temperature)
+    (0.3 * ce + 0.7 * kd).backward()
 
     x = s.clone().requires_grad_(True)
-    ce = F.cross_entropy(x, labels, reduction="sum") / count
+    want_ce = F.cross_entropy(x, labels)
     p, log_q = (t / temperature).softmax(-1), (x / temperature).log_softmax(-1)
-    kl = (p * (p.clamp_min(1e-300).log() - log_q)).sum() / count * temperature**2
-    (0.3 * ce + 0.7 * kl).backward()
-    torch.testing.assert_close(terms["ce_loss"].double(), ce.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(terms["kd_loss"].double(), kl.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad.double(), x.grad, rtol=1e-5, atol=1e-7)
+    want_kl = (p * (p.clamp_min(1e-300).log() - log_q)).sum(-1).mean() * temperature**2
+    (0.3 * want_ce + 0.7 * want_kl).backward()
+    torch.testing.assert_close(ce.double(), want_ce.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kd.double(), want_kl.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.grad.double(), x.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_closed_form_through_a_scaled_head_equals_reference():
@@ -121,23 +119,22 @@ def test_closed_form_through_a_scaled_head_equals_reference():
     loss, weights = ForwardKLLoss(temperature=2.0), {"ce_loss": 0.4, "kd_loss": 0.6}
 
     def terms(student_logits, teacher_logits, labels):
-        count = max(labels.numel(), 1)
-        ce = F.cross_entropy(student_logits.float(), labels, reduction="sum") / count
-        return {"ce_loss": ce, "kd_loss": loss(student_logits, teacher_logits)}
+        kd, ce = loss.kd_and_ce(student_logits, teacher_logits, labels)
+        return {"ce_loss": ce, "kd_loss": kd}
 
-    def run(chunk_size, closed_form):
+    def run(chunk_size):
         weight, bias = head.weight.clone().requires_grad_(True), head.bias.clone().requires_grad_(True)
         plan = HeadLossPlan(
-            student_head=OutputHead(weight, bias, 13, scale=0.5), teacher=lambda rows: teacher[rows],
+            student_head=OutputHead(weight, bias, 13, scale=0.5),
+            teacher=lambda rows, out=None: teacher[rows],
             labels=labels, terms=terms, names=("ce_loss", "kd_loss"), weights=weights, chunk_size=chunk_size,
-            closed_form=closed_form,
         )  # fmt: skip
         x = features.clone().requires_grad_(True)
         losses = head_losses(x, plan)
         losses["loss"].backward()
         return losses["loss"], x.grad, weight.grad, bias.grad
 
-    for got, want in zip(run(4, CrossEntropyAndForwardKL(loss)), run(None, None), strict=True):
+    for got, want in zip(run(4), run(None), strict=True):  # chunks of 4: the closed form; None: autograd
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -158,8 +155,8 @@ def test_a_forward_kl_that_overrides_forward_or_is_hooked_takes_autograd():
         def forward(self, student_logits, teacher_logits, labels=None):
             return 2 * super().forward(student_logits, teacher_logits, labels)
 
-    assert CrossEntropyAndForwardKL(ForwardKLLoss()).is_forward_kl()
-    assert not CrossEntropyAndForwardKL(DoubledKL()).is_forward_kl()
+    assert ForwardKLLoss().has_closed_form()
+    assert not DoubledKL().has_closed_form()
     hooked = ForwardKLLoss()
     hooked.register_forward_hook(lambda module, args, output: output)
-    assert not CrossEntropyAndForwardKL(hooked).is_forward_kl()
+    assert not hooked.has_closed_form()

@@ -26,3 +26,16 @@ def test_lightning_cli_still_parses_the_checkpoint_hparams_where_distilkit_overr
     name = lightning_internals.CLI_PARSE_CKPT_PATH
     assert callable(getattr(LightningCLI, name))
     assert f"self.{name}()" in inspect.getsource(LightningCLI.__init__)
+
+
+def test_the_loop_pieces_of_a_validation_skipped_by_a_resume_exist(tmp_path):
+    """What ``validation_skipped_by_resume`` and ``run_validation_now`` read and call."""
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
+    epoch_loop = trainer.fit_loop.epoch_loop
+    assert isinstance(getattr(type(epoch_loop), "restarted_on_train_batch_end", None), property)
+    assert callable(epoch_loop._should_check_val_fx)
+    assert hasattr(trainer.fit_loop, "_data_fetcher")
+    assert callable(epoch_loop.val_loop.run) and hasattr(epoch_loop.val_loop, "restarting")
+    assert hasattr(trainer._logger_connector, "_first_loop_iter")
+    source = inspect.getsource(type(epoch_loop).advance)  # what the resumed loop does in its place
+    assert "increment_progress_to_evaluation_end" in source and "restarted_on_last" in source

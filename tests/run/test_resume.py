@@ -255,3 +255,32 @@ def test_a_step_is_logged_to_disk_before_its_checkpoint_is_written(tmp_path, dat
     trainer.fit(tiny_module(datamodule, cls=Recording), datamodule)
     assert {step: rows[-1] for step, rows in rows_at_save.items()} == {1: 0, 2: 1, 3: 2}
     assert [step for step, _, _ in csv_rows(tmp_path)] == [0, 1, 2], "and each row written once"
+
+
+@pytest.mark.slow
+def test_a_run_killed_between_a_checkpoint_and_its_validation_runs_that_validation_on_resume(
+    tmp_path, corpus, tokenizer_dir, cache_dir
+):
+    """Killed after step 4's checkpoint and before step 4's validation: the resumed run validates at step 4
+    first, so ``metrics.csv`` (every validation row included) and the weights are the uninterrupted run's."""
+    recipe = tiny_recipe(
+        tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir, max_steps=6, val_check_interval=2
+    )
+    cli = _cli(recipe, "--checkpoint.every_n_train_steps", "1")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    _run(cli, tmp_path / "straight", env)
+    killed_dir = tmp_path / "killed"
+    kill = json.dumps([{"class_path": "helpers.KillAtValidation", "init_args": {"at_step": 4}}])
+    died = subprocess.run(
+        [*cli, "--trainer.default_root_dir", str(killed_dir), "--trainer.callbacks", kill],
+        env=env, capture_output=True, timeout=600,
+    )  # fmt: skip
+    assert died.returncode == -signal.SIGKILL
+    assert torch.load(killed_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert not any(val is not None and step == 3 for step, _, val in csv_rows(killed_dir)), "killed before it"
+
+    _run(cli, killed_dir, env, "--ckpt_path", "last")
+    straight = csv_rows(tmp_path / "straight")
+    assert [step for step, _, val in straight if val is not None] == [1, 3, 5]
+    _assert_same_logs(straight, csv_rows(killed_dir))
+    _assert_same_student(tmp_path / "straight", killed_dir, 6)

@@ -466,7 +466,10 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(
     [
         (["--trainer.gradient_clip_val", "1.0"], "trainer.gradient_clip_val=1.0: is not used by a cohort"),
         (["--trainer.accumulate_grad_batches", "2"], "trainer.accumulate_grad_batches=2: is not supported"),
-        (["--trainer.max_steps", "5"], "total_steps=900: is not the run's length of 5 optimizer steps"),
+        (
+            ["--trainer.max_steps", "5", "--model.init_args.lr_scheduler.init_args.total_steps", "900"],
+            "model.lr_scheduler.init_args.total_steps=900: is not the run's length of 5 optimizer steps",
+        ),
     ],
 )
 def test_the_mutual_recipe_refuses_what_a_cohort_cannot_do_in_one_line(

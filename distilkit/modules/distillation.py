@@ -5,29 +5,27 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
-import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from distilkit.batch import Batch, model_inputs, next_token_targets
-from distilkit.data.teacher_cache.targets import SparseTargets
-from distilkit.errors import ConfigError, check_range
-from distilkit.guards import NonFiniteGuard, ScheduleLengthCheck
+from distilkit.errors import check_range
 from distilkit.losses import DistillationLoss, ForwardKLLoss, HiddenStateLoss, chunked
-from distilkit.losses.closed_form import CrossEntropyAndForwardKL
+from distilkit.losses.base import cross_entropy
 from distilkit.losses.compiled import CompiledTerms
-from distilkit.metrics import EvaluationMetrics, NextTokenNLL
+from distilkit.losses.workspace import Workspace
 from distilkit.models.checkpoint import check_models_match
 from distilkit.models.heads import BodyOutput, OutputHead, body_features, check_head, output_head
 from distilkit.models.loading import ModelSpec
 from distilkit.models.sharding import ShardedTraining
 from distilkit.models.student_hooks import StudentHooks
-from distilkit.run import CachedTeacher, RunState, TokenizerCheck
+from distilkit.modules.base import DistillationBase, Scorer
+from distilkit.modules.guards import NonFiniteGuard
+from distilkit.teachers import Split, TeacherSource, Teaching, open_teacher
 
 
-class DistillationModule(ShardedTraining, StudentHooks, L.LightningModule):  # type: ignore[misc]
+class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # type: ignore[misc]
     """Distil a frozen teacher into a student: total = (1 − kd_ratio)·CE + kd_ratio·KD.
 
     CE is the student's next-token cross-entropy on the labels; KD is ``loss(student, teacher)`` on the
@@ -36,19 +34,21 @@ class DistillationModule(ShardedTraining, StudentHooks, L.LightningModule):  # t
     full ``(tokens, V)`` logits are never held. Without a teacher the module is plain language-model
     training (total = CE), used to pretrain teachers and baselines.
 
-    The teacher is frozen, kept in eval mode, run under ``torch.no_grad()``, left out of the optimizer and
-    never written into a checkpoint. Under Lightning's ``ModelParallelStrategy`` both are sharded with FSDP2
-    (:class:`~distilkit.models.sharding.ShardedTraining`). What a checkpoint carries besides the weights
-    (tokenizer, random state, configs for export) is kept by :class:`~distilkit.run.RunState`, which the
-    module adds to its trainer. Students cut from the teacher or trained through LoRA adapters are
-    handled by :class:`~distilkit.models.student_hooks.StudentHooks`.
+    The teacher's side of the loss is a :class:`~distilkit.teachers.TeacherSource`: a live model (frozen, in
+    eval mode, run under ``torch.no_grad()``, left out of the optimizer and never written into a checkpoint),
+    or an offline teacher cache (``teacher_cache``), or any source passed in code. Under Lightning's
+    ``ModelParallelStrategy`` student and teacher are sharded with FSDP2
+    (:class:`~distilkit.models.sharding.ShardedTraining`). Students cut from the teacher or trained through
+    LoRA adapters are handled by :class:`~distilkit.models.student_hooks.StudentHooks`; evaluation, knobs,
+    optimizers and callbacks by :class:`~distilkit.modules.base.DistillationBase`.
     Extend by overriding the small pieces: :meth:`student_forward`, :meth:`teacher_forward`,
     :meth:`compute_loss`, :meth:`loss_terms` and :meth:`loss_weights`.
 
     Args:
         student: a Hugging Face model directory or hub name, a config mapping (random init), a module, or
             ``{from_teacher: {...}}``: cut from the teacher (:mod:`distilkit.models.from_teacher`).
-        teacher: the same forms, or None for training without a teacher (or from ``teacher_cache``).
+        teacher: the same forms, a :class:`~distilkit.teachers.TeacherSource`, or None for training without
+            a teacher (or from ``teacher_cache``).
         teacher_cache: a directory written by ``distilkit cache``, to train from instead of a teacher.
         loss: the KD divergence (default ``ForwardKLLoss(temperature=1.0)``).
         hidden_loss: optional intermediate-layer loss, added as ``hidden_loss.weight · term``; its
@@ -64,7 +64,8 @@ class DistillationModule(ShardedTraining, StudentHooks, L.LightningModule):  # t
             the step and the term, or ``skip`` the update (counted as ``train/nonfinite_skips``).
         max_nonfinite_skips: with ``skip``, stop after this many skipped steps in a row.
         optimizer: builds the optimizer from the trainable parameters (the student's, plus any of the loss).
-        lr_scheduler: builds an LR scheduler from the optimizer; stepped every optimizer step.
+        lr_scheduler: builds an LR scheduler from the optimizer; stepped every optimizer step. A length it
+            leaves out (``total_steps`` of ``OneCycleLR``) is the run's number of optimizer steps.
         vocab_size: the tokenizer's size: fills config mappings and settles padded vocabularies. Linked
             from the data module by the CLI.
         block_size: context length; fills the positions of config mappings. Linked from the data module.
@@ -73,8 +74,8 @@ class DistillationModule(ShardedTraining, StudentHooks, L.LightningModule):  # t
             dropout}`` (:mod:`distilkit.models.adapters`): only they train and are checkpointed.
     """
 
-    #: Settings of the module a curriculum stage may change (the loss declares its own: ``loss.knobs``).
     knobs: ClassVar[tuple[str, ...]] = ("kd_ratio",)
+    teacher_source: TeacherSource | None
 
     def __init__(
         self,
@@ -103,22 +104,21 @@ class DistillationModule(ShardedTraining, StudentHooks, L.LightningModule):  # t
         self.save_hyperparameters(ignore=["loss", "hidden_loss", "optimizer", "lr_scheduler", *modules])
         self.kd_ratio = kd_ratio
         self.guard = NonFiniteGuard(nonfinite, max_nonfinite_skips)
-        self.load_models(
-            student, teacher, student_adapter, teacher_dtype=teacher_dtype, vocab_size=vocab_size,
-            block_size=block_size, eos_token_id=eos_token_id,
+        given = teacher if isinstance(teacher, TeacherSource) else None
+        teacher_model = self.load_models(
+            student, None if given is not None else teacher, student_adapter, teacher_dtype=teacher_dtype,
+            vocab_size=vocab_size, block_size=block_size, eos_token_id=eos_token_id,
         )  # fmt: skip
+        self.teacher_source = given or open_teacher(teacher, teacher_model, teacher_cache, self.vocab_size)
         self.chunk_size = chunked.resolve_chunk_size(chunk_size, self.vocab_size)
         self.loss = loss if loss is not None else ForwardKLLoss()
-        self.cached_teacher = CachedTeacher.open(teacher_cache, teacher, self.loss)
         self.hidden_loss = hidden_loss
         if hidden_loss is not None:
             hidden_loss.bind_models(self.student, self.teacher)
         self._terms = CompiledTerms(self.loss_terms) if compile_loss else self.loss_terms
-        own_terms = type(self).loss_terms is DistillationModule.loss_terms  # a subclass's terms take autograd
-        self._closed_form = CrossEntropyAndForwardKL(self.loss) if own_terms and not compile_loss else None
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        self.eval_metrics = nn.ModuleDict({stage: EvaluationMetrics() for stage in ("val", "test")})
-        self._heads_checked = False
+        self.workspace = Workspace()  # the chunked loss's buffers, kept from step to step
+        self.init_evaluation(scored=1)
 
     @property
     def kd_ratio(self) -> float:
@@ -127,6 +127,11 @@ class DistillationModule(ShardedTraining, StudentHooks, L.LightningModule):  # t
     @kd_ratio.setter
     def kd_ratio(self, value: float) -> None:
         self._kd_ratio = check_range("model.kd_ratio", value, 0.0, 1.0)
+
+    @property
+    def teacher(self) -> nn.Module | None:  # type: ignore[override]
+        """The teacher model, when one runs in this module (a live teacher); else None."""
+        return None if self.teacher_source is None else self.teacher_source.model
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Student logits ``(B, T, V)`` for ``(B, T)`` token ids."""
@@ -140,19 +145,16 @@ class DistillationModule(ShardedTraining, StudentHooks, L.LightningModule):  # t
         hidden = self.hidden_loss is not None
         return body_features(self.student, **model_inputs(batch), output_hidden_states=hidden)
 
-    def teacher_forward(self, batch: Batch) -> BodyOutput | None:
-        """The teacher's :class:`BodyOutput` under no_grad, or None without a teacher."""
-        if self.teacher is None:
+    def teacher_forward(self, batch: Batch) -> Teaching | None:
+        """What the teacher says about ``batch`` (a live teacher runs under no_grad: its final hidden states,
+        and every layer's when a ``hidden_loss`` needs them), or None without a teacher."""
+        if self.teacher_source is None:
             return None
-        with torch.no_grad():
-            hidden = self.hidden_loss is not None
-            return body_features(self.teacher, **model_inputs(batch), output_hidden_states=hidden)
+        split: Split = "train" if self.training else "val"
+        return self.teacher_source.teach(batch, split, hidden=self.hidden_loss is not None)
 
     def student_head(self) -> OutputHead:
         return output_head(self.student, self.vocab_size)
-
-    def teacher_head(self) -> OutputHead | None:
-        return None if self.teacher is None else output_head(self.teacher, self.vocab_size)
 
     def loss_terms(
         self, student_logits: Tensor, teacher: chunked.TeacherChunk, labels: Tensor
@@ -161,52 +163,44 @@ class DistillationModule(ShardedTraining, StudentHooks, L.LightningModule):  # t
 
         Args:
             student_logits: ``(N, V)`` at valid positions (one chunk of them).
-            teacher: the teacher's ``(N, V)`` logits, its sparse targets (a teacher cache: KD and CE come
-                from one softmax), or None without a teacher.
+            teacher: the teacher's ``(N, V)`` logits or sparse targets, or None without a teacher.
             labels: ``(N,)`` next-token targets.
         """
-        if isinstance(teacher, SparseTargets):
-            kd, ce = self.loss.sparse_forward_and_ce(student_logits, teacher, labels)
-            return {"ce_loss": ce, "kd_loss": kd}
-        count = max(labels.numel(), 1)
-        terms = {"ce_loss": F.cross_entropy(student_logits.float(), labels, reduction="sum") / count}
-        if teacher is not None:
-            terms["kd_loss"] = self.loss(student_logits, teacher)
-        return terms
+        if teacher is None:
+            return {"ce_loss": cross_entropy(student_logits, labels)}
+        kd, ce = self.loss.kd_and_ce(student_logits, teacher, labels)
+        return {"ce_loss": ce, "kd_loss": kd}
 
     def loss_weights(self) -> dict[str, float]:
         """Weight of each term of :meth:`loss_terms` in the total (its keys name the terms)."""
-        if self.teacher is None and self.cached_teacher is None:
+        if self.teacher_source is None:
             return {"ce_loss": 1.0}
         return {"ce_loss": 1.0 - self.kd_ratio, "kd_loss": self.kd_ratio}
 
-    def knob_names(self) -> set[str]:
-        """What a curriculum stage may set: the module's :attr:`knobs` and the loss's declared ``knobs``."""
-        return set(self.knobs) | set(self.loss.knobs)
-
-    def apply_knobs(self, knobs: Mapping[str, float]) -> None:
-        """Set knobs between steps (a curriculum stage does); each is validated where it lands."""
-        for name, value in knobs.items():
-            if name in self.knobs:
-                setattr(self, name, value)
-            elif name in self.loss.knobs:
-                self.loss.set_knob(name, value)
-            else:
-                raise ConfigError(
-                    f"stage knob {name}",
-                    value,
-                    f"is not a knob of {type(self).__name__}",
-                    f"use one of {sorted(self.knob_names())}",
-                )
-
-    def compute_loss(self, batch: Batch, observer: chunked.ChunkObserver | None = None) -> dict[str, Tensor]:
+    def compute_loss(
+        self,
+        batch: Batch,
+        observer: chunked.ChunkObserver | None = None,
+        weights: Mapping[str, float] | None = None,
+    ) -> dict[str, Tensor]:
         """``{"loss": total, "ce_loss": ..., "kd_loss": ...}`` for one batch (terms detached, total not).
-        ``observer`` sees every chunk's logits (evaluation updates its metrics that way)."""
+
+        Args:
+            batch: the batch.
+            observer: sees every chunk's logits (evaluation updates its metrics that way).
+            weights: the terms' weights in the total (default :meth:`loss_weights`).
+        """
         student, teacher = self.student_forward(batch), self.teacher_forward(batch)
+        if self.teacher_source is not None:
+            self.teacher_source.check_knobs(self.loss)  # a curriculum stage may have changed the temperature
         keep, labels = next_token_targets(batch["labels"])  # (B, T-1), (N,)
-        student_features = student.last[:, :-1][keep]  # (N, H_s)
-        plan = self._plan(self.teacher_chunks(batch, teacher, keep), labels, observer)
-        losses = chunked.head_losses(student_features, plan)
+        weights = dict(self.loss_weights() if weights is None else weights)
+        plan = chunked.HeadLossPlan(
+            student_head=self.student_head(), teacher=None if teacher is None else teacher.at(keep),
+            labels=labels, terms=self._terms, names=tuple(weights), weights=weights,
+            chunk_size=self.chunk_size, observer=observer, workspace=self.workspace,
+        )  # fmt: skip
+        losses = chunked.head_losses(student.last[:, :-1][keep], plan)  # (N, H_s) through the head
         if self.hidden_loss is not None and teacher is not None:
             mask = batch.get("attention_mask")
             hidden = self.hidden_loss(
@@ -216,15 +210,11 @@ class DistillationModule(ShardedTraining, StudentHooks, L.LightningModule):  # t
             losses["loss"] = losses["loss"] + self.hidden_loss.weight * hidden
         return losses
 
-    def teacher_chunks(
-        self, batch: Batch, teacher: BodyOutput | None, keep: Tensor
-    ) -> chunked.TeacherChunks | None:
-        """The teacher's side of the loss at the kept positions ``keep`` ``(B, T-1)``: the live teacher's
-        logits through its head, chunk by chunk, or the targets of a teacher cache (None without either)."""
-        head = self.teacher_head()
-        if teacher is None or head is None:
-            return None if self.cached_teacher is None else self.cached_teacher.chunks(self, batch)
-        return chunked.HeadTeacher(teacher.last[:, :-1][keep], head)  # (N, H_t) through the head
+    def scorers(self, batch: Batch) -> dict[str, Scorer]:
+        return {"student": lambda observer: self.compute_loss(batch, observer)}
+
+    def teaches_whole_distributions(self) -> bool:
+        return self.teacher_source is not None and self.teacher_source.full_distribution
 
     def exportable_models(self) -> dict[str, nn.Module]:
         """The models a checkpoint keeps for ``distilkit export``, by their state-dict prefix."""
@@ -232,8 +222,14 @@ class DistillationModule(ShardedTraining, StudentHooks, L.LightningModule):  # t
 
     # --------------------------------------------------------------------------------------------- training
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
-        losses = self.compute_loss(batch)
-        self.guard.watch(losses, batch["input_ids"].shape[0])  # checked with the gradients, one sync a step
+        return self.training_loss(batch, self.loss_weights())
+
+    def training_loss(self, batch: Batch, weights: Mapping[str, float]) -> Tensor | None:
+        """The loss to back-propagate for ``batch`` with these term ``weights`` (None: skip the micro-batch).
+        Its terms are checked with the gradients, one device sync a step
+        (:meth:`on_before_optimizer_step`)."""
+        losses = self.compute_loss(batch, weights=weights)
+        self.guard.watch(losses, batch["input_ids"].shape[0])
         if self.trainer.accumulate_grad_batches > 1 and not self._checked():
             return None  # a micro-batch is checked before its backward: Lightning skips a bad one alone
         return losses["loss"]
@@ -259,60 +255,32 @@ class DistillationModule(ShardedTraining, StudentHooks, L.LightningModule):  # t
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size)
         return True
 
-    # ------------------------------------------------------------------------------------------- evaluation
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluation_step(batch, "val")
-
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._evaluation_step(batch, "test")
-
-    def _evaluation_step(self, batch: Batch, stage: str) -> None:
-        """Loss terms, perplexities and agreement, from the logits of the training loss's chunk loop."""
-        metrics: Any = self.eval_metrics[stage]
-        losses = self.compute_loss(batch, metrics.observe)
-        size = max(int(next_token_targets(batch["labels"])[0].sum()), 1)
-        self.log(f"{stage}/loss", losses.pop("loss"), prog_bar=True, batch_size=size, sync_dist=True)
-        self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, batch_size=size, sync_dist=True)
-        for name, metric in metrics.logged(with_teacher="kd_loss" in losses).items():
-            self.log(f"{stage}/{name}", metric, prog_bar=name == "ppl")
-
-    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Tensor]:
-        """Per-position NLL of the next token, ``(B, T-1)`` for the student (and teacher), NaN where no token
-        is predicted; :class:`~distilkit.callbacks.PredictionWriter` turns them into per-document rows."""
-        keep, _ = next_token_targets(batch["labels"])  # (B, T-1)
-        nll = NextTokenNLL(keep, with_teacher=self.teacher is not None)
-        self.compute_loss(batch, nll.observe)
-        return nll.result()
-
     # ------------------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self) -> Any:
         trainable = [p for p in self.parameters() if p.requires_grad]  # the teacher is frozen: never here
-        optimizer = self.optimizer_factory(trainable)
-        if self.lr_scheduler_factory is None:
+        optimizer, scheduler = self.optimizer_and_scheduler(
+            self.optimizer_factory, self.lr_scheduler_factory, trainable
+        )
+        if scheduler is None:
             return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------------------ hooks
-    def configure_callbacks(self) -> list[L.Callback]:
-        """What export and resume need; the data's tokenizer is the models'; schedule length; a cache."""
-        cache = [self.cached_teacher] if self.cached_teacher is not None else []
-        return [RunState(), TokenizerCheck(), ScheduleLengthCheck(), *cache]
+    def setup(self, stage: str) -> None:
+        """Refuse a teacher this run cannot learn from (before anything is computed), then finish a cut
+        student that ranks on data."""
+        if self.teacher_source is not None and self._trainer is not None:
+            self.teacher_source.check_run(self.trainer, self, stage)
+        super().setup(stage)
 
     def models_to_shard(self) -> dict[str, nn.Module]:
-        return {"student": self.student} | ({"teacher": self.teacher} if self.teacher is not None else {})
+        teacher = self.teacher
+        return {"student": self.student} | ({"teacher": teacher} if teacher is not None else {})
 
-    def on_fit_start(self) -> None:
-        """Refuse a model whose logits the chunked heads would not reproduce (once, before any step)."""
-        if self._heads_checked or self.chunk_size is None:
-            return
+    def check_heads(self) -> None:
         check_head(self.student, self.student_head(), "model.student")
-        teacher_head = self.teacher_head()
-        if self.teacher is not None and teacher_head is not None:
-            check_head(self.teacher, teacher_head, "model.teacher")
-        self._heads_checked = True
-
-    on_validation_start = on_test_start = on_predict_start = on_fit_start
+        if self.teacher_source is not None:
+            self.teacher_source.check_head()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # a cut student's config; a LoRA student's base and settings
@@ -320,21 +288,3 @@ class DistillationModule(ShardedTraining, StudentHooks, L.LightningModule):  # t
 
     def on_train_start(self) -> None:
         self.train()  # from_pretrained returns eval-mode models and Lightning 2.6 keeps modes as found
-
-    def train(self, mode: bool = True) -> DistillationModule:
-        """Set the mode of everything but the teacher, which stays in eval mode."""
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
-    # ---------------------------------------------------------------------------------------------- helpers
-    def _plan(
-        self, teacher: chunked.TeacherChunks | None, labels: Tensor, observer: chunked.ChunkObserver | None
-    ) -> chunked.HeadLossPlan:
-        weights = self.loss_weights()
-        return chunked.HeadLossPlan(
-            student_head=self.student_head(), teacher=teacher, labels=labels, terms=self._terms,
-            names=tuple(weights), weights=weights, chunk_size=self.chunk_size, observer=observer,
-            closed_form=self._closed_form,
-        )  # fmt: skip

@@ -29,10 +29,10 @@ from torch import Tensor
 from distilkit.batch import IGNORE_INDEX, Batch, next_token_targets
 from distilkit.errors import ConfigError, check_range
 from distilkit.losses import DistillationLoss, GeneralizedJSDLoss
-from distilkit.losses.chunked import HeadTeacher, chunk_slices
+from distilkit.losses.chunked import chunk_slices
 from distilkit.models.generation import SAMPLERS, Sampled, Sampler, sample_with
 from distilkit.models.loading import ModelSpec
-from distilkit.module import DistillationModule
+from distilkit.modules.distillation import DistillationModule
 from distilkit.run.loggers import wandb_loggers
 
 #: Rows of the W&B ``on_policy_samples`` table added at each validation.
@@ -176,7 +176,6 @@ class OnPolicyDistillationModule(DistillationModule):
         eos = kwargs.get("eos_token_id")
         config = getattr(self.student, "config", None)
         self.eos_token_id: int | None = eos if eos is not None else getattr(config, "eos_token_id", None)
-        self._sampled_step = False
         self._clock: dict[str, float] = {}
         self._val: dict[str, Any] = {}
         self._table: list[list[Any]] = []
@@ -237,15 +236,12 @@ class OnPolicyDistillationModule(DistillationModule):
             self.sample(batch, self.sampling_generator("sample", self.global_step, batch_idx))
         )
         self._clock["generation"] = _now(self.device) - start
-        self._sampled_step = True
-        try:
-            return super().training_step(batch, batch_idx)
-        finally:
-            self._sampled_step = False
+        return self.training_loss(batch, self.sampled_weights())
 
-    def loss_weights(self) -> dict[str, float]:
-        """On a sampled batch the divergence alone (GKD); else the parent's CE/KD mix."""
-        return {"ce_loss": 0.0, "kd_loss": 1.0} if self._sampled_step else super().loss_weights()
+    def sampled_weights(self) -> dict[str, float]:
+        """The weights of a sampled step's terms: the divergence alone, as GKD (the CE of the student on its
+        own samples is logged, weighted 0)."""
+        return {"ce_loss": 0.0, "kd_loss": 1.0}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Start the clock of a sampled step (other steps are not timed: no device sync)."""
@@ -275,12 +271,13 @@ class OnPolicyDistillationModule(DistillationModule):
         """Sample with the student; add the teacher's NLL of the sampled tokens and their bigrams."""
         sampled = training_batch(self.sample(batch, generator, sampler="student"))
         keep, targets = next_token_targets(sampled["labels"])  # (B, L-1), (N,)
-        teacher = self.teacher_forward(sampled)
-        head = self.teacher_head()
-        assert teacher is not None and head is not None
-        logits = HeadTeacher(teacher.last[:, :-1][keep], head)  # (N, H_t) through the head, by chunks
+        teaching = self.teacher_forward(sampled)
+        assert teaching is not None  # on-policy needs a live teacher
+        logits = teaching.at(keep)  # the teacher's (n, V) logits, chunk by chunk
         for rows in chunk_slices(targets.numel(), self.chunk_size):
-            self._val["nll"] += F.cross_entropy(logits(rows).float(), targets[rows], reduction="sum")
+            chunk = logits(rows)
+            assert isinstance(chunk, Tensor)  # a live teacher's (n, V) logits
+            self._val["nll"] += F.cross_entropy(chunk.float(), targets[rows], reduction="sum")
         self._val["tokens"] += targets.numel()
         self._val["codes"].append(bigram_codes(sampled, self.vocab_size))
         room = TABLE_ROWS - len(self._val["rows"])

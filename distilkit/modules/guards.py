@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -14,6 +14,7 @@ from torch import Tensor
 
 from distilkit.errors import ConfigError, TrainingStopped
 from distilkit.models.sharding import all_finite, finite_norm
+from distilkit.modules.schedules import LENGTHS
 
 #: A step's loss terms (detached) and its batch size, kept by :meth:`NonFiniteGuard.watch`.
 Watched = tuple[dict[str, Tensor], int]
@@ -45,13 +46,16 @@ class NonFiniteGuard:
         """Keep a step's loss terms for the next :meth:`check` (nothing is read from the device here)."""
         self._watched.append(({name: value.detach() for name, value in losses.items()}, batch_size))
 
-    def check(self, strategy: Any, step: int, grads: Sequence[Tensor] = ()) -> list[Watched] | None:
+    def check(
+        self, strategy: Any, step: int, grads: Sequence[Tensor] = (), who: str | None = None
+    ) -> list[Watched] | None:
         """Read the watched loss terms and ``grads`` (one device sync) and agree with the other processes.
 
         Args:
             strategy: the trainer's strategy (``reduce_boolean_decision`` combines the processes' answers).
             step: the global step, for the message.
             grads: the gradients about to be applied (none when checking a micro-batch's terms alone).
+            who: the model they belong to, named in the message (a cohort's peer).
 
         Returns:
             The watched terms when everything is finite on every process (to be logged), else None: the update
@@ -68,10 +72,12 @@ class NonFiniteGuard:
         if not strategy.reduce_boolean_decision(bool(bad) or bad_grads, all=False):
             self.passed()
             return watched
+        of = f" of {who}" if who else ""
         if strategy.reduce_boolean_decision(bool(bad), all=False):  # every process takes this branch
-            self.failed(step, f"loss terms {bad or 'on another process'}", watched[-1][0] if watched else {})
+            terms = watched[-1][0] if watched else {}
+            self.failed(step, f"loss terms {bad or 'on another process'}{of}", terms)
         else:
-            self.failed(step, "gradients", {})
+            self.failed(step, f"gradients{of}", {})
         return None
 
     def passed(self) -> None:
@@ -97,16 +103,13 @@ class NonFiniteGuard:
 
 
 class ScheduleLengthCheck(Callback):
-    """Refuse, before the first step, a learning-rate schedule whose length is not the run's: a
-    ``OneCycleLR(total_steps=300)`` in a 100-step run never anneals, and in a 400-step run it stops the run
-    with an error at step 301; a ``CosineAnnealingLR(T_max=...)`` shorter than the run climbs back up.
-    The run's length is the trainer's optimizer steps (``trainer.max_steps``, or epochs × batches)."""
-
-    #: scheduler class -> (its length attribute, the config field a user sets)
-    HORIZONS: ClassVar[dict[type, tuple[str, str]]] = {
-        torch.optim.lr_scheduler.OneCycleLR: ("total_steps", "total_steps"),
-        torch.optim.lr_scheduler.CosineAnnealingLR: ("T_max", "T_max"),
-    }
+    """Refuse, before the first step, a learning-rate schedule whose length was given and is not the run's:
+    a ``OneCycleLR(total_steps=300)`` in a 100-step run never anneals, and in a 400-step run it stops the run
+    with an error at step 301; a ``CosineAnnealingLR(T_max=...)`` shorter than the run climbs back up. A
+    length left out is the run's already (:mod:`distilkit.modules.schedules`). The run's length is the
+    trainer's optimizer steps (``trainer.max_steps``, or epochs × batches); the module's ``scheduler_fields``
+    name the setting of each schedule (``model.lr_scheduler``, or ``model.lr_schedulers[i]`` for a cohort's
+    peer)."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         steps = trainer.estimated_stepping_batches
@@ -115,16 +118,16 @@ class ScheduleLengthCheck(Callback):
             for config in trainer.lr_scheduler_configs
             for scheduler in getattr(config.scheduler, "schedulers", [config.scheduler])
         ]
-        for scheduler, interval in stepped:  # a cohort's PeerSchedulers holds one per peer
-            found = next((v for cls, v in self.HORIZONS.items() if isinstance(scheduler, cls)), None)
+        fields = list(getattr(pl_module, "scheduler_fields", ["model.lr_scheduler"] * len(stepped)))
+        for (scheduler, interval), field in zip(stepped, fields, strict=False):  # a cohort: one per peer
+            found = next((v for cls, v in LENGTHS.items() if isinstance(scheduler, cls)), None)
             if found is None or interval != "step" or not math.isfinite(steps):
                 continue
-            attribute, name = found
-            horizon = int(getattr(scheduler, attribute))
+            horizon = int(getattr(scheduler, found))
             if horizon != int(steps):
                 raise ConfigError(
-                    f"model.lr_scheduler.init_args.{name}",
+                    f"{field}.init_args.{found}",
                     horizon,
                     f"is not the run's length of {int(steps)} optimizer steps (trainer.max_steps)",
-                    f"set it to {int(steps)} when you change trainer.max_steps",
+                    f"leave it out (the schedule then lasts the run) or set it to {int(steps)}",
                 )

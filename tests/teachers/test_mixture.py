@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distilkit.losses.mixture import PeerMixture
 from distilkit.models.heads import OutputHead
+from distilkit.teachers.mixture import PeerMixture
 
 
 def _heads_and_features(count: int, rows: int = 6, hidden: int = 5, vocab: int = 11):

@@ -1,6 +1,6 @@
-"""The teacher side of mutual distillation: the detached mixture of other models' next-token distributions,
-formed a chunk of rows at a time from their final hidden states (the ``(tokens, V)`` logits of the
-models are never held whole)."""
+"""A mixture of models as the teacher: the detached mixture of their next-token distributions, formed a chunk
+of rows at a time from their final hidden states (the ``(tokens, V)`` logits of the models are never held
+whole). What each peer of a cohort learns from (mutual distillation)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class PeerMixture:
     float32, with ``z_j = head_j(h_j)`` each model's logits and the weights normalised to sum to 1; any
     :class:`~distilkit.losses.DistillationLoss` reads log-probabilities as logits (a temperature T then
     sharpens or flattens the mixture: ``softmax(log m / T)``). With one model it returns that model's
-    logits as they are, exactly what a live teacher (:class:`~distilkit.losses.chunked.HeadTeacher`) gives.
+    logits as they are, exactly what a live teacher (:class:`~distilkit.teachers.live.HeadTargets`) gives.
     Nothing flows back into the models: their features are detached and the heads run under no_grad.
 
     Attributes:
@@ -46,11 +46,13 @@ class PeerMixture:
             raise ValueError(f"mixture weights must be positive, got {list(weights)}")
         return cls(tuple(f.detach() for f in features), tuple(heads), tuple(float(w) for w in weights))
 
-    def __call__(self, rows: slice) -> Tensor:
-        """The mixture's ``(n, V)`` log-probabilities at ``rows`` (one model: its logits)."""
+    def __call__(self, rows: slice, out: Tensor | None = None) -> Tensor:
+        """The mixture's ``(n, V)`` log-probabilities at ``rows`` (one model: its logits; in ``out``, a
+        float32 buffer, when given)."""
         with torch.no_grad():
             if len(self.features) == 1:
-                return self.heads[0](self.features[0][rows])  # (n, V)
+                head = self.heads[0]
+                return head.post(head.raw(self.features[0][rows], out=out))  # (n, V)
             total = sum(self.weights)
             mixed: Tensor | None = None
             for features, head, weight in zip(self.features, self.heads, self.weights, strict=True):

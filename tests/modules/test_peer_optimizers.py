@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from distilkit.mutual import PeerOptimizers, PeerSchedulers
+from distilkit.modules import PeerOptimizers, PeerSchedulers
 
 
 def _peers():

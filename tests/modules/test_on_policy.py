@@ -15,11 +15,11 @@ import torch
 from helpers import ROOT, make_datamodule, tiny_module, tiny_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-import distilkit.on_policy
+import distilkit.modules.on_policy
 from distilkit import DistillationModule, GeneralizedJSDLoss, OnPolicyDistillationModule
 from distilkit.batch import IGNORE_INDEX
 from distilkit.errors import ConfigError
-from distilkit.on_policy import training_batch
+from distilkit.modules.on_policy import training_batch
 
 SMALL = {"prompt_tokens": 6, "max_new_tokens": 10, "val_samples": 4}
 
@@ -175,7 +175,7 @@ def test_a_resumed_run_samples_and_ends_as_the_uninterrupted_one(
         def log_table(self, key, columns, data):
             tables.append((key, columns, [list(row) for row in data]))
 
-    monkeypatch.setattr(distilkit.on_policy, "wandb_loggers", lambda trainer: [FakeWandb()])
+    monkeypatch.setattr(distilkit.modules.on_policy, "wandb_loggers", lambda trainer: [FakeWandb()])
     L.seed_everything(0)
     datamodule = make_datamodule(corpus, tokenizer_dir, cache_dir)
     module = on_policy_module(datamodule, seed=0, lmbda=0.5)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_trainer
 from lightning.pytorch.callbacks import Callback
-from test_cohort import SMALL, WIDER, _cohort, _model, _state
+from test_mutual import SMALL, WIDER, _cohort, _model, _state
 
 from distilkit.batch import next_token_targets
 
