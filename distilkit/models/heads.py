@@ -50,7 +50,12 @@ class OutputHead:
             self.weight[: self.vocab_size],
             None if self.bias is None else self.bias[: self.vocab_size],
         )
-        same = out is not None and features.dtype == weight.dtype == out.dtype and features.dim() == 2
+        same = (
+            out is not None
+            and features.dtype == weight.dtype == out.dtype
+            and features.dim() == 2
+            and out.shape == (features.shape[0], weight.shape[0])
+        )  # else a new tensor: ``out`` is only a place to write into when it fits
         if out is None or not same or torch.is_autocast_enabled(features.device.type):
             return F.linear(features, weight, bias)
         torch.mm(features, weight.t(), out=out)  # (N, V)
