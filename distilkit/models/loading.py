@@ -3,6 +3,8 @@
 A model is given as one of:
 
 * a Hugging Face model directory (or a hub name when online): ``"runs/teacher/export"``;
+* a GGUF file, ``"models/smollm2.gguf"``: converted once into distilkit's cache, then loaded from there
+  (:mod:`distilkit.models.gguf`; ``pip install 'distilkit[gguf]'``);
 * a mapping of transformers config fields with ``model_type`` for random init:
   ``{model_type: gpt2, n_layer: 2, n_embd: 128, n_head: 4}``; ``vocab_size``, the context length and the
   special-token ids come from the tokenizer and ``block_size`` when the mapping leaves them out;
@@ -30,8 +32,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from distilkit.data.gguf import gguf_tokenizer, is_gguf
 from distilkit.errors import ConfigError
 from distilkit.models.from_teacher import StudentCut
+from distilkit.models.gguf import load_gguf_model
 
 ModelSpec = str | Mapping[str, Any] | nn.Module
 
@@ -69,6 +73,8 @@ def load_causal_lm(
     if isinstance(spec, Mapping):
         config = config_from_mapping(spec, field=field, defaults=defaults or {})
         return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    if is_gguf(spec):
+        return load_gguf_model(spec, field=field, dtype=dtype)
     if isinstance(spec, (str, os.PathLike)):
         return _from_pretrained(str(spec), field=field, dtype=dtype)
     raise ConfigError(field, spec, "is not a model", "give a model directory, a config mapping or a module")
@@ -246,9 +252,11 @@ def load_student_and_teacher(
     return student_model, teacher_model, shared_vocab_size(student_model, teacher_model, vocab_size)
 
 
-def tokenizer_of(spec: Any) -> PreTrainedTokenizerBase | None:
-    """The tokenizer saved beside a model directory, or None (a config mapping, a module, a directory
-    without tokenizer files, a hub name)."""
+def tokenizer_of(spec: Any, field: str = "model") -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved beside a model directory or held in a GGUF file, or None (a config mapping, a
+    module, a directory without tokenizer files, a hub name)."""
+    if is_gguf(spec):
+        return gguf_tokenizer(spec, field=field)
     if not isinstance(spec, (str, os.PathLike)):
         return None
     path = Path(spec).expanduser()
