@@ -125,6 +125,7 @@ class GGUFSource:
             if not target.exists():
                 self._build(target, build, what)
                 return target
+        self.memo.reload()  # another process may have converted it, and hashed its files, while we waited
         manifest = verify_directory(
             target,
             self.memo,

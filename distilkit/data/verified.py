@@ -48,9 +48,14 @@ class HashMemo:
 
     def __init__(self, file: Path) -> None:
         self.file = file
+        self.entries: dict[str, list[Any]] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the memo again (another process may have remembered files since)."""
         try:
-            self.entries: dict[str, list[Any]] = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            self.entries = dict(json.loads(self.file.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
             self.entries = {}
 
     def sha256(self, path: Path, on_hash: Callable[[Path], None] | None = None) -> str:

@@ -304,6 +304,15 @@ def test_evaluate_and_generate_take_a_gguf_model(tmp_path, tiny_gguf, corpus, fr
     assert json.loads(samples.read_text().splitlines()[0])["completion"]
 
 
+def test_prune_cuts_a_student_from_a_gguf_teacher(tmp_path, tiny_gguf, fresh_cache):
+    cut, targets = tmp_path / "cut", "{num_hidden_layers: 1, intermediate_size: 64}"
+    run_cli("prune", "--teacher", str(tiny_gguf), "--targets", targets, "--layers", "[1]",
+            "--importance", "magnitude", "--output_dir", str(cut))  # fmt: skip
+    student = AutoModelForCausalLM.from_pretrained(cut)
+    assert (student.config.num_hidden_layers, student.config.intermediate_size) == (1, 64)
+    check_same_vocabulary(tokenizer_of(str(tiny_gguf)), "the GGUF", AutoTokenizer.from_pretrained(cut), "cut")
+
+
 @pytest.mark.slow
 def test_a_fit_distils_a_gguf_teacher_with_its_tokenizer(tmp_path, tiny_gguf, corpus, fresh_cache):
     recipe = tiny_recipe(tmp_path / "r.yaml", corpus, tiny_gguf, fresh_cache)  # data.tokenizer: the GGUF
