@@ -17,6 +17,7 @@ import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
+from rich.markup import escape
 
 from distilkit.commands.cache import run_cache
 from distilkit.commands.evaluate import evaluate_command
@@ -114,10 +115,10 @@ def main(args: list[str] | None = None) -> None:
         )
         sys.exit(143)
     except RunInterrupted as err:
-        stderr.print(f"[bold]stopped:[/] {err}", highlight=False, soft_wrap=True)
+        stderr.print(f"[bold]stopped:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(130)
     except TrainingStopped as err:
-        stderr.print(f"[bold red]stopped:[/] {err}", highlight=False, soft_wrap=True)
+        stderr.print(f"[bold red]stopped:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except ArgumentError as err:
         command = argv[0] if argv and argv[0] in COMMANDS else ""
@@ -130,7 +131,8 @@ def main(args: list[str] | None = None) -> None:
         user_error = find_config_error(err)
         if user_error is None:
             raise
-        stderr.print(f"[bold red]error:[/] {user_error}", highlight=False, soft_wrap=True)
+        # escaped: a message may hold brackets that are not markup (pip install 'distilkit[gguf]')
+        stderr.print(f"[bold red]error:[/] {escape(str(user_error))}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

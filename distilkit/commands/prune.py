@@ -15,12 +15,11 @@ from typing import Any, Literal
 import lightning as L
 import yaml
 from jsonargparse import ArgumentParser
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from distilkit.errors import ConfigError
 from distilkit.files import atomic_directory, refuse_existing
 from distilkit.models.from_teacher import KEY, StudentCut, calibration_data
-from distilkit.models.loading import load_student_and_teacher, parse_dtype
+from distilkit.models.loading import load_student_and_teacher, parse_dtype, tokenizer_of
 from distilkit.models.pruning import PruneReport
 
 
@@ -81,7 +80,7 @@ def prune_student(
         datamodule.setup("fit")
         student = cut.finish(teacher_model, calibration_data(datamodule, cut.calibration_batches, cut.field))
     assert cut.report is not None
-    tokenizer = datamodule.tokenizer if datamodule is not None else _teacher_tokenizer(teacher_spec)
+    tokenizer = datamodule.tokenizer if datamodule is not None else tokenizer_of(teacher_spec, "teacher")
     with atomic_directory(out, overwrite=overwrite) as staging:
         student.to(torch_dtype).eval().save_pretrained(staging)
         if tokenizer is not None:
@@ -181,11 +180,3 @@ def _datamodule(
     from distilkit.data import TextDataModule
 
     return TextDataModule(data_files, tokenizer=str(teacher), block_size=block_size, batch_size=batch_size)
-
-
-def _teacher_tokenizer(teacher: Any) -> PreTrainedTokenizerBase | None:
-    """The tokenizer saved beside a teacher directory, or None."""
-    path = Path(str(teacher))
-    if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        return AutoTokenizer.from_pretrained(path)
-    return None

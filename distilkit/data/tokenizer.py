@@ -12,6 +12,7 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from distilkit.data.gguf import gguf_tokenizer, is_gguf
 from distilkit.errors import ConfigError
 from distilkit.files import atomic_directory
 
@@ -48,10 +49,12 @@ def resolve_tokenizer(
     fingerprint: str,
     cache_dir: Path,
 ) -> PreTrainedTokenizerBase:
-    """Load a tokenizer directory, or train one from settings (cached by training data and settings).
+    """Load a tokenizer directory or a GGUF file's tokenizer, or train one from settings (cached by training
+    data and settings).
 
     Args:
-        spec: a tokenizer (or exported model) directory, or settings such as ``{vocab_size: 4096}``.
+        spec: a tokenizer (or exported model) directory, a ``.gguf`` file (its tokenizer, converted once into
+            ``cache_dir``), or settings such as ``{vocab_size: 4096}``.
         texts: yields the training texts; called only when a tokenizer must be trained.
         fingerprint: identifies the training data, for the cache key.
         cache_dir: where trained tokenizers are kept.
@@ -80,13 +83,15 @@ def resolve_tokenizer(
             with atomic_directory(path, overwrite=True, field="data.tokenizer") as staging:
                 train_bpe(texts(), **settings).save_pretrained(staging)
         return _with_eos(AutoTokenizer.from_pretrained(path), str(path))
+    if is_gguf(spec):
+        return _with_eos(gguf_tokenizer(spec, field="data.tokenizer", cache_dir=cache_dir), str(spec))
     path = Path(spec).expanduser()
     if not path.is_dir():
         raise ConfigError(
             "data.tokenizer",
             spec,
             "is not a directory",
-            "give a tokenizer (or exported model) directory, or settings such as {vocab_size: 4096}",
+            "give a tokenizer or model directory, a .gguf file, or settings such as {vocab_size: 4096}",
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

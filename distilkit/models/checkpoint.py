@@ -29,9 +29,11 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from distilkit.data.gguf import is_gguf
 from distilkit.data.tokenizer import tokenizer_from_files
 from distilkit.errors import ConfigError
 from distilkit.models.adapters import checkpoint_adapters, merged_from_checkpoint
+from distilkit.models.gguf import load_gguf
 from distilkit.models.loading import load_causal_lm
 
 
@@ -122,8 +124,10 @@ def load_model_and_tokenizer(
     name: str | Path, field: str = "model", prefix: str = "student"
 ) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
     """A causal LM (float32, eval mode) and its tokenizer from a distilkit checkpoint (``.ckpt``: the model
-    under ``prefix``) or a Hugging Face model directory (its tokenizer when it has one)."""
+    under ``prefix``), a Hugging Face model directory (its tokenizer when it has one) or a GGUF file."""
     path = Path(name)
+    if is_gguf(name):
+        return load_gguf(name, field=field)
     if path.suffix == ".ckpt":
         checkpoint = read_checkpoint(path, field)
         return model_from_checkpoint(checkpoint, prefix, where=field), checkpoint_tokenizer(checkpoint)
@@ -131,8 +135,8 @@ def load_model_and_tokenizer(
         raise ConfigError(
             field,
             str(name),
-            "is neither a .ckpt file nor a model directory with config.json",
-            "give a checkpoint from a run or a directory written by distilkit export",
+            "is neither a .ckpt file, a model directory with config.json nor a .gguf file",
+            "give a checkpoint from a run, a directory written by distilkit export, or a GGUF file",
         )
     model = load_causal_lm(str(path), field=field, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None

@@ -3,6 +3,8 @@
 A model is given as one of:
 
 * a Hugging Face model directory (or a hub name when online): ``"runs/teacher/export"``;
+* a GGUF file, ``"models/smollm2.gguf"``: converted once into distilkit's cache, then loaded from there
+  (:mod:`distilkit.models.gguf`; ``pip install 'distilkit[gguf]'``);
 * a mapping of transformers config fields with ``model_type`` for random init:
   ``{model_type: gpt2, n_layer: 2, n_embd: 128, n_head: 4}``; ``vocab_size``, the context length and the
   special-token ids come from the tokenizer and ``block_size`` when the mapping leaves them out;
@@ -31,9 +33,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from distilkit.data.gguf import gguf_tokenizer, is_gguf
 from distilkit.data.tokenizer import check_same_vocabulary
 from distilkit.errors import ConfigError
 from distilkit.models.from_teacher import StudentCut
+from distilkit.models.gguf import load_gguf_model
 
 ModelSpec = str | Mapping[str, Any] | nn.Module
 
@@ -71,6 +75,8 @@ def load_causal_lm(
     if isinstance(spec, Mapping):
         config = config_from_mapping(spec, field=field, defaults=defaults or {})
         return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    if is_gguf(spec):
+        return load_gguf_model(spec, field=field, dtype=dtype)
     if isinstance(spec, (str, os.PathLike)):
         return _from_pretrained(str(spec), field=field, dtype=dtype)
     raise ConfigError(field, spec, "is not a model", "give a model directory, a config mapping or a module")
@@ -249,25 +255,26 @@ def load_student_and_teacher(
 
 
 def check_model_tokenizer(field: str, spec: Any, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Refuse a data tokenizer that is not the one saved beside the model directory ``spec`` (token for token,
-    id for id): a ConfigError naming both and the first differing tokens. A model given otherwise (a config
-    mapping, a module) has nothing to compare; a directory without tokenizer files is said once (its
-    vocabulary is then checked by size only)."""
-    if not (isinstance(spec, (str, os.PathLike)) and (Path(spec).expanduser() / "config.json").is_file()):
+    """Refuse a data tokenizer that is not the one saved beside the model directory (or held in the GGUF
+    file) ``spec``, token for token and id for id: a ConfigError naming both and the first differing tokens.
+    A model given otherwise (a config mapping, a module) has nothing to compare; a directory without
+    tokenizer files is said once (its vocabulary is then checked by size only)."""
+    directory = isinstance(spec, (str, os.PathLike)) and (Path(spec).expanduser() / "config.json").is_file()
+    if not (directory or is_gguf(spec)):
         return
-    own = tokenizer_of(spec)
+    own = tokenizer_of(spec, field)
     if own is None:
-        rank_zero_warn(
-            f"{field}={str(spec)!r} has no tokenizer files: its vocabulary is checked by size only"
-        )
+        rank_zero_warn(f"{field}={str(spec)!r} has no tokenizer files: its vocabulary is checked by size")
         return
     source = getattr(tokenizer, "name_or_path", "") or "the data"
     check_same_vocabulary(own, f"{field} ({spec})", tokenizer, f"data.tokenizer ({source})")
 
 
-def tokenizer_of(spec: Any) -> PreTrainedTokenizerBase | None:
-    """The tokenizer saved beside a model directory, or None (a config mapping, a module, a directory
-    without tokenizer files, a hub name)."""
+def tokenizer_of(spec: Any, field: str = "model") -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved beside a model directory or held in a GGUF file, or None (a config mapping, a
+    module, a directory without tokenizer files, a hub name)."""
+    if is_gguf(spec):
+        return gguf_tokenizer(spec, field=field)
     if not isinstance(spec, (str, os.PathLike)):
         return None
     path = Path(spec).expanduser()

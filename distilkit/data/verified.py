@@ -1,0 +1,153 @@
+"""Directories distilkit writes once and reads back many times, verified by content at a cost that fits.
+
+A verified directory carries ``distilkit-manifest.json``: the SHA-256 and size of every file it was written
+with, hashed from the bytes on disk once they were written. Reading it back checks, for every file, that
+it is there with its size (a truncated file fails at once) and that its content hash matches; a file it was
+not written with is refused too (``from_pretrained`` would read an extra weights file).
+
+Hashing gigabytes on every load would cost seconds per gigabyte, so each hash is *remembered* with the
+file's stat stamp (size, mtime, ctime, inode, device; :class:`HashMemo`): a file whose stamp is unchanged
+since its hash was taken is not read again. Writing a file changes its mtime and its ctime (which no user
+call can set back), so an edited or truncated file is hashed again and caught; an untouched one costs a
+``stat``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from distilkit.errors import ConfigError
+from distilkit.files import sha256_file, write_text
+
+MANIFEST = "distilkit-manifest.json"
+
+#: ``(size, mtime_ns, ctime_ns, inode, device)``: what changes when a file's content does.
+Stamp = tuple[int, int, int, int, int]
+
+
+def stamp(path: Path) -> Stamp:
+    """The stat stamp of ``path`` (see the module docstring)."""
+    info = path.stat()
+    return (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino, info.st_dev)
+
+
+class HashMemo:
+    """SHA-256 digests of files, remembered by their stat stamp in one JSON file.
+
+    ``{absolute path: [size, mtime_ns, ctime_ns, inode, device, sha256]}``, rewritten atomically on each
+    new entry. Processes that write it at once may drop each other's entries: a dropped entry only costs
+    hashing that file again.
+
+    Args:
+        file: where the memo is kept (created on first use).
+    """
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.entries: dict[str, list[Any]] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the memo again (another process may have remembered files since)."""
+        try:
+            self.entries = dict(json.loads(self.file.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            self.entries = {}
+
+    def sha256(self, path: Path, on_hash: Callable[[Path], None] | None = None) -> str:
+        """The file's digest: remembered when its stamp is unchanged, else hashed now and remembered.
+
+        ``on_hash(path)`` is called before a file is read whole (to show progress).
+        """
+        key, now = str(path.resolve()), stamp(path)
+        entry = self.entries.get(key)
+        if entry is not None and tuple(entry[:-1]) == now:
+            return str(entry[-1])
+        if on_hash is not None:
+            on_hash(path)
+        digest = sha256_file(path)
+        self.remember(path, digest)
+        return digest
+
+    def remember(self, path: Path, digest: str) -> None:
+        """Record that ``path``, as it is now, hashes to ``digest``."""
+        self.entries[str(path.resolve())] = [*stamp(path), digest]
+        self.entries = {k: v for k, v in self.entries.items() if os.path.exists(k)}
+        write_text(self.file, json.dumps(self.entries, indent=0, sort_keys=True) + "\n")
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(directory: Path, **fields: Any) -> dict[str, Any]:
+    """Hash every file under ``directory`` and write its manifest (``fields`` stored beside the hashes).
+
+    Returns:
+        The manifest: ``{"files": {relative path: {"bytes": n, "sha256": hex}}, **fields}``.
+    """
+    files = {
+        p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in _files(directory)
+    }
+    manifest = {**fields, "files": files}
+    write_text(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def remember_manifest(directory: Path, manifest: dict[str, Any], memo: HashMemo) -> None:
+    """Remember the manifest's hashes for the files as they now lie (after the directory was moved into
+    place), so that the first read does not hash them again."""
+    for name, entry in manifest["files"].items():
+        memo.remember(directory / name, entry["sha256"])
+
+
+def verify_directory(
+    directory: Path,
+    memo: HashMemo,
+    *,
+    field: str,
+    value: str,
+    fix: str,
+    on_hash: Callable[[Path], None] | None = None,
+) -> dict[str, Any]:
+    """Check ``directory`` against its manifest; the first difference is a one-line :class:`ConfigError`.
+
+    Args:
+        directory: a directory written with :func:`write_manifest`.
+        memo: remembered hashes (:class:`HashMemo`).
+        field / value: what the error names (``model.teacher``, the file the directory was made from).
+        fix: the command that repairs it.
+        on_hash: called before a file is hashed whole.
+
+    Returns:
+        The manifest.
+    """
+
+    def refuse(problem: str) -> ConfigError:
+        return ConfigError(field, value, problem, fix)
+
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+        expected: dict[str, dict[str, Any]] = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise refuse(
+            f"its converted copy {directory} has no readable {MANIFEST} ({type(err).__name__})"
+        ) from err
+    for name, entry in expected.items():
+        path = directory / name
+        if not path.is_file():
+            raise refuse(f"its converted copy's {path} is missing")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise refuse(f"its converted copy's {path} is {size} bytes, not the {entry['bytes']} written")
+        if memo.sha256(path, on_hash) != entry["sha256"]:
+            raise refuse(f"its converted copy's {path} does not match the SHA-256 written with it")
+    extra = [p for p in _files(directory) if p.relative_to(directory).as_posix() not in expected]
+    if extra:
+        raise refuse(f"its converted copy holds {extra[0]}, which it was not written with")
+    return dict(manifest)
