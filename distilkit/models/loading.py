@@ -264,7 +264,9 @@ def check_model_tokenizer(field: str, spec: Any, tokenizer: PreTrainedTokenizerB
         return
     own = tokenizer_of(spec, field)
     if own is None:
-        rank_zero_warn(f"{field}={str(spec)!r} has no tokenizer files: its vocabulary is checked by size")
+        rank_zero_warn(
+            f"{field}={str(spec)!r} has no tokenizer files: its vocabulary is checked by size only"
+        )
         return
     source = getattr(tokenizer, "name_or_path", "") or "the data"
     check_same_vocabulary(own, f"{field} ({spec})", tokenizer, f"data.tokenizer ({source})")
