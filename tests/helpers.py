@@ -300,7 +300,8 @@ def tiny_model_dir(path: Path, tokenizer, config: dict | None = None) -> Path:
 #: SmolLM2-135M-Instruct's chat template (ChatML with a default system turn), as its tokenizer carries it.
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, "
+    "trained by Hugging Face<|im_end|>\\n' }}"
     "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
@@ -351,7 +352,10 @@ def chat_tokenizer(kind: str, directory: Path):
         specials = ["<|endoftext|>"]
     alphabet = pre_tokenizers.ByteLevel.alphabet() if kind != "llama" else []
     trainer = trainers.BpeTrainer(
-        vocab_size=len(specials) + 300, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+        vocab_size=len(specials) + 300,
+        special_tokens=specials,
+        initial_alphabet=alphabet,
+        show_progress=False,
     )
     backend.train_from_iterator(CHAT_TEXTS, trainer=trainer)
     model = json.loads(backend.to_str())["model"]

@@ -10,7 +10,7 @@ content; further keys (``name``, ...) go to the template as they are. A bad row 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -168,7 +168,7 @@ def conversation_texts(field: str, sources: Sequence[str]) -> Iterator[str]:
 
 
 def check_chat_settings(
-    sources: dict[str, Sequence[str] | None], chat_template: str | None, train_on: str | None
+    sources: Mapping[str, Sequence[str] | None], chat_template: str | None, train_on: str | None
 ) -> bool:
     """Whether the data is chat rows, with every split of one kind and ``train_on`` and
     ``chat_template`` set only where they mean something.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import datasets
 import lightning as L
@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from distilkit.batch import IGNORE_INDEX
 from distilkit.data import chat
 from distilkit.data.chat_blocks import ChatBlocks, PackingReport
-from distilkit.data.chat_rows import check_chat_settings, conversation_texts
+from distilkit.data.chat_rows import TrainOn, check_chat_settings, conversation_texts
 from distilkit.data.sampler import ResumableSampler
 from distilkit.data.sources import fingerprint, load_documents, resolve_sources
 from distilkit.data.token_cache import cached_map
@@ -133,7 +133,7 @@ class TextDataModule(L.LightningDataModule):
         seed: int = 0,
         skip_missing_text: bool = False,
         chat_template: str | None = None,
-        train_on: Literal["assistant", "all"] | None = None,
+        train_on: TrainOn | None = None,
     ) -> None:
         super().__init__()
         for name, value, low in (("block_size", block_size, 2), ("batch_size", batch_size, 1)):
@@ -152,7 +152,7 @@ class TextDataModule(L.LightningDataModule):
         splits = {"train": self.train_sources, "val": self.val_sources}
         splits |= {"test": self.test_sources, "predict": self.predict_sources}
         self.chat = check_chat_settings(splits, chat_template, train_on)
-        self.train_on: str = train_on or ("assistant" if self.chat else "all")
+        self.train_on: TrainOn = train_on or ("assistant" if self.chat else "all")
         self.tokenizer = resolve_tokenizer(
             tokenizer if tokenizer is not None else {},
             texts=self._tokenizer_texts,
@@ -327,7 +327,7 @@ class TextDataModule(L.LightningDataModule):
             assert self.chat_template is not None
             return chat.encoded_conversations(
                 field, sources, self.tokenizer, self.chat_template, self.train_on, self.cache_dir
-            )  # type: ignore[arg-type]
+            )
         tokenizer, text_field = self.tokenizer, self.text_field
         eos = self.eos_token_id
         key = hashlib.sha256(

@@ -91,8 +91,12 @@ def _check_once(model: nn.Module, run: Run) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            outs = [_forward(model, run, row[None], positions)[0][0, 4:].float() for row in rows]  # (3, H)
+            outs = [
+                _forward(model, run, row[None], positions, False)[0][0, 4:].float() for row in rows
+            ]  # (3, H)
     except TypeError as err:
+        if "position_ids" not in str(err):
+            raise
         raise ConfigError(
             "model",
             type(model).__name__,

@@ -64,7 +64,11 @@ def gpt2_pieces(messages: list[dict]) -> list[tuple[str, bool]]:
     pieces = []
     for message in messages:
         if message["role"] == "assistant":
-            pieces += [("Assistant:", False), (" " + message["content"] + "<|endoftext|>", True), ("\n\n", False)]
+            pieces += [
+                ("Assistant:", False),
+                (" " + message["content"] + "<|endoftext|>", True),
+                ("\n\n", False),
+            ]
         else:
             pieces.append((f"{message['role'].capitalize()}: {message['content']}\n\n", False))
     return pieces
@@ -72,7 +76,8 @@ def gpt2_pieces(messages: list[dict]) -> list[tuple[str, bool]]:
 
 def hand_labels(tokenizer, pieces: list[tuple[str, bool]]) -> tuple[str, list[int]]:
     """The rendered text and its labels: a token is a target when its characters fall in a trained piece.
-    Checks that the trained tokens cover exactly the trained pieces' characters (none straddles a boundary)."""
+    Checks that the trained tokens cover exactly the trained pieces' characters (none straddles a
+    boundary)."""
     text = "".join(piece for piece, _ in pieces)
     trained = np.zeros(len(text), dtype=bool)
     at = 0
@@ -101,15 +106,25 @@ def labels_of(data: TextDataModule, conversation: int, split: str = "train") -> 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
 def test_the_loss_mask_of_three_turns_is_the_hand_computation(kind, tokenizers, tmp_path, cache_dir):
     template = {"chat_template": GPT2_TEMPLATE} if kind == "gpt2" else {}
-    data = chat_data(tmp_path, tokenizers[kind], [{"messages": THREE_TURNS}, {"messages": OTHER}], cache_dir, **template)
+    data = chat_data(
+        tmp_path, tokenizers[kind], [{"messages": THREE_TURNS}, {"messages": OTHER}], cache_dir, **template
+    )
     pieces = gpt2_pieces(THREE_TURNS) if kind == "gpt2" else chatml_pieces(THREE_TURNS)
     text, expected = hand_labels(data.tokenizer, pieces)
     assert data.tokenizer.apply_chat_template(THREE_TURNS, tokenize=False) == text
     assert labels_of(data, 0) == expected
     assert sum(label != IGNORE_INDEX for label in expected) > 3 * 2  # every turn's reply, each > 1 token
-    other_text, other = hand_labels(data.tokenizer, gpt2_pieces(OTHER) if kind == "gpt2" else chatml_pieces(
-        OTHER, "You are a helpful assistant." if kind == "qwen2" else
-        "You are a helpful AI assistant named SmolLM, trained by Hugging Face"))  # fmt: skip
+    other_text, other = hand_labels(
+        data.tokenizer,
+        gpt2_pieces(OTHER)
+        if kind == "gpt2"
+        else chatml_pieces(
+            OTHER,
+            "You are a helpful assistant."
+            if kind == "qwen2"
+            else "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+        ),
+    )
     assert labels_of(data, 1) == other  # the template's default system turn is not trained on either
 
 
@@ -123,10 +138,16 @@ def test_train_on_all_trains_every_token_but_each_conversations_first(tokenizers
 def test_prompt_and_completion_rows_are_a_user_turn_and_an_assistant_turn(tokenizers, tmp_path, cache_dir):
     rows = [
         {"prompt": "What is two plus two?", "completion": "Four."},
-        {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Yes"}]},
+        {
+            "prompt": [{"role": "user", "content": "Hi"}],
+            "completion": [{"role": "assistant", "content": "Yes"}],
+        },
     ]
     data = chat_data(tmp_path, tokenizers["qwen2"], rows, cache_dir)
-    messages = [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."}]
+    messages = [
+        {"role": "user", "content": "What is two plus two?"},
+        {"role": "assistant", "content": "Four."},
+    ]
     _, expected = hand_labels(data.tokenizer, chatml_pieces(messages, "You are a helpful assistant."))
     assert labels_of(data, 0) == expected
 
@@ -137,7 +158,9 @@ def test_conversations_are_packed_whole_with_positions_restarting(tokenizers, tm
     data = chat_data(tmp_path, tokenizers["qwen2"], rows, cache_dir, block_size=160)
     blocks = data.datasets["train"]
     assert isinstance(blocks, ChatBlocks)
-    lengths = [len(data.tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=False)) for r in rows]
+    lengths = [
+        len(data.tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=False)) for r in rows
+    ]
     assert len(blocks) == len(best_fit(lengths, 160)) < len(rows)  # several conversations share a block
     seen = set()
     for index in range(len(blocks)):
@@ -156,7 +179,12 @@ def test_conversations_are_packed_whole_with_positions_restarting(tokenizers, tm
         assert item["position_ids"][padding].tolist() == list(range(len(padding)))  # a sequence of its own
     assert seen == set(range(len(rows)))
     report = data.packing_reports["train"]
-    assert (report.conversations, report.blocks, report.truncated, report.dropped_targets) == (10, len(blocks), 0, 0)
+    assert (report.conversations, report.blocks, report.truncated, report.dropped_targets) == (
+        10,
+        len(blocks),
+        0,
+        0,
+    )
 
 
 def test_best_fit_packs_longest_first_into_the_fullest_bin_that_fits():
@@ -171,9 +199,13 @@ def test_a_conversation_longer_than_a_block_is_truncated_and_what_it_drops_is_co
     rows = [{"messages": THREE_TURNS}, {"messages": OTHER}]
     full = chat_data(tmp_path, tokenizers["qwen2"], rows, cache_dir)
     targets = [sum(label != IGNORE_INDEX for label in labels_of(full, i)) for i in range(2)]
-    lengths = [len(full.tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=False)) for r in rows]
+    lengths = [
+        len(full.tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=False)) for r in rows
+    ]
     block = lengths[0] - 20  # cuts into the last reply of the first conversation only
-    with pytest.warns(UserWarning, match=r"1 conversations longer than data.block_size=\d+ truncated: \d+ of"):
+    with pytest.warns(
+        UserWarning, match=r"1 conversations longer than data.block_size=\d+ truncated: \d+ of"
+    ):
         short = chat_data(tmp_path, tokenizers["qwen2"], rows, cache_dir, block_size=block)
     report = short.packing_reports["train"]
     kept = sum(label != IGNORE_INDEX for label in labels_of(short, 0))
@@ -236,14 +268,23 @@ def test_a_template_comes_from_the_recipe_as_text_or_a_file_and_travels_with_the
     assert labels_of(from_file, 0) == labels_of(from_text, 0)
     assert from_file.identity() == from_text.identity()
     assert from_file.tokenizer.chat_template == GPT2_TEMPLATE  # saved with checkpoints and exports
-    other = chat_data(tmp_path, tokenizers["gpt2"], rows, cache_dir, chat_template=GPT2_TEMPLATE.replace(":", " >"))
+    other = chat_data(
+        tmp_path, tokenizers["gpt2"], rows, cache_dir, chat_template=GPT2_TEMPLATE.replace(":", " >")
+    )
     assert other.identity()["chat_template"] != from_text.identity()["chat_template"]
 
 
 def test_plain_text_keeps_its_identity_and_blocks(corpus, tokenizer_dir, cache_dir):
     data = TextDataModule(str(corpus), tokenizer=str(tokenizer_dir), block_size=32, cache_dir=str(cache_dir))
     assert not data.chat and data.train_on == "all"
-    assert set(data.identity()) == {"train_data", "val_data", "tokenizer", "block_size", "val_fraction", "seed"}
+    assert set(data.identity()) == {
+        "train_data",
+        "val_data",
+        "tokenizer",
+        "block_size",
+        "val_fraction",
+        "seed",
+    }
     data.setup()
     assert set(data.datasets["train"][0]) == {"input_ids", "attention_mask", "labels", "block_index"}
 
@@ -254,7 +295,10 @@ def test_plain_text_keeps_its_identity_and_blocks(corpus, tokenizer_dir, cache_d
         ({}, r"data.chat_template=None: is not set and the tokenizer .* has no chat template"),
         ({"chat_template": "no/such/template.jinja"}, "is neither Jinja text"),
         ({"chat_template": "{{ messages[0]['content'] | nosuchfilter }}"}, "refused by the chat template"),
-        ({"chat_template": GPT2_TEMPLATE, "train_on": "assistants"}, "data.train_on='assistants': is not a choice"),
+        (
+            {"chat_template": GPT2_TEMPLATE, "train_on": "assistants"},
+            "data.train_on='assistants': is not a choice",
+        ),
     ],
 )
 def test_bad_chat_settings_name_the_field(kwargs, match, tokenizers, tmp_path, cache_dir):
@@ -268,8 +312,12 @@ def test_chat_settings_on_plain_text_and_mixed_data_are_refused(corpus, tokenize
     tokenizer = str(tokenizers["qwen2"])
     with pytest.raises(ConfigError, match="data.train_on='assistant': needs chat rows"):
         TextDataModule(str(corpus), tokenizer=tokenizer, train_on="assistant", cache_dir=str(cache_dir))
-    with pytest.raises(ConfigError, match="data.chat_template=.*is set, but data.train_files hold plain text"):
-        TextDataModule(str(corpus), tokenizer=tokenizer, chat_template=GPT2_TEMPLATE, cache_dir=str(cache_dir))
+    with pytest.raises(
+        ConfigError, match="data.chat_template=.*is set, but data.train_files hold plain text"
+    ):
+        TextDataModule(
+            str(corpus), tokenizer=tokenizer, chat_template=GPT2_TEMPLATE, cache_dir=str(cache_dir)
+        )
     with pytest.raises(ConfigError, match="mixes chat rows"):
         TextDataModule([str(chat), str(corpus)], tokenizer=tokenizer, cache_dir=str(cache_dir))
     with pytest.raises(ConfigError, match="data.val_files=.*hold another kind of data"):
@@ -285,8 +333,13 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_row(tokeni
         "{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
     )
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": OTHER}, {"messages": THREE_TURNS}])
-    data = TextDataModule(str(path), val_files=str(path), tokenizer=str(tokenizers["gpt2"]),
-                          chat_template=template, cache_dir=str(cache_dir))  # fmt: skip
+    data = TextDataModule(
+        str(path),
+        val_files=str(path),
+        tokenizer=str(tokenizers["gpt2"]),
+        chat_template=template,
+        cache_dir=str(cache_dir),
+    )
     with pytest.raises(ConfigError, match=rf"data.chat_template='{path}:2': renders turn 2 \(assistant\)"):
         data.setup()
 
@@ -298,9 +351,12 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_row(tokeni
         ({"messages": [{"role": "user", "content": "Hi"}]}, "has no assistant turn to train on"),
         ({"messages": [{"role": "bot", "content": "Hi"}]}, r"has messages\[0\].role='bot', not a known role"),
         ({"messages": "Hi there"}, "has messages='Hi there', not a non-empty list of messages"),
-        ({"messages": []}, "has messages=\[\], not a non-empty list of messages"),
+        ({"messages": []}, r"has messages=\[\], not a non-empty list of messages"),
         ({"messages": [{"role": "user"}]}, r"has messages\[0\]=\{'role': 'user'\}"),
-        ({"messages": [{"role": "user", "content": ["Hi"]}, OTHER[1]]}, r"has messages\[0\].content of type list, not text"),
+        (
+            {"messages": [{"role": "user", "content": ["Hi"]}, OTHER[1]]},
+            r"has messages\[0\].content of type list, not text",
+        ),
         ({"prompt": "Hi", "completion": 3}, "has completion=3, not a non-empty list"),
         ({"text": "plain"}, "has neither 'messages' nor 'prompt' and 'completion'"),
         ({"messages": [OTHER[1], OTHER[0]]}, "opens with an assistant turn"),
@@ -309,7 +365,9 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_row(tokeni
 )
 def test_a_bad_row_is_named_by_file_and_line(row, match, tokenizers, tmp_path, cache_dir):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": OTHER}, row])
-    data = TextDataModule(str(path), val_files=str(path), tokenizer=str(tokenizers["qwen2"]), cache_dir=str(cache_dir))
+    data = TextDataModule(
+        str(path), val_files=str(path), tokenizer=str(tokenizers["qwen2"]), cache_dir=str(cache_dir)
+    )
     with pytest.raises(ConfigError, match=rf"data.train_files='{path}:2': {match}"):
         data.setup()
 
@@ -317,7 +375,9 @@ def test_a_bad_row_is_named_by_file_and_line(row, match, tokenizers, tmp_path, c
 def test_a_line_that_is_not_json_is_named(tokenizers, tmp_path, cache_dir):
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": OTHER}])
     path.write_text(path.read_text() + "{not json\n")
-    data = TextDataModule(str(path), val_files=str(path), tokenizer=str(tokenizers["qwen2"]), cache_dir=str(cache_dir))
+    data = TextDataModule(
+        str(path), val_files=str(path), tokenizer=str(tokenizers["qwen2"]), cache_dir=str(cache_dir)
+    )
     with pytest.raises(ConfigError, match=rf"'{path}:2': is not a JSON object"):
         data.setup()
 
@@ -334,10 +394,17 @@ def test_chat_rows_read_from_parquet_like_jsonl(tokenizers, tmp_path, cache_dir)
 
     rows = [{"messages": THREE_TURNS}, {"messages": OTHER}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chat.parquet")
-    from_parquet = TextDataModule(str(tmp_path / "chat.parquet"), val_files=str(tmp_path / "chat.parquet"),
-                                  tokenizer=str(tokenizers["qwen2"]), block_size=256, cache_dir=str(cache_dir))  # fmt: skip
+    from_parquet = TextDataModule(
+        str(tmp_path / "chat.parquet"),
+        val_files=str(tmp_path / "chat.parquet"),
+        tokenizer=str(tokenizers["qwen2"]),
+        block_size=256,
+        cache_dir=str(cache_dir),
+    )
     from_parquet.setup()
-    assert labels_of(from_parquet, 0) == labels_of(chat_data(tmp_path, tokenizers["qwen2"], rows, cache_dir), 0)
+    assert labels_of(from_parquet, 0) == labels_of(
+        chat_data(tmp_path, tokenizers["qwen2"], rows, cache_dir), 0
+    )
 
 
 # ------------------------------------------------------------------------------------- the real SmolLM2
@@ -373,3 +440,41 @@ def test_the_loss_mask_with_the_real_smollm2_tokenizer(tmp_path, cache_dir):
         data.datasets["train"].tokens[np.nonzero(data.datasets["train"].documents == 0)],
     )
 
+
+# -------------------------------------------------------------------------------------------------- CLI
+def chat_recipe(tmp_path: Path, cache_dir: Path, rows: list, **data) -> Path:
+    """A tiny distillation recipe over chat rows with a BPE trained here and the recipe's template."""
+    import yaml
+    from helpers import tiny_recipe
+
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    recipe = tiny_recipe(tmp_path / "chat.yaml", path, {"vocab_size": 320}, cache_dir)
+    config = yaml.safe_load(recipe.read_text())
+    config["data"]["init_args"] |= {"val_files": str(path), "block_size": 128, "batch_size": 2}
+    config["data"]["init_args"] |= {"chat_template": GPT2_TEMPLATE} | data
+    recipe.write_text(yaml.safe_dump(config))
+    return recipe
+
+
+@pytest.mark.slow
+def test_distilkit_fit_trains_on_chat_rows(tmp_path, cache_dir, caplog):
+    from helpers import csv_rows, fit_run
+
+    rows = [{"messages": THREE_TURNS[: 2 * n + 1]} for n in (1, 2, 3)] + [{"messages": OTHER}] * 3
+    fit_run(chat_recipe(tmp_path, cache_dir, rows), tmp_path / "run")
+    assert any(val is not None for _, _, val in csv_rows(tmp_path / "run"))
+    assert "chat data, train: 6 conversations" in caplog.text  # the line printed at setup
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert GPT2_TEMPLATE in checkpoint["distilkit"]["tokenizer_files"].values()  # saved with the run
+
+
+def test_distilkit_fit_refuses_a_bad_chat_row_in_one_line(tmp_path, cache_dir, capsys):
+    from helpers import fit_run
+
+    rows = [{"messages": OTHER}, {"messages": [{"role": "robot", "content": "beep"}, OTHER[1]]}]
+    with pytest.raises(SystemExit) as exit_info:
+        fit_run(chat_recipe(tmp_path, cache_dir, rows), tmp_path / "run")
+    assert exit_info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"error: data.train_files='{tmp_path / 'chat.jsonl'}:2': has messages[0].role='robot'" in err
+    assert not (tmp_path / "run" / "config.yaml").exists()
