@@ -33,11 +33,14 @@ def tokenizers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {kind: root / kind for kind in ("llama", "qwen2", "gpt2")}
 
 
-def chat_data(tmp_path: Path, tokenizer: Path | str, rows: list, cache_dir: Path, **kwargs) -> TextDataModule:
+def chat_data(
+    tmp_path: Path, tokenizer: Path | dict, rows: list, cache_dir: Path, **kwargs
+) -> TextDataModule:
     """A set-up data module over ``rows`` (train and validation files alike)."""
     path = write_jsonl(tmp_path / "chat.jsonl", rows)
     options = {"block_size": 256, "batch_size": 2, "cache_dir": str(cache_dir)} | kwargs
-    data = TextDataModule(str(path), val_files=str(path), tokenizer=str(tokenizer), **options)
+    spec = tokenizer if isinstance(tokenizer, dict) else str(tokenizer)
+    data = TextDataModule(str(path), val_files=str(path), tokenizer=spec, **options)
     data.setup()
     return data
 
@@ -458,7 +461,7 @@ def chat_recipe(tmp_path: Path, cache_dir: Path, rows: list, **data) -> Path:
 
 @pytest.mark.slow
 def test_distilkit_fit_trains_on_chat_rows(tmp_path, cache_dir, caplog):
-    from helpers import csv_rows, fit_run
+    from helpers import csv_rows, fit_run, run_cli
 
     rows = [{"messages": THREE_TURNS[: 2 * n + 1]} for n in (1, 2, 3)] + [{"messages": OTHER}] * 3
     fit_run(chat_recipe(tmp_path, cache_dir, rows), tmp_path / "run")
@@ -466,6 +469,25 @@ def test_distilkit_fit_trains_on_chat_rows(tmp_path, cache_dir, caplog):
     assert "chat data, train: 6 conversations" in caplog.text  # the line printed at setup
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert GPT2_TEMPLATE in checkpoint["distilkit"]["tokenizer_files"].values()  # saved with the run
+
+    recipe = tmp_path / "chat.yaml"
+    run_cli(
+        "predict",
+        "--config",
+        str(recipe),
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        "--ckpt_path",
+        "last",
+    )
+    predictions = (tmp_path / "run" / "predict" / "predictions.jsonl").read_text().splitlines()
+    data = chat_data(
+        tmp_path, {"vocab_size": 320}, rows, cache_dir, block_size=128, chat_template=GPT2_TEMPLATE
+    )
+    targets = [sum(label != IGNORE_INDEX for label in labels_of(data, d, "val")) for d in range(6)]
+    assert [(row["document"], row["tokens"]) for row in map(json.loads, predictions)] == list(
+        enumerate(targets)
+    )
 
 
 def test_distilkit_fit_refuses_a_bad_chat_row_in_one_line(tmp_path, cache_dir, capsys):
