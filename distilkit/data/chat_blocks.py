@@ -141,26 +141,28 @@ class ChatBlocks(Dataset):
         use = np.flatnonzero(running[offsets[:-1] + kept] - running[offsets[:-1]] > 0)
         blocks = best_fit(kept[use].tolist(), block_size)
         shape = (len(blocks), block_size)
-        self.tokens = torch.full(shape, pad_id, dtype=torch.long)  # (n_blocks, T)
-        self.valid = torch.zeros(shape, dtype=torch.bool)
-        self.targets = torch.zeros(shape, dtype=torch.bool)
-        self.assistant = torch.zeros(shape, dtype=torch.bool)
-        self.positions = torch.zeros(shape, dtype=torch.int32)
+        tokens = np.full(shape, pad_id, dtype=np.int64)  # (n_blocks, T)
+        valid, targets, replies = (np.zeros(shape, dtype=bool) for _ in range(3))
+        ramp = np.arange(block_size, dtype=np.int32)
+        positions = np.tile(ramp, (len(blocks), 1))  # (n_blocks, T)
         self.documents = np.full(shape, -1, dtype=np.int64)
         for row, members in enumerate(blocks):
             at = 0
             for member in members:
                 doc = int(use[member])
                 start, n = int(offsets[doc]), int(kept[doc])
-                piece = slice(at, at + n)
-                self.tokens[row, piece] = torch.from_numpy(ids[start : start + n].astype(np.int64))
-                self.valid[row, piece] = True
-                self.targets[row, piece] = torch.from_numpy(target[start : start + n])
-                self.assistant[row, piece] = torch.from_numpy(assistant[start : start + n].astype(bool))
-                self.positions[row, piece] = torch.arange(n, dtype=torch.int32)
+                source, piece = slice(start, start + n), slice(at, at + n)
+                tokens[row, piece] = ids[source]
+                valid[row, piece] = True
+                targets[row, piece] = target[source]
+                replies[row, piece] = assistant[source]
+                positions[row, piece] = ramp[:n]
                 self.documents[row, piece] = doc
                 at += n
-            self.positions[row, at:] = torch.arange(block_size - at, dtype=torch.int32)  # padding: its own
+            positions[row, at:] = ramp[: block_size - at]  # the padding: a sequence of its own
+        self.tokens, self.valid = torch.from_numpy(tokens), torch.from_numpy(valid)
+        self.targets, self.assistant = torch.from_numpy(targets), torch.from_numpy(replies)
+        self.positions = torch.from_numpy(positions)
         self.report = PackingReport(
             split=split,
             train_on=train_on,

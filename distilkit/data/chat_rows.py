@@ -168,15 +168,19 @@ def conversation_texts(field: str, sources: Sequence[str]) -> Iterator[str]:
 
 
 def check_chat_settings(
-    sources: Mapping[str, Sequence[str] | None], chat_template: str | None, train_on: str | None
+    sources: Mapping[str, Sequence[str] | None],
+    chat_template: str | None,
+    train_on: str | None,
+    text_field: str = "text",
 ) -> bool:
-    """Whether the data is chat rows, with every split of one kind and ``train_on`` and
-    ``chat_template`` set only where they mean something.
+    """Whether the data is chat rows, with every split of one kind and ``train_on``, ``chat_template`` and
+    ``text_field`` set only where they mean something.
 
     Args:
         sources: ``{"train": [...], "val": [...] or None, ...}`` the splits' sources.
         chat_template: ``data.chat_template``.
         train_on: ``data.train_on``.
+        text_field: ``data.text_field`` (plain text only).
     """
     is_chat = chat_sources("data.train_files", sources["train"] or [])
     kind = "chat rows" if is_chat else "plain text"
@@ -200,6 +204,13 @@ def check_chat_settings(
             "data.chat_template", chat_template[:40], "is set, but data.train_files hold plain text",
             "give rows with messages (or prompt and completion), or drop data.chat_template",
         )  # fmt: skip
+    if is_chat and text_field != "text":
+        raise ConfigError(
+            "data.text_field",
+            text_field,
+            "is set, but data.train_files hold chat rows (read by their messages)",
+            "drop data.text_field",
+        )
     return is_chat
 
 

@@ -151,7 +151,7 @@ class TextDataModule(L.LightningDataModule):
         self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
         splits = {"train": self.train_sources, "val": self.val_sources}
         splits |= {"test": self.test_sources, "predict": self.predict_sources}
-        self.chat = check_chat_settings(splits, chat_template, train_on)
+        self.chat = check_chat_settings(splits, chat_template, train_on, text_field)
         self.train_on: TrainOn = train_on or ("assistant" if self.chat else "all")
         self.tokenizer = resolve_tokenizer(
             tokenizer if tokenizer is not None else {},

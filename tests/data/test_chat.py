@@ -298,6 +298,7 @@ def test_plain_text_keeps_its_identity_and_blocks(corpus, tokenizer_dir, cache_d
         ({}, r"data.chat_template=None: is not set and the tokenizer .* has no chat template"),
         ({"chat_template": "no/such/template.jinja"}, "is neither Jinja text"),
         ({"chat_template": "{{ messages[0]['content'] | nosuchfilter }}"}, "refused by the chat template"),
+        ({"chat_template": GPT2_TEMPLATE, "text_field": "body"}, "data.text_field='body': is set, but"),
         (
             {"chat_template": GPT2_TEMPLATE, "train_on": "assistants"},
             "data.train_on='assistants': is not a choice",
