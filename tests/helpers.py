@@ -308,3 +308,89 @@ def tiny_model_dir(path: Path, tokenizer, config: dict | None = None) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path
+
+
+# ------------------------------------------------------------------------------------------------ chat data
+#: SmolLM2-135M-Instruct's chat template (ChatML with a default system turn), as its tokenizer carries it.
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, "
+    "trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+#: Qwen2-Instruct's ChatML template (its default system turn differs from SmolLM2's).
+QWEN2_TEMPLATE = SMOLLM2_TEMPLATE.replace(
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face", "You are a helpful assistant."
+)
+#: A plain-text template for a GPT-2 tokenizer, given by the recipe: the reply ends with EOS.
+GPT2_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}"
+    "{% if message['role'] == 'assistant' %}<|endoftext|>{% endif %}{{ '\\n\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+#: A system turn and three user/assistant exchanges (replies with a leading space, a newline, an emoji).
+THREE_TURNS = [
+    {"role": "system", "content": "You answer in one line."},
+    {"role": "user", "content": "What is two plus two?"},
+    {"role": "assistant", "content": "Four."},
+    {"role": "user", "content": "And three plus three?"},
+    {"role": "assistant", "content": " Six, of course."},
+    {"role": "user", "content": "Thanks!"},
+    {"role": "assistant", "content": "You are welcome.\nBye 👋"},
+]
+CHAT_TEXTS = [
+    "What is two plus two? Four. And three plus three? Six, of course. Thanks! You are welcome. Bye.",
+    "system user assistant You answer in one line. How are you today? Fine, thank you for asking.",
+] * 20
+
+
+def chat_tokenizer(kind: str, directory: Path):
+    """A tokenizer of transformers class ``kind`` built from a vocabulary trained here with ``tokenizers``,
+    with its model's chat special tokens and template, saved to and loaded back from ``directory``.
+
+    ``llama``: ``LlamaTokenizer`` (SentencePiece-style BPE, byte fallback) with SmolLM2's ChatML template;
+    ``qwen2``: ``Qwen2Tokenizer`` (byte-level BPE) with Qwen2's ChatML template; ``gpt2``: ``GPT2Tokenizer``
+    (byte-level BPE) without a template (a recipe gives one).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, GPT2Tokenizer, LlamaTokenizer, Qwen2Tokenizer
+
+    if kind == "llama":
+        backend = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+        specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    else:
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        specials = ["<|endoftext|>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if kind != "llama" else []
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(specials) + 300,
+        special_tokens=specials,
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    backend.train_from_iterator(CHAT_TEXTS, trainer=trainer)
+    model = json.loads(backend.to_str())["model"]
+    vocab, merges = model["vocab"], [tuple(m) for m in model["merges"]]
+    chatml = {"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}
+    if kind == "llama":
+        tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>")
+        tokenizer.add_special_tokens(chatml)
+        tokenizer.chat_template = SMOLLM2_TEMPLATE
+    elif kind == "qwen2":
+        tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
+        tokenizer.add_special_tokens(chatml | {"eos_token": "<|im_end|>"})
+        tokenizer.chat_template = QWEN2_TEMPLATE
+    else:
+        tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges)
+    tokenizer.save_pretrained(directory)
+    loaded = AutoTokenizer.from_pretrained(directory)
+    assert type(loaded) is type(tokenizer), (type(loaded), type(tokenizer))
+    return loaded
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from distilkit.data.text import PackedBlocks
 from distilkit.files import atomic_write
 
 
@@ -24,7 +23,8 @@ class PredictionWriter(BasePredictionWriter):
 
     ``tokens`` counts the positions predicted within the document (its first token is predicted from the
     block's context before it when there is one, as in training). Documents come from the data module's
-    ``predict`` blocks (``PackedBlocks.document_of``); without one each block is its own row.
+    ``predict`` blocks (``PackedBlocks.document_of``; for chat data ``ChatBlocks.document_of``: one row per
+    conversation, its tokens the targets); without one each block is its own row.
 
     Args:
         output_file: the jsonl to write (atomically, when prediction ends).
@@ -88,9 +88,9 @@ class PredictionWriter(BasePredictionWriter):
     def _documents(trainer: L.Trainer, positions: np.ndarray) -> np.ndarray:
         datamodule: Any = getattr(trainer, "datamodule", None)
         blocks = getattr(datamodule, "datasets", {}).get("predict") if datamodule is not None else None
-        if not isinstance(blocks, PackedBlocks):
+        if not callable(getattr(blocks, "document_of", None)):  # PackedBlocks and ChatBlocks say
             return positions // (positions.shape[1] + 1)  # each block its own document
-        return blocks.document_of(positions)
+        return blocks.document_of(positions)  # type: ignore[union-attr]
 
 
 def _gather(sums: dict[str, dict[int, list[float]]]) -> dict[str, dict[int, list[float]]]:

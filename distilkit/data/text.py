@@ -11,14 +11,21 @@ import datasets
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from distilkit.batch import IGNORE_INDEX
+from distilkit.data import chat
+from distilkit.data.chat_blocks import ChatBlocks, PackingReport
+from distilkit.data.chat_rows import TrainOn, check_chat_settings, conversation_texts
 from distilkit.data.sampler import ResumableSampler
 from distilkit.data.sources import fingerprint, load_documents, resolve_sources
+from distilkit.data.token_cache import cached_map
 from distilkit.data.tokenizer import resolve_tokenizer, tokenizer_hash
 from distilkit.errors import ConfigError
+
+#: What a block is drawn from in chat data (the chat fingerprint's field name).
+CHAT_FIELD = "messages"
 
 
 def default_cache_dir() -> Path:
@@ -69,14 +76,22 @@ class PackedBlocks(Dataset):
 
 
 class TextDataModule(L.LightningDataModule):
-    """Text from ``.txt`` / ``.jsonl`` / ``.parquet`` files or a ``datasets`` name, packed for a causal LM.
+    """Text or conversations from ``.txt`` / ``.jsonl`` / ``.parquet`` files or a ``datasets`` name, packed
+    for a causal LM.
 
     Each ``.txt`` file is one document; each jsonl line or parquet row is one document (its
-    ``text_field``). Documents are tokenized once (cached on disk, keyed by the files and the tokenizer),
-    joined with EOS and packed into blocks of ``block_size`` tokens. Without ``val_files`` a deterministic
-    ``val_fraction`` of the documents (seeded) is held out; a single document is split at its last tokens.
-    ``test`` scores ``test_files`` when given, else the validation blocks (and says so); ``predict`` scores
-    ``predict_files`` when given, else the validation blocks.
+    ``text_field``). Documents are tokenized once (cached on disk, keyed by the files and the tokenizer,
+    checked when read back: :mod:`distilkit.data.token_cache`), joined with EOS and packed into blocks of
+    ``block_size`` tokens. Without ``val_files`` a deterministic ``val_fraction`` of the documents (seeded)
+    is held out; a single document is split at its last tokens. ``test`` scores ``test_files`` when given,
+    else the validation blocks (and says so); ``predict`` scores ``predict_files`` when given, else the
+    validation blocks.
+
+    Chat rows (jsonl or parquet rows with ``messages``, or ``prompt`` and ``completion``:
+    :mod:`distilkit.data.chat`) are rendered with the chat template, trained on the assistant's tokens
+    (``train_on``), and packed whole into blocks whose attention never crosses a conversation
+    (:class:`~distilkit.data.chat_blocks.ChatBlocks`; batches add ``position_ids`` and ``assistant_mask``).
+    A conversation longer than ``block_size`` is truncated, and what that drops is reported at setup.
 
     Args:
         train_files: paths, ``builtin:python-reference``, or one ``datasets`` name/path.
@@ -95,6 +110,11 @@ class TextDataModule(L.LightningDataModule):
         seed: seeds the held-out split and the shuffling.
         skip_missing_text: train without the jsonl/parquet rows that have no ``text_field`` (counted and
             warned about) instead of refusing them.
+        chat_template: chat rows only: the Jinja template to render conversations with (its text, or a
+            file holding it); default: the tokenizer's own. It becomes the tokenizer's template (checkpoints
+            and exports carry it).
+        train_on: chat rows only: ``assistant`` (the default: loss on the assistant's tokens, every turn)
+            or ``all`` (every token).
     """
 
     def __init__(
@@ -112,6 +132,8 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         seed: int = 0,
         skip_missing_text: bool = False,
+        chat_template: str | None = None,
+        train_on: TrainOn | None = None,
     ) -> None:
         super().__init__()
         for name, value, low in (("block_size", block_size, 2), ("batch_size", batch_size, 1)):
@@ -127,13 +149,22 @@ class TextDataModule(L.LightningDataModule):
         self.text_field, self.skip_missing_text = text_field, skip_missing_text
         self.block_size, self.batch_size = block_size, batch_size
         self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
+        splits = {"train": self.train_sources, "val": self.val_sources}
+        splits |= {"test": self.test_sources, "predict": self.predict_sources}
+        self.chat = check_chat_settings(splits, chat_template, train_on, text_field)
+        self.train_on: TrainOn = train_on or ("assistant" if self.chat else "all")
         self.tokenizer = resolve_tokenizer(
             tokenizer if tokenizer is not None else {},
-            texts=lambda: self._documents(self.train_sources, "data.train_files")[self.text_field],
-            fingerprint=fingerprint(self.train_sources, text_field),
+            texts=self._tokenizer_texts,
+            fingerprint=fingerprint(self.train_sources, CHAT_FIELD if self.chat else text_field),
             cache_dir=self.cache_dir,
         )
-        self.datasets: dict[str, PackedBlocks] = {}
+        self.chat_template: str | None = None
+        if self.chat:
+            self.chat_template = chat.resolve_chat_template(chat_template, self.tokenizer, tokenizer)
+            self.tokenizer.chat_template = self.chat_template
+        self.datasets: dict[str, PackedBlocks | ChatBlocks] = {}
+        self.packing_reports: dict[str, PackingReport] = {}
         self._resume_position: tuple[int, int] | None = None
 
     @property
@@ -145,17 +176,32 @@ class TextDataModule(L.LightningDataModule):
     def eos_token_id(self) -> int:
         return int(self.tokenizer.eos_token_id)
 
+    @property
+    def end_of_turn_id(self) -> int:
+        """The token that ends an assistant turn (chat data: ``<|im_end|>`` for ChatML; the EOS id for a
+        template without a marker, and for plain text): where sampling a reply stops."""
+        if self.chat_template is None:
+            return self.eos_token_id
+        return chat.end_of_turn_id(self.tokenizer, self.chat_template)
+
     def identity(self) -> dict[str, Any]:
         """What the blocks of this data module are made from (content hashes, tokenizer, packing, split):
         two data modules with equal identities give the same blocks in the same splits. A teacher cache
         compares it with the identity it was built from."""
         split = {"val_fraction": self.val_fraction, "seed": self.seed} if self.val_sources is None else {}
+        field = CHAT_FIELD if self.chat else self.text_field
+        packing = (
+            {"chat_template": chat.template_hash(self.chat_template), "packing": chat.ENCODING_VERSION}
+            if self.chat_template is not None
+            else {}
+        )
         return {
-            "train_data": fingerprint(self.train_sources, self.text_field),
-            "val_data": None if self.val_sources is None else fingerprint(self.val_sources, self.text_field),
+            "train_data": fingerprint(self.train_sources, field),
+            "val_data": None if self.val_sources is None else fingerprint(self.val_sources, field),
             "tokenizer": tokenizer_hash(self.tokenizer),
             "block_size": self.block_size,
             **split,
+            **packing,
         }
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -166,11 +212,12 @@ class TextDataModule(L.LightningDataModule):
                 val_docs = self._tokenized(self.val_sources, "data.val_files")
             else:
                 train_docs, val_docs = self._split(train_docs)
-            self.datasets = {"train": self._blocks(train_docs), "val": self._blocks(val_docs)}
+            self.datasets = {"train": self._blocks(train_docs, "train"), "val": self._blocks(val_docs, "val")}
         for split, sources in (("test", self.test_sources), ("predict", self.predict_sources)):
             if stage == split and split not in self.datasets:
                 tokenized = None if sources is None else self._tokenized(sources, f"data.{split}_files")
-                self.datasets[split] = self.datasets["val"] if tokenized is None else self._blocks(tokenized)
+                blocks = self.datasets["val"] if tokenized is None else self._blocks(tokenized, split)
+                self.datasets[split] = blocks
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled full batches in an order a resumed run continues exactly (see :meth:`state_dict`).
@@ -239,6 +286,12 @@ class TextDataModule(L.LightningDataModule):
     def _optional_sources(self, name: str, files: str | list[str] | None) -> list[str] | None:
         return None if files is None else resolve_sources(f"data.{name}", files, self.cache_dir)
 
+    def _tokenizer_texts(self) -> Any:
+        """What a tokenizer trained for this data learns from: the documents, or the messages' contents."""
+        if self.chat:
+            return conversation_texts("data.train_files", self.train_sources)
+        return self._documents(self.train_sources, "data.train_files")[self.text_field]
+
     def _in_order(self, split: str) -> DataLoader:
         return DataLoader(
             self.datasets[split],
@@ -252,38 +305,50 @@ class TextDataModule(L.LightningDataModule):
         does not shift the dropout masks of the training that follows (exact resume needs that)."""
         return torch.Generator().manual_seed(self.seed)
 
-    def _blocks(self, docs: datasets.Dataset) -> PackedBlocks:
-        stream, starts = _stream(docs)
-        return PackedBlocks(stream, self.block_size, int(self.tokenizer.pad_token_id), starts)
+    def _blocks(self, docs: datasets.Dataset, split: str) -> PackedBlocks | ChatBlocks:
+        pad = int(self.tokenizer.pad_token_id)
+        if not self.chat:
+            stream, starts = _stream(docs)
+            return PackedBlocks(stream, self.block_size, pad, starts)
+        ids, offsets = _lists(docs, "input_ids")
+        assistant, _ = _lists(docs, "assistant")
+        blocks = ChatBlocks(ids, assistant, offsets, self.block_size, pad, self.train_on, split)
+        self.packing_reports[split] = blocks.report
+        (rank_zero_warn if blocks.report.dropped_targets else rank_zero_info)(blocks.report.line())
+        return blocks
 
     def _documents(self, sources: list[str], field: str) -> datasets.Dataset:
         return load_documents(sources, field, self.text_field, self.cache_dir, self.skip_missing_text)
 
     def _tokenized(self, sources: list[str], field: str) -> datasets.Dataset:
-        """Token ids per document, EOS appended; cached under ``cache_dir`` keyed by files and tokenizer."""
+        """Token ids per document, EOS appended; cached under ``cache_dir`` keyed by files and tokenizer
+        (and checked when read back). Chat rows: :func:`.chat.encoded_conversations`."""
+        if self.chat:
+            assert self.chat_template is not None
+            return chat.encoded_conversations(
+                field, sources, self.tokenizer, self.chat_template, self.train_on, self.cache_dir
+            )
         tokenizer, text_field = self.tokenizer, self.text_field
         eos = self.eos_token_id
         key = hashlib.sha256(
             (fingerprint(sources, text_field) + tokenizer_hash(tokenizer)).encode()
         ).hexdigest()[:16]
-        cache_file = self.cache_dir / f"tokens-{key}.arrow"
 
         def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
             ids = tokenizer(batch[text_field], add_special_tokens=False)["input_ids"]
             return {"input_ids": [doc + [eos] for doc in ids]}
 
         docs = self._documents(sources, field)
-        return docs.map(
-            encode,
-            batched=True,
-            remove_columns=[text_field],
-            cache_file_name=str(cache_file),
-            new_fingerprint=key,
-            desc="tokenizing",
-        )
+        return cached_map(docs, encode, self.cache_dir / f"tokens-{key}.arrow", key, [text_field])
 
     def _split(self, docs: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset]:
-        """Seeded document-level split; one document is split at its last ``val_fraction`` of tokens."""
+        """Seeded document-level split; one document is split at its last ``val_fraction`` of tokens
+        (a single conversation cannot be split)."""
+        if len(docs) == 1 and self.chat:
+            raise ConfigError(
+                "data.train_files", self.train_sources, "hold one conversation: none can be held out",
+                "give more conversations, or data.val_files",
+            )  # fmt: skip
         if len(docs) == 1:
             ids = docs[0]["input_ids"]
             cut = len(ids) - max(self.block_size, int(len(ids) * self.val_fraction))
@@ -317,6 +382,16 @@ def _world_size_and_rank(trainer: Any) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
+
+
+def _lists(docs: datasets.Dataset, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list column of ``docs`` as its values one after another ``(total,)`` and the offsets of each row
+    in them ``(rows + 1,)``, starting at 0."""
+    lists = docs.with_format("arrow")[column]
+    combined = lists.combine_chunks() if hasattr(lists, "combine_chunks") else lists
+    values = np.asarray(combined.flatten())
+    offsets = np.asarray(combined.offsets, dtype=np.int64)
+    return values, offsets - offsets[0]
 
 
 def _stream(docs: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:

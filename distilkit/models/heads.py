@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distilkit.errors import ConfigError
+from distilkit.models.packing import packed_forward
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,27 @@ def body_features(
 ) -> BodyOutput:
     """Run the model's body on ``(B, T)`` ids: its final hidden states, and every layer's if asked.
     ``inputs``: further forward arguments of the batch (``position_ids``; see
-    :func:`distilkit.batch.model_inputs`)."""
+    :func:`distilkit.batch.model_inputs`).
+
+    With ``position_ids`` the rows are packed (several sequences each, positions restarting at 0 at every
+    one, see :mod:`distilkit.models.packing`): attention never crosses a sequence, the 2-D
+    ``attention_mask`` is not passed (it would make attention span the whole row), and a model that does
+    not keep the sequences apart is refused."""
+    position_ids = inputs.pop("position_ids", None)
+    if position_ids is not None:
+        return BodyOutput(
+            *packed_forward(model, _body, input_ids, position_ids, output_hidden_states, **inputs)
+        )
+    return BodyOutput(*_body(model, input_ids, attention_mask, output_hidden_states, **inputs))
+
+
+def _body(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    output_hidden_states: bool,
+    **inputs: Tensor,
+) -> tuple[Tensor, tuple[Tensor, ...] | None]:
     if _has_separable_head(model):
         base: Any = model.base_model
         out = base(
@@ -119,7 +140,7 @@ def body_features(
             output_hidden_states=output_hidden_states,
             **inputs,
         )
-        return BodyOutput(out[0], out.hidden_states if output_hidden_states else None)
+        return out[0], out.hidden_states if output_hidden_states else None
     if output_hidden_states:
         raise ConfigError(
             "model",
@@ -128,7 +149,7 @@ def body_features(
             "use a Hugging Face causal LM, or drop hidden_loss",
         )
     out = model(input_ids=input_ids, attention_mask=attention_mask, **inputs)
-    return BodyOutput(out.logits if hasattr(out, "logits") else out)
+    return (out.logits if hasattr(out, "logits") else out), None
 
 
 def check_head(model: nn.Module, head: OutputHead, field: str) -> None:
