@@ -51,7 +51,9 @@ def encode(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
 
 def spelled(tokenizer, ids) -> bytes:
     """The bytes a run of tokens spells, special tokens as NUL."""
-    return b"".join(piece if piece is not None else b"\0" for piece in map(token_bytes(tokenizer).pieces.__getitem__, ids))
+    return b"".join(
+        piece if piece is not None else b"\0" for piece in map(token_bytes(tokenizer).pieces.__getitem__, ids)
+    )
 
 
 # -------------------------------------------------------------------------------------------- byte ends
@@ -160,7 +162,8 @@ def blocks(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "student_name, teacher_name", [("own", "sp"), ("sp", "own"), ("gpt2", "sp"), ("own", "gpt2"), ("sp", "sp")]
+    "student_name, teacher_name",
+    [("own", "sp"), ("sp", "own"), ("gpt2", "sp"), ("own", "gpt2"), ("sp", "sp")],
 )
 def test_compared_positions_see_the_same_text(tokenizers, student_name: str, teacher_name: str) -> None:
     """The rule, checked from the tokens' bytes alone: a student position is compared exactly when some
@@ -202,7 +205,11 @@ def test_documents_stay_apart_at_eos(tokenizers) -> None:
     compared with the teacher's last token of the document (both predict EOS), the EOS position with the
     BOS that opens the next one (both predict its first token)."""
     student, teacher = tokenizers["own"], tokenizers["sp"]
-    ids = encode(student, "First doc.")[0].tolist() + [student.eos_token_id] + encode(student, "Second.")[0].tolist()
+    ids = (
+        encode(student, "First doc.")[0].tolist()
+        + [student.eos_token_id]
+        + encode(student, "Second.")[0].tolist()
+    )
     view = CrossTokenizerAligner(student, teacher)(torch.tensor([ids]))
     row = view.input_ids[0].tolist()
     first, second = teacher("First doc.")["input_ids"], teacher("Second.")["input_ids"]
@@ -226,7 +233,9 @@ def test_characters_cut_by_the_block_edges_are_left_out(tokenizers) -> None:
     index = view.index[0].tolist()  # position t predicts block[t + 1]
     assert index[:3] == [-1, -1, -1]  # contexts: 1, 2, 3 bytes of the cut 😀
     assert index[-2:] == [-1, -1]  # contexts ending inside the cut 🎉
-    assert index[-3] == len(view.input_ids[0]) - 1  # " middle " is the teacher's whole text: its last position
+    assert (
+        index[-3] == len(view.input_ids[0]) - 1
+    )  # " middle " is the teacher's whole text: its last position
     assert view.compared == len(block) - 1 - 5
 
 
