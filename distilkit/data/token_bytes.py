@@ -69,7 +69,9 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase) -> TokenBytes:
 @lru_cache(maxsize=8)
 def _token_bytes(definition: str) -> TokenBytes:
     spec = json.loads(definition)
-    byte_level = _mentions(spec.get("pre_tokenizer"), "ByteLevel") or _mentions(spec.get("decoder"), "ByteLevel")
+    byte_level = _mentions(spec.get("pre_tokenizer"), "ByteLevel") or _mentions(
+        spec.get("decoder"), "ByteLevel"
+    )
     fallback = bool((spec.get("model") or {}).get("byte_fallback"))
     vocab: dict[str, int] = dict(_model_vocab(spec["model"]))
     added = {entry["content"]: entry for entry in spec.get("added_tokens", [])}

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from distilkit.data.alignment import special_token_map
+from distilkit.data.teacher_view import special_token_map
 from distilkit.data.token_bytes import TokenBytes, token_bytes
 
 

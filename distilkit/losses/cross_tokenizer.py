@@ -19,9 +19,9 @@ teacher's logits have the same leading dimensions and their own vocabulary sizes
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,70 +29,7 @@ from distilkit.batch import IGNORE_INDEX
 from distilkit.data.vocabulary import VocabularyMap
 from distilkit.errors import ConfigError, check_range
 from distilkit.losses.base import DistillationLoss, kl_from_log_probs
-
-
-def sorted_l1(p: Tensor, q: Tensor) -> Tensor:
-    """Σ_i |sort↓(p)_i − sort↓(q)_i|, the shorter row padded with zeros; rows ``(M, V_p)``, ``(M, V_q)`` ->
-    ``(M,)``. The plain formula (autograd through ``torch.sort``); :func:`sorted_l1_fast` computes the
-    same."""
-    p = p.sort(-1, descending=True).values  # (M, V_p)
-    q = q.sort(-1, descending=True).values  # (M, V_q)
-    common = min(p.shape[-1], q.shape[-1])
-    head = (p[:, :common] - q[:, :common]).abs().sum(-1)  # (M,)
-    return head + p[:, common:].sum(-1) + q[:, common:].sum(-1)  # past the shorter row: the longer's tail
-
-
-def sorted_l1_fast(p: Tensor, q: Tensor) -> Tensor:
-    """:func:`sorted_l1` with the gradient with respect to ``q`` formed in the forward pass (``p`` gets none).
-
-    ∂/∂q_j = sign(q_j − p_(r)) where r is q_j's rank in q (sign(q_j) past the shorter row): one sort of each
-    row (values only for ``p``, with the order for ``q``), one pass for the differences, a scatter of their
-    signs, kept as int8. On the CPU the sorts are numpy's (vectorised; 2-5x faster than ``torch.sort`` here),
-    elsewhere ``torch.sort``'s. Under ``torch.compile`` the plain formula is used.
-    """
-    if torch.compiler.is_compiling():
-        return sorted_l1(p.detach(), q)
-    return _SortedL1Rows.apply(q, p.detach())
-
-
-class _SortedL1Rows(torch.autograd.Function):
-    """``(q (M, V_q), p (M, V_p)) -> (M,)``: :func:`sorted_l1`, the gradient for q only (see
-    :func:`sorted_l1_fast`)."""
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, q: Tensor, p: Tensor) -> Tensor:  # type: ignore[override]
-        q_sorted, order = _sorted_with_order(q)  # (M, V_q) each, increasing
-        p_sorted = _sorted(p)  # (M, V_p), increasing
-        common = min(q.shape[-1], p.shape[-1])
-        tail_q, tail_p = q.shape[-1] - common, p.shape[-1] - common  # entries that meet the zero padding
-        diff = q_sorted[:, tail_q:] - p_sorted[:, tail_p:]  # (M, common): the largest entries pair up
-        rows = diff.abs().sum(-1) + q_sorted[:, :tail_q].sum(-1) + p_sorted[:, :tail_p].sum(-1)  # (M,)
-        if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
-            signs = torch.cat([q_sorted[:, :tail_q].sign(), diff.sign()], dim=-1).to(torch.int8)  # (M, V_q)
-            ctx.save_for_backward(torch.empty_like(signs).scatter_(-1, order, signs))  # back to q's order
-        return rows
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_rows: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (signs,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return signs.to(grad_rows.dtype) * grad_rows.unsqueeze(-1), None
-
-
-def _sorted(rows: Tensor) -> Tensor:
-    """Each row of ``(M, V)`` sorted increasingly (numpy's vectorised sort on the CPU)."""
-    if rows.device.type != "cpu":
-        return torch.sort(rows, dim=-1).values
-    return torch.from_numpy(np.sort(rows.detach().numpy(), axis=-1))
-
-
-def _sorted_with_order(rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Each row of ``(M, V)`` sorted increasingly, and the ``(M, V)`` int64 order that sorts it."""
-    if rows.device.type != "cpu":
-        values, order = torch.sort(rows, dim=-1)
-        return values, order
-    array = rows.detach().numpy()
-    order_np = np.argsort(array, axis=-1)
-    return torch.from_numpy(np.take_along_axis(array, order_np, axis=-1)), torch.from_numpy(order_np)
+from distilkit.losses.sorted_l1 import sorted_l1, sorted_l1_and_signs, sorted_l1_fast
 
 
 class ULDLoss(DistillationLoss):
@@ -166,7 +103,7 @@ class GOLDLoss(DistillationLoss):
         super().__init__(temperature, ignore_index)
         self.exact_weight, self.uld_weight = exact_weight, uld_weight
         self.mapping: VocabularyMap | None = None
-        self._columns: dict[tuple[int, int, torch.device], tuple[Tensor, ...]] = {}
+        self._columns: dict[tuple[int, int, torch.device], Columns] = {}
 
     @property
     def exact_weight(self) -> float:
@@ -190,27 +127,15 @@ class GOLDLoss(DistillationLoss):
         return self
 
     def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-        student_ids, teacher_ids, student_rest, teacher_rest = self.columns(
-            student_logits.shape[-1], teacher_logits.shape[-1], student_logits.device
-        )
-        teacher_logits = teacher_logits.detach()
-        log_total_p = teacher_logits.logsumexp(-1, keepdim=True)  # (M, 1)
-        log_total_q = student_logits.logsumexp(-1, keepdim=True)  # (M, 1)
-        exact = torch.zeros_like(log_total_p.squeeze(-1))  # (M,)
-        if teacher_ids.numel():
-            shared_t, shared_s = teacher_logits[:, teacher_ids], student_logits[:, student_ids]  # (M, K)
-            mass = (shared_t.logsumexp(-1) - log_total_p.squeeze(-1)).exp()  # (M,) P_S
-            kl = kl_from_log_probs(shared_t.log_softmax(-1), shared_s.log_softmax(-1))  # (M,) KL(p̃‖q̃)
-            exact = torch.where(mass > 0, mass * kl, exact)  # P_S = 0: no shared mass, nothing to compare
-        p_rest = (teacher_logits[:, teacher_rest] - log_total_p).exp()  # (M, V_t − K)
-        q_rest = (student_logits[:, student_rest] - log_total_q).exp()  # (M, V_s − K)
-        rest = sorted_l1_fast(p_rest, q_rest)  # (M,)
-        return self.exact_weight * exact + self.uld_weight * rest
+        columns = self.columns(student_logits.shape[-1], teacher_logits.shape[-1], student_logits.device)
+        weights = (self.exact_weight, self.uld_weight)
+        if torch.compiler.is_compiling():  # let the compiler fuse the plain formula and its gradient
+            return gold_rows(student_logits, teacher_logits.detach(), columns, weights)
+        return _GOLDRows.apply(student_logits, teacher_logits.detach(), columns, weights)
 
-    def columns(self, student_size: int, teacher_size: int, device: torch.device) -> tuple[Tensor, ...]:
-        """``(student_ids (K,), teacher_ids (K,), student_rest (V_s − K,), teacher_rest (V_t − K,))`` on
-        ``device`` for logits of these vocabulary sizes (at least the mapping's: a model's head may have
-        more rows than its tokenizer has tokens; those rows are unshared)."""
+    def columns(self, student_size: int, teacher_size: int, device: torch.device) -> Columns:
+        """The mapping as :class:`Columns` on ``device`` for logits of these vocabulary sizes (at least the
+        mapping's: a model's head may have more rows than its tokenizer has tokens; those are unshared)."""
         key = (student_size, teacher_size, device)
         if key not in self._columns:
             mapping = self._bound()
@@ -223,14 +148,10 @@ class GOLDLoss(DistillationLoss):
                         f"{side} logits have {size} entries, fewer than the {expected} tokens of the "
                         f"vocabulary mapping bound to {type(self).__name__}"
                     )
-            self._columns[key] = tuple(
-                ids.to(device)
-                for ids in (
-                    mapping.student_ids,
-                    mapping.teacher_ids,
-                    _complement(mapping.student_ids, student_size),
-                    _complement(mapping.teacher_ids, teacher_size),
-                )
+            self._columns[key] = Columns(
+                mapping.shared,
+                _shared_first(mapping.student_ids, student_size).to(device),
+                _shared_first(mapping.teacher_ids, teacher_size).to(device),
             )
         return self._columns[key]
 
@@ -246,8 +167,88 @@ class GOLDLoss(DistillationLoss):
         return self.mapping
 
 
-def _complement(ids: Tensor, size: int) -> Tensor:
-    """``(size − len(ids),)`` the ids in ``[0, size)`` not in ``ids``, increasing."""
-    keep = torch.ones(size, dtype=torch.bool)
-    keep[ids] = False
-    return keep.nonzero().squeeze(-1)
+@dataclass(frozen=True)
+class Columns:
+    """A vocabulary mapping as column orders: ``student_order`` ``(V_s,)`` lists the student's shared ids (in
+    the mapping's pair order) and then its other ids, ``teacher_order`` ``(V_t,)`` the same for the teacher,
+    so that after one gather of each side the first ``shared`` columns pair up and the rest follow."""
+
+    shared: int
+    student_order: Tensor
+    teacher_order: Tensor
+
+
+def _shared_first(ids: Tensor, size: int) -> Tensor:
+    """``(size,)``: ``ids``, then the ids in ``[0, size)`` not among them, increasing."""
+    rest = torch.ones(size, dtype=torch.bool)
+    rest[ids] = False
+    return torch.cat([ids, rest.nonzero().squeeze(-1)])
+
+
+def gold_rows(student: Tensor, teacher: Tensor, columns: Columns, weights: tuple[float, float]) -> Tensor:
+    """GOLD per row, the plain formula: ``(M, V_s)``, ``(M, V_t)`` logits -> ``(M,)`` (autograd for the
+    gradient; :class:`_GOLDRows` computes the same with its gradient in closed form)."""
+    k = columns.shared
+    teacher = teacher.index_select(-1, columns.teacher_order)  # (M, V_t), shared columns first
+    student = student.index_select(-1, columns.student_order)  # (M, V_s), shared columns first
+    log_total_p = teacher.logsumexp(-1, keepdim=True)  # (M, 1)
+    exact = torch.zeros_like(log_total_p.squeeze(-1))  # (M,)
+    if k:
+        mass = (teacher[:, :k].logsumexp(-1) - log_total_p.squeeze(-1)).exp()  # (M,) P_S
+        kl = kl_from_log_probs(teacher[:, :k].log_softmax(-1), student[:, :k].log_softmax(-1))  # KL(p̃‖q̃)
+        exact = torch.where(mass > 0, mass * kl, exact)  # P_S = 0: no shared mass, nothing to compare
+    p_rest = (teacher[:, k:] - log_total_p).exp()  # (M, V_t − K)
+    q_rest = student.softmax(-1)[:, k:]  # (M, V_s − K)
+    return weights[0] * exact + weights[1] * sorted_l1(p_rest, q_rest)
+
+
+class _GOLDRows(torch.autograd.Function):
+    """:func:`gold_rows` with the gradient with respect to the student's logits formed in the forward pass.
+
+    With q = softmax(s), q̃ = softmax(s_S) and the ULD signs g_j on the unshared tokens (see
+    :func:`~distilkit.losses.sorted_l1.sorted_l1_and_signs`):
+
+        ∂/∂s_i = w_exact·P_S·(q̃_i − p̃_i) [i ∈ S]  +  w_uld·(g_i·q_i [i ∉ S] − q_i·Σ_{j∉S} g_j·q_j)
+
+    Besides the sorts: one gather of each side into shared-first order, a softmax of the student and a
+    log-softmax of each side's K shared columns, a log-sum-exp and an exp of the teacher, about five
+    in-place passes to form the gradient and one scatter back to the student's order.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        student: Tensor,
+        teacher: Tensor,
+        columns: Columns,
+        weights: tuple[float, float],
+    ) -> Tensor:
+        k, (exact_weight, uld_weight) = columns.shared, weights
+        teacher = teacher.index_select(-1, columns.teacher_order)  # (M, V_t), shared columns first
+        log_total_p = teacher.logsumexp(-1, keepdim=True)  # (M, 1)
+        student = student.index_select(-1, columns.student_order)  # (M, V_s), shared columns first
+        q = student.softmax(-1)  # (M, V_s)
+        want_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
+        grad = torch.empty_like(q) if want_grad else None  # (M, V_s) in shared-first order
+        rows = torch.zeros_like(log_total_p.squeeze(-1))  # (M,)
+        if k:
+            log_p = teacher[:, :k].log_softmax(-1)  # (M, K) log p̃
+            mass = (teacher[:, :k].logsumexp(-1) - log_total_p.squeeze(-1)).exp()  # (M,) P_S
+            log_q = student[:, :k].log_softmax(-1)  # (M, K) log q̃
+            rows += exact_weight * torch.where(mass > 0, mass * kl_from_log_probs(log_p, log_q), 0.0)
+            if grad is not None:  # w·P_S·(q̃ − p̃); P_S = 0: nothing to compare
+                scale = torch.where(mass > 0, mass * exact_weight, 0.0).unsqueeze(-1)  # (M, 1)
+                torch.mul(log_q.exp_().sub_(log_p.exp_().nan_to_num_(0.0)), scale, out=grad[:, :k])
+        p_rest = teacher[:, k:].sub_(log_total_p).exp_()  # (M, V_t − K), in the gathered copy
+        uld, signs = sorted_l1_and_signs(p_rest, q[:, k:], signs=grad is not None)
+        rows += uld_weight * uld
+        if grad is not None and signs is not None:
+            signed = torch.mul(q[:, k:], signs, out=grad[:, k:]).mul_(uld_weight)  # w·g ⊙ q, unshared
+            grad.sub_(q.mul_(signed.sum(-1, keepdim=True)))  # − q·Σ w·g·q
+            ctx.save_for_backward(torch.empty_like(grad).index_copy_(-1, columns.student_order, grad))
+        return rows
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_rows: Tensor):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad * grad_rows.unsqueeze(-1), None, None, None

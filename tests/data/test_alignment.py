@@ -1,6 +1,6 @@
-"""Aligning two tokenizations of one text: byte ends, the next-token rule, and batches of blocks, for a
-byte-level BPE (the project's own and a GPT-2-style one), a SentencePiece-style tokenizer (Metaspace, byte
-fallback, BOS) and across them."""
+"""Aligning two tokenizations of one text (``data/alignment.py``: byte ends, the next-token rule) and batches
+of blocks as the teacher sees them (``data/teacher_view.py``), for a byte-level BPE (the project's own and a
+GPT-2-style one), a SentencePiece-style tokenizer (Metaspace, byte fallback, BOS) and across them."""
 
 from __future__ import annotations
 
@@ -10,16 +10,9 @@ import torch
 from helpers import TEACHER, gpt2_style_tokenizer, sentencepiece_tokenizer
 from transformers import AutoTokenizer
 
-from distilkit.data.alignment import (
-    CrossTokenizerAligner,
-    align_next_token,
-    byte_ends,
-    char_to_byte,
-    ends_from_offsets,
-    special_token_map,
-    utf8_edges,
-)
+from distilkit.data.alignment import align_next_token, byte_ends, char_to_byte, ends_from_offsets, utf8_edges
 from distilkit.data.corpus import _python_reference
+from distilkit.data.teacher_view import AlignedCollate, CrossTokenizerAligner, special_token_map
 from distilkit.data.token_bytes import token_bytes
 
 #: Hand-written texts: accents, emoji (one with a zero-width joiner), runs of spaces, tabs, newlines, CRLF,
@@ -257,3 +250,19 @@ def test_fields_are_the_teacher_sources_batch_keys(tokenizers) -> None:
     assert fields["teacher_index"].shape == (2, ids.shape[1] - 1)
     identity = aligner.identity()
     assert identity["student_tokenizer"] != identity["teacher_tokenizer"]
+
+
+def test_aligned_collate_adds_the_teachers_fields(datamodule, tokenizers) -> None:
+    """In a data loader (a worker process too): each batch of packed blocks carries the teacher's view."""
+    from torch.utils.data import DataLoader
+
+    aligner = CrossTokenizerAligner(datamodule.tokenizer, tokenizers["sp"])
+    blocks = datamodule.datasets["train"]
+    for workers in (0, 1):
+        loader = DataLoader(blocks, batch_size=4, collate_fn=AlignedCollate(aligner), num_workers=workers)
+        batch = next(iter(loader))
+        view = aligner(batch["input_ids"], batch["attention_mask"])
+        assert {"input_ids", "labels", "block_index", "teacher_input_ids", "teacher_index"} <= set(batch)
+        assert torch.equal(batch["teacher_input_ids"], view.input_ids)
+        assert torch.equal(batch["teacher_index"], view.index)
+        assert view.compared > 0.5 * 4 * (blocks.block_size - 1)

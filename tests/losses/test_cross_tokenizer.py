@@ -9,8 +9,10 @@ import torch
 from distilkit.data.vocabulary import VocabularyMap
 from distilkit.errors import ConfigError
 from distilkit.losses import ForwardKLLoss, GOLDLoss, ULDLoss
+from distilkit.losses import sorted_l1 as sorted_l1_module
 from distilkit.losses.chunked import HeadLossPlan, head_losses
-from distilkit.losses.cross_tokenizer import sorted_l1, sorted_l1_fast
+from distilkit.losses.cross_tokenizer import _GOLDRows, gold_rows
+from distilkit.losses.sorted_l1 import sorted_l1, sorted_l1_fast
 from distilkit.models.heads import OutputHead
 
 
@@ -101,7 +103,10 @@ def test_uld_ignores_which_token_is_which() -> None:
     assert ULDLoss()(s, torch.randn(5, 13)) > 0.01
 
 
-def test_sorted_l1_fast_matches_the_plain_formula() -> None:
+@pytest.mark.parametrize("numpy_sort", [True, False], ids=["numpy-sort", "torch-sort"])
+def test_sorted_l1_fast_matches_the_plain_formula(numpy_sort: bool, monkeypatch) -> None:
+    """Both sorts the fast path uses (numpy's on the CPU, ``torch.sort`` on other devices)."""
+    monkeypatch.setattr(sorted_l1_module, "NUMPY_SORT_DEVICES", ("cpu",) if numpy_sort else ())
     generator = torch.Generator().manual_seed(1)
     for q_size, p_size in [(50, 70), (70, 50), (64, 64)]:
         q = torch.randn(6, q_size, generator=generator).softmax(-1).requires_grad_(True)
@@ -249,3 +254,35 @@ def test_chunked_head_loss_with_a_teacher_of_another_vocabulary(make) -> None:
 
     for got, want in zip(run(3), run(None), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gold_closed_form_matches_autograd_through_the_plain_formula() -> None:
+    """:class:`_GOLDRows` (gradient formed in the forward pass) against :func:`gold_rows` (autograd), the form
+    ``torch.compile`` gets; a teacher with masked (-inf) entries included."""
+    s, t, _ = inputs(30, 40, seed=9)
+    s, t = s.reshape(-1, 30), t.reshape(-1, 40)
+    t[:, :5] = -float("inf")
+    gold = GOLDLoss(exact_weight=0.5, uld_weight=2.0).bind(
+        mapping_of(random_pairs(30, 40, 20, seed=10), 30, 40)
+    )
+    columns = gold.columns(30, 40, s.device)
+    fast_input, plain_input = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    fast = _GOLDRows.apply(fast_input, t, columns, (0.5, 2.0))
+    plain = gold_rows(plain_input, t, columns, (0.5, 2.0))
+    (fast * torch.arange(len(fast))).sum().backward()  # a different weight for every row
+    (plain * torch.arange(len(plain))).sum().backward()
+    torch.testing.assert_close(fast, plain)
+    torch.testing.assert_close(fast_input.grad, plain_input.grad)
+
+
+def test_gold_stays_finite_where_probabilities_underflow() -> None:
+    """Logit gaps beyond float32's exp range (a peaked student at T = 1): q underflows to 0 on shared tokens
+    the teacher still gives mass to; log q̃ comes from the logits, so KL, value and gradient stay finite."""
+    s = torch.zeros(2, 6)
+    s[:, 0] = 200.0  # q = (1, 0, 0, 0, 0, 0) in float32
+    t = torch.zeros(2, 6)
+    gold = GOLDLoss().bind(mapping_of([(i, i) for i in range(4)], 6, 6))
+    s.requires_grad_(True)
+    value = gold(s, t)
+    value.backward()
+    assert torch.isfinite(value) and value > 90 and torch.isfinite(s.grad).all()  # ≈ (2/3)·0.75·200
