@@ -286,3 +286,41 @@ def test_gold_stays_finite_where_probabilities_underflow() -> None:
     value = gold(s, t)
     value.backward()
     assert torch.isfinite(value) and value > 90 and torch.isfinite(s.grad).all()  # ≈ (2/3)·0.75·200
+
+
+@pytest.mark.parametrize("name", ["uld", "gold"])
+def test_a_module_trains_with_a_cross_vocabulary_loss(name, datamodule, tmp_path) -> None:
+    """With the teacher's own tokenizer (the module as it is): ULD as it comes, GOLD bound to the vocabulary
+    shared with itself; a few steps, finite losses, the student moves."""
+    from helpers import tiny_module, tiny_trainer
+
+    from distilkit.data.vocabulary import shared_vocabulary
+
+    tokenizer = datamodule.tokenizer
+    loss = (
+        ULDLoss(temperature=2.0)
+        if name == "uld"
+        else GOLDLoss().bind(shared_vocabulary(tokenizer, tokenizer))
+    )
+    module = tiny_module(datamodule, loss=loss, kd_ratio=1.0)
+    before = [p.detach().clone() for p in module.student.parameters()]
+    trainer = tiny_trainer(tmp_path, max_steps=3, val_check_interval=3)
+    trainer.fit(module, datamodule)
+    assert torch.isfinite(trainer.callback_metrics["val/kd_loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.student.parameters(), strict=True))
+
+
+def test_recipes_choose_them_by_class_path(tmp_path, corpus, cache_dir, capsys) -> None:
+    """``loss: {class_path: distilkit.losses.GOLDLoss, init_args: {...}}`` parses, knobs included."""
+    import yaml
+    from helpers import run_cli, tiny_recipe
+
+    recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, {"vocab_size": 400}, cache_dir)
+    gold = (
+        '{"class_path": "distilkit.losses.GOLDLoss", "init_args": {"exact_weight": 0.5, "uld_weight": 2.0}}'
+    )
+    with pytest.raises(SystemExit):
+        run_cli("fit", "--config", str(recipe), "--model.init_args.loss", gold, "--print_config")
+    loss = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["loss"]
+    assert loss["class_path"] == "distilkit.losses.GOLDLoss"
+    assert (loss["init_args"]["exact_weight"], loss["init_args"]["uld_weight"]) == (0.5, 2.0)
