@@ -86,8 +86,9 @@ def main() -> None:
         start = time.perf_counter()
         views = [aligner(batch) for batch in batches]
         seconds = (time.perf_counter() - start) / len(batches)
-        compared = sum(view.compared for view in views) / (len(batches) * 16 * 127)
-        exact = sum(int(view.exact.sum()) for view in views) / (len(batches) * 16 * 127)
+        positions = sum(int(view.predicting.sum()) for view in views)
+        compared = sum(view.compared for view in views) / positions
+        exact = sum(int(view.exact.sum()) for view in views) / positions
         rows.append(
             [f"byte-level BPE, V_t = {size}", f"{seconds * 1000:.1f}", f"{compared:.3f}", f"{exact:.3f}"]
         )

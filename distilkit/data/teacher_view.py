@@ -52,17 +52,25 @@ class TeacherView:
             of :func:`distilkit.batch.next_token_targets`), the teacher position of block b whose
             prediction it is compared with, or -1 (skipped).
         exact: ``(B, T - 1)`` bool: compared, and both next tokens cover the same text.
+        predicting: ``(B, T - 1)`` bool: the student positions that predict a token (t and t + 1 are
+            tokens, not padding): each is compared or skipped.
     """
 
     input_ids: Tensor
     attention_mask: Tensor
     index: Tensor
     exact: Tensor
+    predicting: Tensor
 
     @property
     def compared(self) -> int:
         """Student positions compared with a teacher prediction."""
         return int((self.index >= 0).sum())
+
+    @property
+    def skipped(self) -> int:
+        """Student positions that predict a token but are compared with none."""
+        return int((self.predicting & (self.index < 0)).sum())
 
     def fields(self) -> dict[str, Tensor]:
         """The batch fields a teacher source reads: ``teacher_input_ids``, ``teacher_attention_mask``,
@@ -130,7 +138,11 @@ class CrossTokenizerAligner:
         student_ends = np.cumsum(self.widths[ids] * valid, axis=1)  # (B, T) units
         segments = [self._segments(ids[b], valid[b], student_ends[b]) for b in range(len(ids))]
         texts = [segment.text for block in segments for segment in block if segment.text is not None]
-        encodings = self.teacher_tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        encodings = (
+            self.teacher_tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+            if texts
+            else {"input_ids": [], "offset_mapping": []}
+        )
         teacher = iter(zip(texts, encodings["input_ids"], encodings["offset_mapping"], strict=True))
         rows = [self._teacher_row(block, teacher) for block in segments]
         return self._view(rows, student_ends, valid)
@@ -194,6 +206,7 @@ class CrossTokenizerAligner:
             torch.from_numpy(mask),
             torch.from_numpy(index),
             torch.from_numpy(exact),
+            torch.from_numpy(valid[:, :-1] & valid[:, 1:]),
         )
 
 

@@ -181,6 +181,7 @@ def test_compared_positions_see_the_same_text(tokenizers, student_name: str, tea
             compared += expected >= 0
         assert (view.index[b, len(s_row) - 1 :] == -1).all()  # padding is never compared
     assert view.compared == compared > 0.5 * int(mask.sum())
+    assert view.compared + view.skipped == int(view.predicting.sum()) == int(mask.sum()) - len(TEXTS)
 
 
 def test_same_tokenizer_aligns_every_position_to_itself(tokenizers) -> None:
@@ -240,6 +241,15 @@ def test_max_length_cuts_the_teacher_and_skips_the_rest(tokenizers) -> None:
     assert cut.input_ids.shape[1] == 10 and torch.equal(cut.input_ids[0], full.input_ids[0, :10])
     assert (cut.index < 10).all() and 0 < cut.compared < full.compared
     assert torch.equal(cut.index[cut.index >= 0], full.index[cut.index >= 0])
+
+
+def test_a_block_of_special_tokens_only(tokenizers) -> None:
+    """No text to tokenize: the teacher sees the EOS counterparts (no BOS: no document follows), each EOS
+    position is compared with the teacher's (both predict an EOS)."""
+    student = tokenizers["own"]
+    view = CrossTokenizerAligner(student, tokenizers["sp"])(torch.full((2, 3), student.eos_token_id))
+    assert view.input_ids.tolist() == [[tokenizers["sp"].eos_token_id] * 3] * 2
+    assert view.index.tolist() == [[0, 1], [0, 1]] and view.skipped == 0
 
 
 def test_fields_are_the_teacher_sources_batch_keys(tokenizers) -> None:
