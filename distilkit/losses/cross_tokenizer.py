@@ -40,9 +40,13 @@ class ULDLoss(DistillationLoss):
     p = softmax(t/T) over the teacher's V_t tokens, q = softmax(s/T) over the student's V_s, the shorter
     vector padded with zeros (Boizard et al. 2024; it is their Wasserstein-1 distance with unit cost
     between different tokens). It lies in [0, 2], is 0 when the sorted vectors agree, and needs no mapping
-    between the vocabularies. Per chunk of n positions: a softmax and a sort of each side (the sorts, of cost
-    n·V·log V, dominate), one pass for the differences; the backward pass scatters their signs back through
-    the student's sort and softmax.
+    between the vocabularies.
+
+    Cost per chunk of n positions: a softmax of each side, a sort of each side (values for the teacher,
+    values and order for the student; n·V·log V, the largest part on a CPU), one pass for the differences
+    and a scatter of their signs (the gradient with respect to q, kept as int8); backward: the softmax's
+    (two passes) and one multiply. A step at n = 2,048, V = 4,096 costs about 4-5x the forward KL's on 2
+    CPU cores (``benchmarks/cross_tokenizer.py``); on a GPU ``torch.sort`` is fast.
 
     A teacher cache's sparse targets are refused (it needs the teacher's whole distribution).
     """
@@ -73,11 +77,14 @@ class GOLDLoss(DistillationLoss):
     vocabularies (every token shared) GOLD is exactly the forward KL; with nothing shared it is ULD.
 
     TRL's GOLD trainer (``trl/experimental/gold``) compares the matched tokens' unnormalised probabilities
-    with a JSD; this is the KL the issue names, made a divergence by the renormalisation.
+    with a JSD; here the exact part is the forward KL, made a divergence by the renormalisation.
 
-    Per chunk of n positions: a log-softmax of each side (full V), gathers of the K shared columns and
-    their log-softmax, and a softmax, a sort and a difference over the V − K unshared columns of each side;
-    with a large overlap the sorts are short and GOLD costs about what a KL does.
+    Cost per chunk of n positions (the gradient is formed in the forward pass, :class:`_GOLDRows`): one
+    gather of each side into shared-first column order, a log-sum-exp of the teacher and a softmax of the
+    student over all V, log-softmaxes and the KL over the K shared columns, an exp and a sort of each side's
+    V − K unshared columns, about five in-place passes to form the gradient and one scatter back; backward:
+    one multiply. A step at n = 2,048, V_s = 4,096 (K = 3,201 shared) costs about 3.5-4.5x the forward
+    KL's on 2 CPU cores (``benchmarks/cross_tokenizer.py``).
 
     The mapping is bound before use with :meth:`bind` (a teacher with another tokenizer does it from the
     two tokenizers, :func:`~distilkit.data.vocabulary.shared_vocabulary`); it is not saved in checkpoints.
