@@ -73,6 +73,48 @@ def tiny_trainer(tmp_path: Path, max_steps: int = 4, **kwargs):
     return L.Trainer(**options)
 
 
+def sentencepiece_tokenizer(texts: list[str], vocab_size: int = 600, bos: bool = True):
+    """A Llama-style tokenizer trained locally: BPE over ``▁``-marked words (Metaspace, prepended to a text's
+    first word), byte-fallback tokens ``<0x00>``..``<0xFF>`` for any character it has no piece for, special
+    ``<unk>``, ``<s>``, ``</s>``, and (``bos``) a BOS added before every text."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    specials = ["<unk>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    model = json.loads(tokenizer.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tokenizer.model = models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True)
+    if bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
+
+
+def gpt2_style_tokenizer(texts: list[str], vocab_size: int = 600):
+    """A byte-level BPE as GPT-2's hub tokenizer is: :func:`distilkit.data.tokenizer.train_bpe` with the
+    ``ByteLevel`` post-processor that trims the leading space from token offsets."""
+    from tokenizers import processors
+
+    from distilkit.data.tokenizer import train_bpe
+
+    tokenizer = train_bpe(texts, vocab_size=vocab_size, show_progress=False)
+    tokenizer.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    return tokenizer
+
+
 # ---------------------------------------------------------------------------------------- recipes and runs
 def tiny_recipe(path: Path, corpus: Path, tokenizer: Path | dict, cache_dir: Path, **trainer) -> Path:
     """Write a recipe of tiny models that fits in seconds."""

@@ -1,6 +1,7 @@
 """Pluggable distillation losses. Choose one in YAML with ``class_path: distilkit.losses.<Name>``."""
 
 from distilkit.losses.base import DistillationLoss
+from distilkit.losses.cross_tokenizer import GOLDLoss, ULDLoss
 from distilkit.losses.divergences import (
     ForwardKLLoss,
     GeneralizedJSDLoss,
@@ -17,6 +18,7 @@ from distilkit.losses.sparse import SparseTargets
 __all__ = [
     "DistillationLoss",
     "ForwardKLLoss",
+    "GOLDLoss",
     "GeneralizedJSDLoss",
     "HiddenStateLoss",
     "LogitMSELoss",
@@ -26,4 +28,5 @@ __all__ = [
     "SparseTargets",
     "SymmetricKLLoss",
     "TVDLoss",
+    "ULDLoss",
 ]

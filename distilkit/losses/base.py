@@ -51,6 +51,10 @@ class DistillationLoss(nn.Module):
     #: ``("topk",)`` (any divergence applies to bucketed distributions) unless it needs full logits.
     sparse_modes: ClassVar[tuple[str, ...]] = ("topk",)
 
+    #: Whether the teacher's logits may have another vocabulary (last dimension) than the student's: true for
+    #: the losses that compare distributions over two vocabularies (:mod:`distilkit.losses.cross_tokenizer`).
+    cross_vocabulary: ClassVar[bool] = False
+
     def __init__(self, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         self.temperature = temperature
@@ -82,20 +86,24 @@ class DistillationLoss(nn.Module):
 
         Args:
             student_logits: ``(..., V)`` logits of the student, any float dtype, already aligned.
-            teacher_logits: ``(..., V)`` logits of the teacher, same shape.
+            teacher_logits: ``(..., V)`` logits of the teacher, same shape (``(..., V_t)`` for a loss with
+                :attr:`cross_vocabulary`).
             labels: ``(...)`` optional; positions equal to ``ignore_index`` are skipped (no other use).
 
         Returns:
             A float32 scalar.
         """
-        if student_logits.shape != teacher_logits.shape:
+        leading_only = self.cross_vocabulary  # the vocabularies (last dimensions) may differ
+        if (student_logits.shape[:-1] if leading_only else student_logits.shape) != (
+            teacher_logits.shape[:-1] if leading_only else teacher_logits.shape
+        ):
             raise ValueError(
                 f"student_logits {tuple(student_logits.shape)} and teacher_logits "
-                f"{tuple(teacher_logits.shape)} must have the same shape"
+                f"{tuple(teacher_logits.shape)} must have the same "
+                + ("leading dimensions" if leading_only else "shape")
             )
-        vocab = student_logits.shape[-1]
-        student = student_logits.reshape(-1, vocab)  # (N, V)
-        teacher = teacher_logits.reshape(-1, vocab)  # (N, V)
+        student = student_logits.reshape(-1, student_logits.shape[-1])  # (N, V)
+        teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1])  # (N, V), or (N, V_t)
         if labels is not None:
             keep = labels.reshape(-1) != self.ignore_index  # (N,)
             if not bool(keep.all()):  # skip the copy when nothing is masked (the chunked path)

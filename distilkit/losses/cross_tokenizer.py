@@ -1,0 +1,261 @@
+"""Losses between a student and a teacher whose vocabularies differ (cross-tokenizer distillation).
+
+The two distributions are over different sets of tokens, so the KL of the other losses is undefined. At
+the positions :mod:`distilkit.data.alignment` pairs up (both predict the next token from the same text),
+these compare them without or with a mapping of the vocabularies:
+
+- :class:`ULDLoss`, Universal Logit Distillation (Boizard et al. 2024, "Towards Cross-Tokenizer Distillation:
+  the Universal Logit Distillation Loss for LLMs"): the Wasserstein-1 distance between the two
+  distributions when any two different tokens are at distance 1, which is the L1 distance between the
+  probability vectors sorted in decreasing order (the shorter padded with zeros). It needs no mapping and
+  ignores which token is which: it matches the shape (confidence, spread) of the teacher's distribution.
+- :class:`GOLDLoss`, the hybrid of TRL's GOLD trainer: exact KL on the tokens both vocabularies share
+  (:func:`distilkit.data.vocabulary.shared_vocabulary`), the ULD distance on the rest.
+
+Both get temperature, masking and float32 math from :class:`DistillationLoss`; the student's and the
+teacher's logits have the same leading dimensions and their own vocabulary sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from distilkit.batch import IGNORE_INDEX
+from distilkit.data.vocabulary import VocabularyMap
+from distilkit.errors import ConfigError, check_range
+from distilkit.losses.base import DistillationLoss, kl_from_log_probs
+from distilkit.losses.sorted_l1 import sorted_l1, sorted_l1_and_signs, sorted_l1_fast
+
+
+class ULDLoss(DistillationLoss):
+    """Universal Logit Distillation: the L1 distance between the sorted probability vectors,
+
+        ULD(p, q) = Σ_i |p_(i) − q_(i)|,   p_(1) ≥ p_(2) ≥ ..., q_(1) ≥ q_(2) ≥ ...,
+
+    p = softmax(t/T) over the teacher's V_t tokens, q = softmax(s/T) over the student's V_s, the shorter
+    vector padded with zeros (Boizard et al. 2024; it is their Wasserstein-1 distance with unit cost
+    between different tokens). It lies in [0, 2], is 0 when the sorted vectors agree, and needs no mapping
+    between the vocabularies.
+
+    Cost per chunk of n positions: a softmax of each side, a sort of each side (values for the teacher,
+    values and order for the student; n·V·log V, the largest part on a CPU), one pass for the differences
+    and a scatter of their signs (the gradient with respect to q, kept as int8); backward: the softmax's
+    (two passes) and one multiply. A step at n = 2,048, V = 4,096 costs about 4-5x the forward KL's on 2
+    CPU cores (``benchmarks/cross_tokenizer.py``); on a GPU ``torch.sort`` is fast.
+
+    A teacher cache's sparse targets are refused (it needs the teacher's whole distribution).
+    """
+
+    sparse_modes: ClassVar[tuple[str, ...]] = ()
+    cross_vocabulary: ClassVar[bool] = True
+
+    def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        with torch.no_grad():
+            p = teacher_logits.softmax(-1)  # (M, V_t)
+        return sorted_l1_fast(p, student_logits.softmax(-1))
+
+
+class GOLDLoss(DistillationLoss):
+    """The hybrid of TRL's GOLD: exact KL on the shared tokens, ULD on the rest.
+
+    With the shared tokens S (pairs of a teacher and a student id that stand for the same text, see
+    :class:`~distilkit.data.vocabulary.VocabularyMap`), p = softmax(t/T), q = softmax(s/T), P_S = Σ_{k∈S} p_k,
+    and p̃, q̃ the two distributions renormalised over S:
+
+        GOLD = exact_weight · P_S · KL(p̃ ‖ q̃)  +  uld_weight · Σ_i |sort↓(p_rest)_i − sort↓(q_rest)_i|
+
+    where p_rest, q_rest are the probabilities of each side's tokens outside S (not renormalised, the
+    shorter padded with zeros). The first term is the part of KL(p‖q) that the shared tokens carry once the
+    mass of the rest is set aside (P_S·KL(p̃‖q̃) = Σ_{k∈S} p_k·log(p̃_k/q̃_k)): it says which shared token,
+    and stays finite when one side has no tokens outside S. The second is ULD (:class:`ULDLoss`) on the rest,
+    and also matches the total mass outside S (it is at least |Σ p_rest − Σ q_rest|). With identical
+    vocabularies (every token shared) GOLD is exactly the forward KL; with nothing shared it is ULD.
+
+    TRL's GOLD trainer (``trl/experimental/gold``) compares the matched tokens' unnormalised probabilities
+    with a JSD; here the exact part is the forward KL, made a divergence by the renormalisation.
+
+    Cost per chunk of n positions (the gradient is formed in the forward pass, :class:`_GOLDRows`): one
+    gather of each side into shared-first column order, a log-sum-exp of the teacher and a softmax of the
+    student over all V, log-softmaxes and the KL over the K shared columns, an exp and a sort of each side's
+    V − K unshared columns, about five in-place passes to form the gradient and one scatter back; backward:
+    one multiply. A step at n = 2,048, V_s = 4,096 (K = 3,201 shared) costs about 3.5-4.5x the forward
+    KL's on 2 CPU cores (``benchmarks/cross_tokenizer.py``).
+
+    The mapping is bound before use with :meth:`bind` (a teacher with another tokenizer does it from the
+    two tokenizers, :func:`~distilkit.data.vocabulary.shared_vocabulary`); it is not saved in checkpoints.
+
+    Args:
+        exact_weight: weight of the exact KL term (>= 0, default 1.0).
+        uld_weight: weight of the ULD term on the unshared tokens (>= 0, default 1.0).
+        temperature: as for every loss.
+        ignore_index: as for every loss.
+    """
+
+    knobs = ("temperature", "exact_weight", "uld_weight")
+    sparse_modes: ClassVar[tuple[str, ...]] = ()
+    cross_vocabulary: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        exact_weight: float = 1.0,
+        uld_weight: float = 1.0,
+        temperature: float = 1.0,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        super().__init__(temperature, ignore_index)
+        self.exact_weight, self.uld_weight = exact_weight, uld_weight
+        self.mapping: VocabularyMap | None = None
+        self._columns: dict[tuple[int, int, torch.device], Columns] = {}
+
+    @property
+    def exact_weight(self) -> float:
+        return self._exact_weight
+
+    @exact_weight.setter
+    def exact_weight(self, value: float) -> None:
+        self._exact_weight = float(check_range("loss.exact_weight", value, 0.0, math.inf))
+
+    @property
+    def uld_weight(self) -> float:
+        return self._uld_weight
+
+    @uld_weight.setter
+    def uld_weight(self, value: float) -> None:
+        self._uld_weight = float(check_range("loss.uld_weight", value, 0.0, math.inf))
+
+    def bind(self, mapping: VocabularyMap) -> GOLDLoss:
+        """Use ``mapping`` (the shared tokens of the student's and the teacher's vocabularies) from now on."""
+        self.mapping, self._columns = mapping, {}
+        return self
+
+    def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+        columns = self.columns(student_logits.shape[-1], teacher_logits.shape[-1], student_logits.device)
+        weights = (self.exact_weight, self.uld_weight)
+        if torch.compiler.is_compiling():  # let the compiler fuse the plain formula and its gradient
+            return gold_rows(student_logits, teacher_logits.detach(), columns, weights)
+        return _GOLDRows.apply(student_logits, teacher_logits.detach(), columns, weights)
+
+    def columns(self, student_size: int, teacher_size: int, device: torch.device) -> Columns:
+        """The mapping as :class:`Columns` on ``device`` for logits of these vocabulary sizes (at least the
+        mapping's: a model's head may have more rows than its tokenizer has tokens; those are unshared)."""
+        key = (student_size, teacher_size, device)
+        if key not in self._columns:
+            mapping = self._bound()
+            for side, size, expected in (
+                ("student", student_size, mapping.student_size),
+                ("teacher", teacher_size, mapping.teacher_size),
+            ):
+                if size < expected:
+                    raise ValueError(
+                        f"{side} logits have {size} entries, fewer than the {expected} tokens of the "
+                        f"vocabulary mapping bound to {type(self).__name__}"
+                    )
+            self._columns[key] = Columns(
+                mapping.shared,
+                _shared_first(mapping.student_ids, student_size).to(device),
+                _shared_first(mapping.teacher_ids, teacher_size).to(device),
+            )
+        return self._columns[key]
+
+    def _bound(self) -> VocabularyMap:
+        if self.mapping is None:
+            raise ConfigError(
+                "loss",
+                type(self).__name__,
+                "has no vocabulary mapping: it compares the tokens the two vocabularies share",
+                "bind one first, loss.bind(shared_vocabulary(student_tokenizer, teacher_tokenizer)) "
+                "(from distilkit.data.vocabulary); a teacher with another tokenizer binds it for you",
+            )
+        return self.mapping
+
+
+@dataclass(frozen=True)
+class Columns:
+    """A vocabulary mapping as column orders: ``student_order`` ``(V_s,)`` lists the student's shared ids (in
+    the mapping's pair order) and then its other ids, ``teacher_order`` ``(V_t,)`` the same for the teacher,
+    so that after one gather of each side the first ``shared`` columns pair up and the rest follow."""
+
+    shared: int
+    student_order: Tensor
+    teacher_order: Tensor
+
+
+def _shared_first(ids: Tensor, size: int) -> Tensor:
+    """``(size,)``: ``ids``, then the ids in ``[0, size)`` not among them, increasing."""
+    rest = torch.ones(size, dtype=torch.bool)
+    rest[ids] = False
+    return torch.cat([ids, rest.nonzero().squeeze(-1)])
+
+
+def gold_rows(student: Tensor, teacher: Tensor, columns: Columns, weights: tuple[float, float]) -> Tensor:
+    """GOLD per row, the plain formula: ``(M, V_s)``, ``(M, V_t)`` logits -> ``(M,)`` (autograd for the
+    gradient; :class:`_GOLDRows` computes the same with its gradient in closed form)."""
+    k = columns.shared
+    teacher = teacher.index_select(-1, columns.teacher_order)  # (M, V_t), shared columns first
+    student = student.index_select(-1, columns.student_order)  # (M, V_s), shared columns first
+    log_total_p = teacher.logsumexp(-1, keepdim=True)  # (M, 1)
+    exact = torch.zeros_like(log_total_p.squeeze(-1))  # (M,)
+    if k:
+        mass = (teacher[:, :k].logsumexp(-1) - log_total_p.squeeze(-1)).exp()  # (M,) P_S
+        kl = kl_from_log_probs(teacher[:, :k].log_softmax(-1), student[:, :k].log_softmax(-1))  # KL(p̃‖q̃)
+        exact = torch.where(mass > 0, mass * kl, exact)  # P_S = 0: no shared mass, nothing to compare
+    p_rest = (teacher[:, k:] - log_total_p).exp()  # (M, V_t − K)
+    q_rest = student.softmax(-1)[:, k:]  # (M, V_s − K)
+    return weights[0] * exact + weights[1] * sorted_l1(p_rest, q_rest)
+
+
+class _GOLDRows(torch.autograd.Function):
+    """:func:`gold_rows` with the gradient with respect to the student's logits formed in the forward pass.
+
+    With q = softmax(s), q̃ = softmax(s_S) and the ULD signs g_j on the unshared tokens (see
+    :func:`~distilkit.losses.sorted_l1.sorted_l1_and_signs`):
+
+        ∂/∂s_i = w_exact·P_S·(q̃_i − p̃_i) [i ∈ S]  +  w_uld·(g_i·q_i [i ∉ S] − q_i·Σ_{j∉S} g_j·q_j)
+
+    Besides the sorts: one gather of each side into shared-first order, a softmax of the student and a
+    log-softmax of each side's K shared columns, a log-sum-exp and an exp of the teacher, about five
+    in-place passes to form the gradient and one scatter back to the student's order.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        student: Tensor,
+        teacher: Tensor,
+        columns: Columns,
+        weights: tuple[float, float],
+    ) -> Tensor:
+        k, (exact_weight, uld_weight) = columns.shared, weights
+        teacher = teacher.index_select(-1, columns.teacher_order)  # (M, V_t), shared columns first
+        log_total_p = teacher.logsumexp(-1, keepdim=True)  # (M, 1)
+        student = student.index_select(-1, columns.student_order)  # (M, V_s), shared columns first
+        q = student.softmax(-1)  # (M, V_s)
+        want_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
+        grad = torch.empty_like(q) if want_grad else None  # (M, V_s) in shared-first order
+        rows = torch.zeros_like(log_total_p.squeeze(-1))  # (M,)
+        if k:
+            log_p = teacher[:, :k].log_softmax(-1)  # (M, K) log p̃
+            mass = (teacher[:, :k].logsumexp(-1) - log_total_p.squeeze(-1)).exp()  # (M,) P_S
+            log_q = student[:, :k].log_softmax(-1)  # (M, K) log q̃
+            rows += exact_weight * torch.where(mass > 0, mass * kl_from_log_probs(log_p, log_q), 0.0)
+            if grad is not None:  # w·P_S·(q̃ − p̃); P_S = 0: nothing to compare
+                scale = torch.where(mass > 0, mass * exact_weight, 0.0).unsqueeze(-1)  # (M, 1)
+                torch.mul(log_q.exp_().sub_(log_p.exp_().nan_to_num_(0.0)), scale, out=grad[:, :k])
+        p_rest = teacher[:, k:].sub_(log_total_p).exp_()  # (M, V_t − K), in the gathered copy
+        uld, signs = sorted_l1_and_signs(p_rest, q[:, k:], signs=grad is not None)
+        rows += uld_weight * uld
+        if grad is not None and signs is not None:
+            signed = torch.mul(q[:, k:], signs, out=grad[:, k:]).mul_(uld_weight)  # w·g ⊙ q, unshared
+            grad.sub_(q.mul_(signed.sum(-1, keepdim=True)))  # − q·Σ w·g·q
+            ctx.save_for_backward(torch.empty_like(grad).index_copy_(-1, columns.student_order, grad))
+        return rows
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_rows: Tensor):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad * grad_rows.unsqueeze(-1), None, None, None
