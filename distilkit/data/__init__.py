@@ -1,4 +1,4 @@
-"""Data: text sources, tokenizers, the built-in corpus, packing into blocks and a resumable sampler."""
+"""Data: text sources, tokenizers, the built-in corpora, packing into blocks and a resumable sampler."""
 
 from distilkit.data.sampler import ResumableSampler
 from distilkit.data.text import PackedBlocks, TextDataModule, held_out_split
