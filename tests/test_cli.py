@@ -198,7 +198,9 @@ def test_the_console_script_reports_user_errors_without_a_traceback(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["quickstart.yaml", "baseline.yaml", "curriculum.yaml"])
+@pytest.mark.parametrize(
+    "recipe", ["quickstart.yaml", "baseline.yaml", "curriculum.yaml", "code_teacher.yaml"]
+)
 def test_small_recipes_run_end_to_end(recipe, tmp_path, cache_dir, capsys):
     """The shipped recipes as a user runs them, cut to a few steps by ``--trainer.max_steps`` alone (the full
     runs are `make quickstart`)."""
@@ -222,7 +224,7 @@ def test_small_recipes_run_end_to_end(recipe, tmp_path, cache_dir, capsys):
     summary = " ".join(capsys.readouterr().out.split())
     assert f"run directory {run_dir}" in summary and "student val ppl" in summary
     assert "distilkit export --ckpt_path" in summary
-    assert ("teacher val ppl" in summary) == (recipe != "baseline.yaml")
+    assert ("teacher val ppl" in summary) == (recipe not in ("baseline.yaml", "code_teacher.yaml"))
     assert (run_dir / "learning_curve.png").is_file()
 
 

@@ -1,4 +1,4 @@
-"""Data: text and chat sources, tokenizers, the built-in corpus, packing into blocks, a resumable sampler."""
+"""Data: text and chat sources, tokenizers, the built-in corpora, packing into blocks, a resumable sampler."""
 
 from distilkit.data.chat_blocks import ChatBlocks, PackingReport
 from distilkit.data.sampler import ResumableSampler

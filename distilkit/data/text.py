@@ -94,7 +94,8 @@ class TextDataModule(L.LightningDataModule):
     A conversation longer than ``block_size`` is truncated, and what that drops is reported at setup.
 
     Args:
-        train_files: paths, ``builtin:python-reference``, or one ``datasets`` name/path.
+        train_files: paths, ``builtin:python-reference`` (prose), ``builtin:python-code`` (the standard
+            library's source), or one ``datasets`` name/path.
         val_files: the same forms, or None to hold out part of the training documents.
         test_files: the same forms: what ``distilkit test`` scores (default: the validation split).
         predict_files: the same forms: what ``distilkit predict`` scores (default: the validation split).

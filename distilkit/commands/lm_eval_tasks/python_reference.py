@@ -12,8 +12,8 @@ from distilkit.data.text import held_out_split
 
 def held_out_documents(val_fraction: float = 0.1, seed: int = 0, **metadata: Any) -> datasets.DatasetDict:
     """The documents ``TextDataModule(train_files="builtin:python-reference", val_fraction, seed)`` holds
-    out for validation, as the ``test`` split (columns ``title``, ``text``). The harness passes the task's
-    ``metadata`` too; it is not needed."""
+    out for validation, as the ``test`` split (columns ``title``, ``text``, ``source``). The harness passes
+    the task's ``metadata`` too; it is not needed."""
     documents = builtin_documents("python-reference")
     _, held_out = held_out_split(len(documents), val_fraction, seed)
     return datasets.DatasetDict({"test": datasets.Dataset.from_list([documents[i] for i in held_out])})
