@@ -26,12 +26,15 @@ TRAIN_ON = ("assistant", "all")
 _JSON_SUFFIXES = (".jsonl", ".json")
 
 
-def is_chat_row(row: Any) -> bool:
-    """A row with ``messages``, or with ``prompt`` and ``completion``."""
-    return isinstance(row, dict) and ("messages" in row or ("prompt" in row and "completion" in row))
+def is_chat_row(row: Any, text_field: str = "text") -> bool:
+    """A row with ``messages``, or with ``prompt`` and ``completion`` and no ``text_field`` (``distilkit
+    generate`` writes prompt, completion and their ``text``: plain text to train on)."""
+    if not isinstance(row, dict):
+        return False
+    return "messages" in row or ("prompt" in row and "completion" in row and text_field not in row)
 
 
-def is_chat_source(source: str) -> bool:
+def is_chat_source(source: str, text_field: str = "text") -> bool:
     """Whether a source holds chat rows, judged by its first row (jsonl) or its columns (parquet)."""
     path = Path(source)
     if path.suffix in _JSON_SUFFIXES and path.is_file():
@@ -39,7 +42,7 @@ def is_chat_source(source: str) -> bool:
             for line in file:
                 if line.strip():
                     try:
-                        return is_chat_row(json.loads(line))
+                        return is_chat_row(json.loads(line), text_field)
                     except ValueError:
                         return False  # the text reader names the bad line
         return False
@@ -47,13 +50,13 @@ def is_chat_source(source: str) -> bool:
         import pyarrow.parquet as pq
 
         names = set(pq.read_schema(path).names)
-        return "messages" in names or {"prompt", "completion"} <= names
+        return "messages" in names or ({"prompt", "completion"} <= names and text_field not in names)
     return False
 
 
-def chat_sources(field: str, sources: Sequence[str]) -> bool:
+def chat_sources(field: str, sources: Sequence[str], text_field: str = "text") -> bool:
     """Whether ``sources`` hold chat rows; all of them must agree (one kind of data per split)."""
-    kinds = {source: is_chat_source(source) for source in sources}
+    kinds = {source: is_chat_source(source, text_field) for source in sources}
     if len(set(kinds.values())) > 1:
         chat = [s for s, k in kinds.items() if k]
         text = [s for s, k in kinds.items() if not k]
@@ -182,10 +185,11 @@ def check_chat_settings(
         train_on: ``data.train_on``.
         text_field: ``data.text_field`` (plain text only).
     """
-    is_chat = chat_sources("data.train_files", sources["train"] or [])
+    is_chat = chat_sources("data.train_files", sources["train"] or [], text_field)
     kind = "chat rows" if is_chat else "plain text"
     for name, split_sources in sources.items():
-        if split_sources is not None and chat_sources(f"data.{name}_files", split_sources) != is_chat:
+        chat = split_sources is not None and chat_sources(f"data.{name}_files", split_sources, text_field)
+        if split_sources is not None and chat != is_chat:
             raise ConfigError(
                 f"data.{name}_files",
                 split_sources,

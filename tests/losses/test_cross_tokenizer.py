@@ -14,6 +14,7 @@ from distilkit.losses.chunked import HeadLossPlan, head_losses
 from distilkit.losses.cross_tokenizer import _GOLDRows, gold_rows
 from distilkit.losses.sorted_l1 import sorted_l1, sorted_l1_fast
 from distilkit.models.heads import OutputHead
+from distilkit.teachers.live import HeadTargets
 
 
 # ----------------------------------------------------------------------------------------- references
@@ -235,8 +236,7 @@ def test_chunked_head_loss_with_a_teacher_of_another_vocabulary(make) -> None:
         OutputHead(torch.randn(17, 5), None, 17),
     )
 
-    def teacher(rows: slice) -> torch.Tensor:  # (n, 17); not a HeadTeacher, whose buffer is (n, V_student)
-        return teacher_head(teacher_features[rows])
+    teacher = HeadTargets(teacher_features, teacher_head)  # (n, 17) a chunk: not the student's (n, 13) buffer
 
     loss = make()
 
