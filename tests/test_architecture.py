@@ -20,6 +20,7 @@ LAYERS: list[set[str]] = [
     {"distilkit.data"},
     {"distilkit.models"},
     {"distilkit.losses"},
+    {"distilkit.teachers"},  # the teacher's side of a loss: knows models, data and losses
     {"distilkit.metrics", "distilkit.guards"},
     {"distilkit.run"},
     {"distilkit.module", "distilkit.on_policy", "distilkit.mutual"},
