@@ -210,17 +210,12 @@ class VLLMServer:
         return f"log {self.log_path} ends:\n" + "\n".join(text)
 
     def memory_bytes(self) -> int:
-        """The resident memory of the server's process group now (the API and engine processes together)."""
+        """The memory of the server's process group now (the API, engine and worker processes together):
+        the sum of their proportional set sizes (shared pages counted once), or resident sizes where the
+        kernel gives no PSS."""
         if self.process is None:
             return 0
-        total = 0
-        for pid in _group_pids(self.process.pid):
-            try:
-                fields = Path(f"/proc/{pid}/statm").read_text().split()
-                total += int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
-            except (OSError, IndexError, ValueError):
-                continue
-        return total
+        return sum(_process_memory(pid) for pid in _group_pids(self.process.pid))
 
     def __enter__(self) -> VLLMServer:
         self.start()
@@ -236,6 +231,17 @@ def _term_with_parent() -> None:
     """In the child before exec: Linux sends it SIGTERM when its parent ends (prctl PR_SET_PDEATHSIG)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+
+
+def _process_memory(pid: int) -> int:
+    """One process's PSS in bytes (``/proc/PID/smaps_rollup``), else its RSS (``statm``); 0 once it exited."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def _group_pids(group: int) -> list[int]:
