@@ -174,6 +174,9 @@ class ServedTeacher:
         self._prefix = parsed.path.rstrip("/")
         self._setup()
 
+    #: What :meth:`_setup` makes and a pickled copy makes anew (threads, locks, connections).
+    _RUNTIME = frozenset({"_local", "_connections", "_lock", "_slots", "_pool", "_closing"})
+
     def _setup(self) -> None:
         self._answered = False  # whether the server ever answered: before that, a failure is a config error
         self._local = threading.local()
@@ -181,6 +184,7 @@ class ServedTeacher:
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.max_in_flight)
         self._pool: ThreadPoolExecutor | None = None
+        self._closing = threading.Event()  # set by close(): requests waiting to retry give up at once
 
     # ------------------------------------------------------------------------------------------- identity
     def check(self, tokenizer: Tokenizer, block_size: int | None = None) -> ServerInfo:
@@ -196,6 +200,8 @@ class ServedTeacher:
         """
         if self.vocab_size is None:
             self.vocab_size = len(tokenizer)
+        if self._pool is None:
+            self._closing.clear()
         cards = self._request("GET", "/v1/models", None).get("data")
         names = [card.get("id") for card in cards or [] if isinstance(card, dict)]
         if self.model not in names:
@@ -245,6 +251,7 @@ class ServedTeacher:
         if self._pool is None:
             with self._lock:
                 if self._pool is None:
+                    self._closing.clear()
                     self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="served-teacher")
         futures = []
         for row in rows:
@@ -296,7 +303,8 @@ class ServedTeacher:
                     f"the teacher server {self.url} failed {tries} tries over {now - first_failure:.0f} s "
                     f"(retried for up to {self.retry_for_s:g} s; last: {failure})"
                 )
-            time.sleep(min(wait, max(0.0, first_failure + self.retry_for_s - now)))
+            if self._closing.wait(min(wait, max(0.0, first_failure + self.retry_for_s - now))):
+                raise TeacherUnavailable(f"the client of {self.url} was closed while retrying ({failure})")
             wait = min(2 * wait, self.max_backoff_s)
 
     def _send(self, method: str, path: str, data: bytes | None) -> tuple[int, bytes]:
@@ -335,7 +343,8 @@ class ServedTeacher:
                 self._connections.remove(connection)
 
     def close(self) -> None:
-        """Stop the thread pool (after the requests in flight) and close the connections."""
+        """Stop the thread pool (requests waiting to retry give up) and close the connections."""
+        self._closing.set()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
@@ -352,8 +361,7 @@ class ServedTeacher:
 
     def __getstate__(self) -> dict[str, Any]:
         """Settings only: a copy in another process (a data-loader worker) opens its own connections."""
-        skip = {"_local", "_connections", "_lock", "_slots", "_pool"}
-        return {key: value for key, value in self.__dict__.items() if key not in skip}
+        return {key: value for key, value in self.__dict__.items() if key not in self._RUNTIME}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         answered = state.get("_answered", False)

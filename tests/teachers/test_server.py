@@ -243,6 +243,19 @@ def test_a_server_that_comes_back_within_the_window_is_waited_for(fake):
     assert torch.equal(again.ids, expected.ids)
 
 
+def test_closing_the_client_ends_requests_waiting_to_retry(fake):
+    teacher = client(fake, retry_for_s=60, backoff_s=0.2)
+    teacher.score(blocks(rows=1))
+    fake.stop()
+    pending = teacher.submit(blocks(rows=2))
+    time.sleep(0.3)
+    started = time.monotonic()
+    teacher.close()
+    assert time.monotonic() - started < 2
+    with pytest.raises(TeacherUnavailable, match="closed while retrying"):
+        pending.result()
+
+
 def test_a_keep_alive_connection_closed_by_the_server_is_replaced_without_a_retry(fake):
     """uvicorn closes idle keep-alive connections; the next request reconnects at once (no failure counted,
     so it works even with no retry window)."""
