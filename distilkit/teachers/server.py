@@ -18,21 +18,16 @@ length with the block size, and scores the probe at K (a K above the server's ``
 refused there). A difference is a one-line :class:`~distilkit.errors.ConfigError` naming it; so is an
 answer that is garbled or has the wrong shape, at any time.
 
-**Faults.** A server that never answered (no check, no score yet) is a ConfigError naming the URL. Once
-it has answered, a failed request (connection refused or reset, a timeout, a truncated answer, HTTP 5xx,
-408 or 429) is retried with exponential backoff (``backoff_s`` doubling up to ``max_backoff_s``) for
-``retry_for_s`` seconds from the first failure, then :class:`TeacherUnavailable` is raised: the trainer
-turns it into "write last.ckpt and exit non-zero with one line". Nothing is returned from a partial answer.
+**Faults** (:mod:`distilkit.teachers.http_json`). A server that never answered (no check, no score yet) is
+a ConfigError naming the URL. Once it has answered, a failed request (connection refused or reset, a
+timeout, a truncated answer, HTTP 5xx, 408 or 429) is retried with exponential backoff for ``retry_for_s``
+seconds from its first failure, then :class:`TeacherUnavailable` is raised: the trainer turns it into
+"write last.ckpt and exit non-zero with one line". Nothing is returned from a partial answer.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
-import re
 import threading
-import time
-import urllib.parse
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,8 +38,19 @@ import torch
 from torch import Tensor
 
 from distilkit.data.teacher_cache.targets import SparseTargets
-from distilkit.errors import ConfigError, TrainingStopped
-from distilkit.teachers.vllm_answer import AnswerError, BlockScores, read_scores, scoring_request
+from distilkit.errors import ConfigError
+from distilkit.teachers.http_json import JsonClient, Refused, TeacherUnavailable
+from distilkit.teachers.vllm_answer import (
+    MODEL_FIX,
+    TOKENIZER_FIX,
+    AnswerError,
+    BlockScores,
+    read_scores,
+    refusal,
+    scoring_request,
+)
+
+__all__ = ["PROBE_TEXT", "PendingScores", "ServedScores", "ServedTeacher", "ServerInfo", "TeacherUnavailable"]
 
 #: The text whose tokenization must match the run's tokenizer: words, spaces, digits, code, accents, CJK
 #: and an emoji, so that a different vocabulary or normalisation shows.
@@ -52,15 +58,6 @@ PROBE_TEXT = (
     "The teacher's tokenizer must match the student's:  tabs\tand\nnewlines, 3.14159 and 1,000,000; "
     "def f(x): return x ** 2  # naïve café, Ünïcödé, 東京, Москва, 🙂."
 )
-#: HTTP statuses worth retrying (with 5xx): request timeout, too many requests.
-RETRY_STATUSES = frozenset({408, 429})
-
-
-class TeacherUnavailable(TrainingStopped):
-    """The teacher's server stopped answering for longer than the retry window; the message is one line.
-
-    A subclass of :class:`~distilkit.errors.TrainingStopped`, so the CLI prints it as one line and exits 1.
-    """
 
 
 class Tokenizer(Protocol):
@@ -148,43 +145,22 @@ class ServedTeacher:
         backoff_s: float = 1.0,
         max_backoff_s: float = 30.0,
     ) -> None:
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ConfigError(
-                "teacher.server", url, "is not an http(s) URL", "give e.g. http://127.0.0.1:8000"
-            )
+        self._http = JsonClient(url, timeout_s, retry_for_s, backoff_s, max_backoff_s)
         _positive_int("teacher.top_k", top_k)
         _positive_int("teacher.max_in_flight", max_in_flight)
         if vocab_size is not None:
             _positive_int("teacher.vocab_size", vocab_size)
-        for field, value in (("timeout_s", timeout_s), ("backoff_s", backoff_s)):
-            if not value > 0:
-                raise ConfigError(f"teacher.{field}", value, "must be positive", "give seconds, e.g. 1")
-        if not (retry_for_s >= 0 and max_backoff_s >= backoff_s):
-            raise ConfigError(
-                "teacher.retry_for_s",
-                (retry_for_s, max_backoff_s),
-                "must be >= 0 with max_backoff_s >= backoff_s",
-                "give seconds, e.g. retry_for_s=300, max_backoff_s=30",
-            )
-        self.url, self.model, self.top_k, self.vocab_size = url.rstrip("/"), model, top_k, vocab_size
-        self.max_in_flight, self.timeout_s, self.retry_for_s = max_in_flight, timeout_s, retry_for_s
-        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
-        self._scheme, self._host, self._port = parsed.scheme, parsed.hostname, parsed.port
-        self._prefix = parsed.path.rstrip("/")
+        self.url, self.model, self.top_k, self.vocab_size = self._http.url, model, top_k, vocab_size
+        self.max_in_flight = max_in_flight
         self._setup()
 
-    #: What :meth:`_setup` makes and a pickled copy makes anew (threads, locks, connections).
-    _RUNTIME = frozenset({"_local", "_connections", "_lock", "_slots", "_pool", "_closing"})
+    #: What :meth:`_setup` makes and a pickled copy makes anew (the thread pool and its lock).
+    _RUNTIME = frozenset({"_lock", "_slots", "_pool"})
 
     def _setup(self) -> None:
-        self._answered = False  # whether the server ever answered: before that, a failure is a config error
-        self._local = threading.local()
-        self._connections: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(self.max_in_flight)
         self._pool: ThreadPoolExecutor | None = None
-        self._closing = threading.Event()  # set by close(): requests waiting to retry give up at once
 
     # ------------------------------------------------------------------------------------------- identity
     def check(self, tokenizer: Tokenizer, block_size: int | None = None) -> ServerInfo:
@@ -200,16 +176,15 @@ class ServedTeacher:
         """
         if self.vocab_size is None:
             self.vocab_size = len(tokenizer)
-        if self._pool is None:
-            self._closing.clear()
-        cards = self._request("GET", "/v1/models", None).get("data")
+        self._http.open()
+        cards = self._request("GET", "/v1/models").get("data")
         names = [card.get("id") for card in cards or [] if isinstance(card, dict)]
         if self.model not in names:
             raise ConfigError(
                 "teacher.model",
                 self.model,
                 f"is not served at {self.url} (it serves {names})",
-                _MODEL_FIX,
+                MODEL_FIX,
             )
         max_len = next(card.get("max_model_len") for card in cards if card.get("id") == self.model)
         if block_size is not None and isinstance(max_len, int) and block_size + 1 > max_len:
@@ -224,7 +199,7 @@ class ServedTeacher:
         ours = list(tokenizer.encode(probe, add_special_tokens=False))
         theirs = served.get("tokens")
         if theirs != ours:
-            raise ConfigError("teacher.server", self.url, _tokenizer_difference(ours, theirs), _TOKENIZER_FIX)
+            raise ConfigError("teacher.server", self.url, _tokenizer_difference(ours, theirs), TOKENIZER_FIX)
         self.score([ours[: max_len - 1] if isinstance(max_len, int) else ours])  # K, the answer's shape
         return ServerInfo(self.model, max_len, tuple(ours))
 
@@ -251,7 +226,7 @@ class ServedTeacher:
         if self._pool is None:
             with self._lock:
                 if self._pool is None:
-                    self._closing.clear()
+                    self._http.open()
                     self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="served-teacher")
         futures = []
         for row in rows:
@@ -271,87 +246,21 @@ class ServedTeacher:
                 "teacher.server", self.url, f"gave a garbled answer: it {err}", "see the server's log"
             ) from None
 
-    # ------------------------------------------------------------------------------------------ transport
-    def _request(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
-        """One JSON request, retried on transport faults once the server has answered (see the module)."""
-        data = None if body is None else json.dumps(body).encode()
-        first_failure, wait, tries = None, self.backoff_s, 0
-        while True:
-            tries += 1
-            try:
-                status, payload = self._send(method, path, data)
-            except (OSError, http.client.HTTPException) as err:  # refused, reset, timed out, truncated
-                failure = f"{type(err).__name__}: {err}".rstrip(": ")
-                self._drop_connection()
-                if not self._answered:
-                    raise ConfigError(
-                        "teacher.server", self.url, f"does not answer ({failure})", _START_FIX
-                    ) from None
-            else:
-                if status == 200:
-                    self._answered = True
-                    return _json(payload, self.url, path)
-                message = _error_message(payload)
-                if status < 500 and status not in RETRY_STATUSES:
-                    raise _refusal(self, status, message, body)
-                failure = f"HTTP {status}: {message}"
-                self._answered = True
-            now = time.monotonic()
-            first_failure = first_failure or now
-            if now - first_failure >= self.retry_for_s:
-                raise TeacherUnavailable(
-                    f"the teacher server {self.url} failed {tries} tries over {now - first_failure:.0f} s "
-                    f"(retried for up to {self.retry_for_s:g} s; last: {failure})"
-                )
-            if self._closing.wait(min(wait, max(0.0, first_failure + self.retry_for_s - now))):
-                raise TeacherUnavailable(f"the client of {self.url} was closed while retrying ({failure})")
-            wait = min(2 * wait, self.max_backoff_s)
-
-    def _send(self, method: str, path: str, data: bytes | None) -> tuple[int, bytes]:
-        """One exchange on this thread's keep-alive connection. A reused connection that the server closed
-        meanwhile (uvicorn drops idle ones after 5 s) is replaced once at once, without counting a failure."""
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        while True:
-            connection, reused = self._connection()
-            try:
-                connection.request(method, self._prefix + path, body=data, headers=headers)
-                response = connection.getresponse()
-                return response.status, response.read()  # read() raises IncompleteRead on a truncated body
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                self._drop_connection()
-                if not reused:
-                    raise
-
-    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
-        """This thread's connection, and whether it was used before."""
-        connection = getattr(self._local, "connection", None)
-        if connection is not None:
-            return connection, True
-        kind = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        connection = kind(self._host, self._port, timeout=self.timeout_s)
-        self._local.connection = connection
-        with self._lock:
-            self._connections.append(connection)
-        return connection, False
-
-    def _drop_connection(self) -> None:
-        connection = getattr(self._local, "connection", None)
-        if connection is not None:
-            connection.close()
-            self._local.connection = None
-            with self._lock:
-                self._connections.remove(connection)
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One JSON request (retried by :class:`JsonClient`); a refusal read as the ConfigError it means."""
+        try:
+            return self._http.request(method, path, body)
+        except Refused as err:
+            prompt = body.get("prompt") if body else None
+            length = len(prompt) if isinstance(prompt, list) else None
+            raise refusal(self.url, self.model, err.status, err.message, length) from None
 
     def close(self) -> None:
-        """Stop the thread pool (requests waiting to retry give up) and close the connections."""
-        self._closing.set()
+        """Stop the thread pool (requests waiting to retry give up at once) and close the connections."""
+        self._http.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-        with self._lock:
-            for connection in self._connections:
-                connection.close()
-            self._connections.clear()
 
     def __enter__(self) -> ServedTeacher:
         return self
@@ -364,20 +273,11 @@ class ServedTeacher:
         return {key: value for key, value in self.__dict__.items() if key not in self._RUNTIME}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        answered = state.get("_answered", False)
         self.__dict__.update(state)
         self._setup()
-        self._answered = answered
 
 
 _NO_SPECIAL = {"add_special_tokens": False}
-_START_FIX = (
-    "start the server (python -m vllm.entrypoints.openai.api_server --model DIR --host 127.0.0.1 --port P; "
-    "README: a teacher behind a server) or fix teacher.server"
-)
-_MODEL_FIX = "set teacher.model to a served name, or start the server with --served-model-name"
-_TOKENIZER_FIX = "serve the teacher with the run's tokenizer, or set data.tokenizer to the teacher's"
-_LIMIT = re.compile(r"logprobs of (\d+), which is greater than max allowed: (\d+)")
 
 
 def _positive_int(field: str, value: Any) -> int:
@@ -401,56 +301,4 @@ def _tokenizer_difference(ours: list[int], theirs: Any) -> str:
     return (
         f"tokenizes the probe text into {len(theirs)} ids where the run's tokenizer gives {len(ours)} "
         f"(first difference at token {at}: server {served}, run {mine})"
-    )
-
-
-def _json(payload: bytes, url: str, path: str) -> Any:
-    try:
-        return json.loads(payload)
-    except ValueError:
-        raise ConfigError(
-            "teacher.server", url, f"answered {path} with something that is not JSON", "see the server's log"
-        ) from None
-
-
-def _error_message(payload: bytes) -> str:
-    """The server's error message (vLLM: ``{"error": {"message": …}}``), on one line."""
-    try:
-        decoded = json.loads(payload)
-        message = decoded["error"]["message"] if isinstance(decoded.get("error"), dict) else decoded
-    except (ValueError, AttributeError, KeyError, TypeError):
-        message = payload[:300].decode(errors="replace")
-    return " ".join(str(message).split())
-
-
-def _refusal(teacher: ServedTeacher, status: int, message: str, body: dict[str, Any] | None) -> ConfigError:
-    """The ConfigError for a request the server refused (4xx): K above its limit, an unknown model, a block
-    longer than its context, ids outside its vocabulary, or anything else it said."""
-    limit = _LIMIT.search(message)
-    if limit:
-        return ConfigError(
-            "teacher.top_k",
-            int(limit.group(1)),
-            f"is above the {limit.group(2)} log-probabilities per position that {teacher.url} allows",
-            f"start the server with --max-logprobs {limit.group(1)} (or more), or lower teacher.top_k",
-        )
-    if status == 404 and "model" in message:
-        return ConfigError(
-            "teacher.model", teacher.model, f"is refused by {teacher.url}: {message}", _MODEL_FIX
-        )
-    if "max_tokens must be at least 1" in message or "maximum context length" in message:
-        length = len(body["prompt"]) if body and isinstance(body.get("prompt"), list) else None
-        return ConfigError(
-            "data.block_size",
-            length,
-            f"is too long for the context of {teacher.url} ({message})",
-            "start the server with a larger --max-model-len (block size + 1), or shorten the blocks",
-        )
-    if "out of vocabulary" in message:
-        return ConfigError("teacher.server", teacher.url, f"refused a block: {message}", _TOKENIZER_FIX)
-    return ConfigError(
-        "teacher.server",
-        teacher.url,
-        f"refused the request (HTTP {status}: {message})",
-        "see the server's log",
     )

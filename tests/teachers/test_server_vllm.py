@@ -62,7 +62,8 @@ def server(model_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     vllm = VLLMServer(model_dir, python=VLLM_PYTHON, served_model_name=NAME, max_model_len=256, log_path=log)
     vllm.start(timeout=900)
-    print(f"vLLM ready in {vllm.ready_seconds:.0f} s, {vllm.memory_bytes() / 2**30:.2f} GiB resident")
+    memory = vllm.memory_bytes() / 2**30
+    print(f"vLLM ready in {vllm.ready_seconds:.0f} s, {memory:.2f} GiB (PSS, all its processes)")
     yield vllm
     vllm.stop()
 
