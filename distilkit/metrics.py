@@ -5,6 +5,7 @@ Each is updated chunk by chunk (the validation step walks the logits in chunks, 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -39,6 +40,33 @@ class TokenPerplexity(Metric):
 
     def compute(self) -> Tensor:
         return torch.exp(self.nll_sum / self.count.clamp(min=1)).float()
+
+
+class BitsPerByte(Metric):
+    """Bits per byte of text: Σ token NLL / (ln 2 · Σ bytes of the predicted tokens), comparable across
+    tokenizers (the same text costs the same bytes whatever splits it). Special tokens (EOS) stand for no
+    bytes but their NLL counts, as in lm-evaluation-harness's ``bits_per_byte``.
+
+    ``update(token_nll (N,), token_bytes (N,))``: the NLL of each predicted token and its UTF-8 length.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+    nll_sum: Tensor
+    byte_count: Tensor
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("nll_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("byte_count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, token_nll: Tensor, token_bytes: Tensor) -> None:
+        self.nll_sum += token_nll.detach().double().sum()
+        self.byte_count += token_bytes.sum()
+
+    def compute(self) -> Tensor:
+        return (self.nll_sum / (math.log(2) * self.byte_count.clamp(min=1))).float()
 
 
 class TopKAgreement(Metric):
@@ -105,36 +133,55 @@ class DistillationKL(Metric):
 class EvaluationMetrics(nn.Module):
     """The validation metrics of a distillation run, updated from each chunk of logits the loss forms.
 
-    ``ppl`` (the student's), and with a teacher ``teacher_ppl``, ``top1_agreement`` and ``kl``
+    ``ppl`` (the student's), ``bpb`` (its bits per byte, once :meth:`set_token_bytes` gave the tokenizer's
+    byte lengths), and with a teacher ``teacher_ppl``, ``teacher_bpb``, ``top1_agreement`` and ``kl``
     (KL(teacher‖student) at temperature 1). :meth:`observe` is a chunk observer of the loss's chunk loop.
     From a teacher cache only what its targets determine is computed: ``top1_agreement`` from top-k targets
     (their first id is the teacher's top-1); the teacher's perplexity and the full KL are not.
     """
 
+    token_bytes: Tensor
+
     def __init__(self) -> None:
         super().__init__()
         self.ppl, self.teacher_ppl = TokenPerplexity(), TokenPerplexity()
+        self.bpb, self.teacher_bpb = BitsPerByte(), BitsPerByte()
         self.top1_agreement, self.kl = TopKAgreement(k=1), DistillationKL()
+        self.register_buffer("token_bytes", torch.zeros(0, dtype=torch.long), persistent=False)
+
+    def set_token_bytes(self, lengths: Tensor) -> None:
+        """``(V,)`` the UTF-8 length of every token id of the data's tokenizer (what ``bpb`` divides by)."""
+        self.token_bytes = lengths.to(self.token_bytes.device, torch.long)
 
     def observe(self, rows: slice, student: Tensor, teacher: Any, labels: Tensor) -> None:
         """Update from one chunk: logits ``(n, V)`` of the student and (when it is a tensor) of the teacher,
         targets ``(n,)``."""
-        self.ppl.update(F.cross_entropy(student.float(), labels, reduction="none"))
+        nll = F.cross_entropy(student.float(), labels, reduction="none")  # (n,)
+        self.ppl.update(nll)
+        counted = self.token_bytes.numel() > 0
+        sizes = self.token_bytes[labels] if counted else None  # (n,)
+        if sizes is not None:
+            self.bpb.update(nll, sizes)
         if isinstance(teacher, Tensor):
-            self.teacher_ppl.update(F.cross_entropy(teacher.float(), labels, reduction="none"))
+            teacher_nll = F.cross_entropy(teacher.float(), labels, reduction="none")
+            self.teacher_ppl.update(teacher_nll)
+            if sizes is not None:
+                self.teacher_bpb.update(teacher_nll, sizes)
             self.top1_agreement.update(student, teacher)
             self.kl.update(student, teacher)
         elif isinstance(teacher, SparseTargets) and teacher.mode == "topk":
             self.top1_agreement.update(student, teacher.ids[:, 0])  # (n,) ids sorted by probability
 
     def logged(self, with_teacher: bool) -> dict[str, Metric]:
-        """The metrics to log, by name: ``ppl``, and with a teacher those of its metrics that the chunks
-        updated (all with a live teacher; ``top1_agreement`` with a top-k cache; none with a sampled one)."""
-        if not with_teacher:
-            return {"ppl": self.ppl}
-        names = ("ppl", "teacher_ppl", "top1_agreement", "kl")
+        """The metrics to log, by name: ``ppl`` and ``bpb``, and with a teacher those of its metrics that the
+        chunks updated (all with a live teacher; ``top1_agreement`` with a top-k cache; none with a sampled
+        one)."""
+        names = ("ppl", "bpb", "teacher_ppl", "teacher_bpb", "top1_agreement", "kl")
+        own = ("ppl", "bpb")
         return {
-            name: getattr(self, name) for name in names if name == "ppl" or getattr(self, name).update_called
+            name: getattr(self, name)
+            for name in names
+            if (name in own or with_teacher) and (name == "ppl" or getattr(self, name).update_called)
         }
 
 

@@ -80,3 +80,28 @@ def test_two_process_reduction_equals_one_process():
     expected = [float(v) for v in _direct(*_data())]
     for rank in (0, 1):
         assert results[rank] == pytest.approx(expected, rel=1e-5)
+
+
+def test_bits_per_byte_is_the_nll_in_bits_over_the_bytes_of_the_text(datamodule):
+    """``val/bpb`` = Σ NLL / (ln 2 · Σ UTF-8 bytes of the predicted tokens), computed by hand on one batch."""
+    import math
+
+    import lightning as L
+    from helpers import tiny_module
+
+    from distilkit.batch import next_token_targets
+
+    module = tiny_module(datamodule, teacher=None).eval()
+    batch = next(iter(datamodule.val_dataloader()))
+    metrics = L.Trainer(logger=False, enable_progress_bar=False, limit_val_batches=1).validate(
+        module, datamodule, verbose=False
+    )[0]
+    keep, labels = next_token_targets(batch["labels"])
+    with torch.no_grad():
+        logits = module(batch["input_ids"], batch["attention_mask"])[:, :-1][keep]
+    nll = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    special = set(datamodule.tokenizer.all_special_ids)
+    text_bytes = sum(
+        len(datamodule.tokenizer.decode([int(t)]).encode()) for t in labels if int(t) not in special
+    )  # the corpus is ASCII: every token decodes alone to its own bytes
+    assert metrics["val/bpb"] == pytest.approx(float(nll) / (math.log(2) * text_bytes), rel=1e-4)

@@ -66,6 +66,16 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase) -> TokenBytes:
     return _token_bytes(backend.to_str())
 
 
+def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
+    """``(V,)`` the UTF-8 length of the text each id stands for (0 for special tokens): from the vocabulary
+    for a fast tokenizer (:func:`token_bytes`), else by decoding each id alone."""
+    if getattr(tokenizer, "backend_tokenizer", None) is not None:
+        return token_bytes(tokenizer).lengths
+    special = set(tokenizer.all_special_ids)
+    decoded = [str(tokenizer.decode([i])) for i in range(len(tokenizer))]
+    return np.array([0 if i in special else len(text.encode()) for i, text in enumerate(decoded)], np.int64)
+
+
 @lru_cache(maxsize=8)
 def _token_bytes(definition: str) -> TokenBytes:
     spec = json.loads(definition)

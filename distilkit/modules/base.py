@@ -22,9 +22,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import lightning as L
+import torch
 from torch import Tensor, nn
 
 from distilkit.batch import Batch, next_token_targets
+from distilkit.data.token_bytes import token_byte_lengths
 from distilkit.errors import ConfigError
 from distilkit.losses import DistillationLoss
 from distilkit.losses.chunked import ChunkObserver
@@ -178,10 +180,17 @@ class DistillationBase(L.LightningModule):
         raise NotImplementedError
 
     def on_fit_start(self) -> None:
-        """The head check, once, before any step (only the chunked path relies on the heads)."""
+        """The head check, once, before any step (only the chunked path relies on the heads), and the byte
+        lengths of the data's tokens for ``bpb``."""
         if not self._heads_checked and self.chunk_size is not None:
             self.check_heads()
             self._heads_checked = True
+        tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+        if tokenizer is not None:
+            lengths = torch.as_tensor(token_byte_lengths(tokenizer))
+            for metrics in self.eval_metrics.modules():
+                if isinstance(metrics, EvaluationMetrics):
+                    metrics.set_token_bytes(lengths)
 
     def on_validation_start(self) -> None:
         DistillationBase.on_fit_start(self)
