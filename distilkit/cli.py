@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from jsonargparse import ArgumentParser
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.markup import escape
@@ -106,34 +107,35 @@ def main(args: list[str] | None = None) -> None:
     line on stderr and exit status 2, with no traceback; a run stopped on purpose exits 1; SIGTERM 143.
     """
     argv = list(sys.argv[1:] if args is None else args)
-    stderr = Console(stderr=True)
     try:
         run(argv)
     except SIGTERMException:
-        stderr.print(
-            "[bold]stopped by SIGTERM:[/] last.ckpt written; resume with --ckpt_path last", soft_wrap=True
-        )
+        _say("[bold]stopped by SIGTERM:[/] last.ckpt written; resume with --ckpt_path last")
         sys.exit(143)
     except RunInterrupted as err:
-        stderr.print(f"[bold]stopped:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        _say(f"[bold]stopped:[/] {escape(str(err))}")
         sys.exit(130)
     except TrainingStopped as err:
-        stderr.print(f"[bold red]stopped:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        _say(f"[bold red]stopped:[/] {escape(str(err))}")
         sys.exit(1)
     except ArgumentError as err:
         command = argv[0] if argv and argv[0] in COMMANDS else ""
-        stderr.print(
-            f"[bold red]error:[/] {err}\nSee `distilkit {command} --help`.".replace("  ", " "),
-            highlight=False,
-        )
+        _say(f"[bold red]error:[/] {escape(str(err))}\nSee `distilkit {command} --help`.".replace("  ", " "))
         sys.exit(2)
     except Exception as err:
         user_error = find_config_error(err)
         if user_error is None:
             raise
-        # escaped: a message may hold brackets that are not markup (pip install 'distilkit[gguf]')
-        stderr.print(f"[bold red]error:[/] {escape(str(user_error))}", highlight=False, soft_wrap=True)
+        _say(f"[bold red]error:[/] {escape(str(user_error))}")
         sys.exit(2)
+
+
+def _say(markup: str) -> None:
+    """Print one message to stderr, from the first process only (under DDP every process fails alike).
+    Messages are escaped where they are formed: brackets in them are text (``pip install 'distilkit[gguf]'``),
+    not markup."""
+    if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
+        Console(stderr=True).print(markup, highlight=False, soft_wrap=True)
 
 
 def find_config_error(err: BaseException | None) -> ConfigError | None:

@@ -79,3 +79,15 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     assert not any(key.startswith("teacher.") for key in b["state_dict"]), "the teacher stays frozen and out"
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_one_line_error_under_ddp_is_printed_once(tmp_path, corpus, tokenizer_dir, cache_dir):
+    """Every process refuses a batch size the data cannot fill; the user reads the line once."""
+    recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir, max_steps=2)
+    command = [sys.executable, "-m", "distilkit.cli", "fit", "--config", str(recipe)]
+    command += ["--trainer.default_root_dir", str(tmp_path / "run"), *DDP, "--trainer.accelerator", "cpu"]
+    command += ["--trainer.devices", "2", "--data.init_args.batch_size", "1000"]
+    result = subprocess.run(command, env={**os.environ}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("data.batch_size=1000: needs 2000 training blocks") == 1, result.stderr[-3000:]
