@@ -1,42 +1,105 @@
-"""``distilkit generate``: sample text from a model and write jsonl that TextDataModule reads.
+"""``distilkit generate``: sample a model into jsonl that TextDataModule trains on.
 
 A language model makes new training data: sample the teacher, then train the student on the samples
-(sequence-level distillation, Kim & Rush 2016: ``recipes/seqkd.yaml``). Each output line is
-``{"prompt": ..., "completion": ..., "text": prompt + completion}``; ``text`` is what training reads.
+(sequence-level distillation, Kim & Rush 2016: ``recipes/seqkd.yaml``, and on conversations
+``recipes/smollm2.yaml``). Two kinds of rows:
+
+- plain text (the default): ``{"prompt": ..., "completion": ..., "text": prompt + completion}``, the
+  model's continuation of each prompt; ``text`` is what training reads.
+- ``--chat true``: ``{"messages": [..., {"role": "assistant", "content": reply}], "finish_reason": ...}``,
+  the model's answer to each prompt through its chat template (:mod:`distilkit.models.replies`), stopped at
+  the template's end-of-turn token; ``finish_reason`` is ``stop`` or ``length`` (``max_new_tokens``
+  reached first). Training reads them as chat rows.
+
+Other fields of a jsonl prompt row (an id, a category) are copied into its output rows. Prompts are sampled
+``batch_size`` at a time with a key-value cache; each batch draws from its own random stream (seeded by
+``seed`` and the batch's place), and rows are written batch by batch, so an interrupted run, started again
+with the same command, continues after the rows it wrote (:mod:`distilkit.commands.resumable_output`) and
+ends with the file an uninterrupted run writes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from rich.progress import Progress
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
 
-from distilkit.errors import ConfigError
-from distilkit.files import atomic_write, check_writable
+from distilkit.commands.resumable_output import ResumableJsonl
+from distilkit.data.chat import resolve_chat_template, template_hash
+from distilkit.data.chat_rows import messages_of
+from distilkit.errors import ConfigError, RunInterrupted
+from distilkit.files import check_writable, sha256_file
 from distilkit.models.checkpoint import load_model_and_tokenizer
 from distilkit.models.generation import generate_text
+from distilkit.models.replies import generate_replies
+from distilkit.teachers.live import model_identity
+
+#: The fields of a prompt row that make the prompt; the others are copied into the output rows.
+PROMPT_FIELDS = ("prompt", "text", "messages", "completion")
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a ``.jsonl`` file (field ``prompt`` or ``text``) or a text file (one per line)."""
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: its text (plain) or conversation (chat), and the other fields of its row."""
+
+    text: str = ""
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def read_prompts(path: str | Path, chat: bool = False) -> list[Prompt]:
+    """Prompts from a text file (one per line) or a jsonl file: ``prompt`` or ``text`` (a string), or with
+    ``chat``, ``messages`` (a conversation ending with the turn to answer; ``prompt`` may be one too).
+
+    A line of a text file, or a string prompt, is one user turn in chat mode.
+    """
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(
-            "prompts_file", str(path), "does not exist", "give a .txt or .jsonl file of prompts"
-        )
-    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if file.suffix == ".jsonl":
-        rows = [json.loads(line) for line in lines]
-        return [row.get("prompt", row.get("text", "")) for row in rows]
-    return lines
+        raise ConfigError("prompts", str(path), "does not exist", "give a .txt or .jsonl file of prompts")
+    lines = [
+        (n, line) for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1) if line.strip()
+    ]
+    if file.suffix != ".jsonl":
+        return [_prompt(line, {}, chat) for _, line in lines]
+    prompts = []
+    for number, line in lines:
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            raise ConfigError("prompts", where, f"is not a JSON object ({err})", "fix that line") from err
+        if not isinstance(row, dict):
+            raise ConfigError("prompts", where, "is not a JSON object", 'give rows such as {"prompt": "..."}')
+        extra = {k: v for k, v in row.items() if k not in PROMPT_FIELDS}
+        value = row.get("messages", row.get("prompt", row.get("text")))
+        if isinstance(value, str):
+            prompts.append(_prompt(value, extra, chat))
+        elif isinstance(value, list) and chat:
+            prompts.append(Prompt(messages=_conversation(where, value), extra=extra))
+        elif isinstance(value, list):
+            raise ConfigError(
+                "prompts", where, "is a conversation (a list of messages)", "pass --chat true to answer it"
+            )
+        else:
+            raise ConfigError(
+                "prompts", where, "has no prompt, text or messages", 'give rows such as {"prompt": "..."}'
+            )
+    return prompts
 
 
 def generate(
     model: str,
     output_file: str,
-    prompts_file: str | None = None,
+    prompts: str | None = None,
+    chat: bool = False,
+    chat_template: str | None = None,
     num_samples: int = 1,
     max_new_tokens: int = 64,
     temperature: float = 1.0,
@@ -44,22 +107,173 @@ def generate(
     batch_size: int = 16,
     seed: int = 0,
     overwrite: bool = False,
+    prompts_file: str | None = None,
 ) -> Path:
-    """Sample ``num_samples`` continuations of each prompt (or unconditional samples) and write jsonl.
+    """Sample ``num_samples`` continuations (or, with ``chat``, answers) of each prompt and write jsonl.
 
     Args:
-        model: a distilkit checkpoint (``.ckpt``) or a Hugging Face model directory with its tokenizer.
-        output_file: the jsonl to write (written whole, then moved into place).
-        prompts_file: prompts, one per line (``.txt``) or per jsonl row; None samples unconditionally
-            from the EOS token.
+        model: a distilkit checkpoint (``.ckpt``), a Hugging Face model directory with its tokenizer, or a
+            ``.gguf`` file.
+        output_file: the jsonl to write. Rows go to ``OUTPUT.partial`` batch by batch, renamed to
+            ``output_file`` at the end; the same command run again after an interruption continues it.
+        prompts: prompts, one per line (``.txt``) or per jsonl row (``prompt``/``text``; with ``chat`` also
+            ``messages``); None samples unconditionally from the EOS token (plain text only).
+        chat: answer each prompt through the model's chat template and write ``messages`` rows.
+        chat_template: with ``chat``: a Jinja template (its text or a file) instead of the tokenizer's.
         num_samples: samples per prompt (unconditional: in all).
         max_new_tokens: tokens to sample (capped at the model's context length minus the prompt).
         temperature: sampling temperature > 0.
         top_p: nucleus sampling mass in (0, 1].
         batch_size: sequences sampled at once.
-        seed: seeds the sampling.
-        overwrite: replace an existing ``output_file``.
+        seed: seeds the sampling (each batch draws from a stream seeded by ``seed`` and its place).
+        overwrite: replace an existing ``output_file``, and start again rather than continue.
+        prompts_file: the former name of ``prompts``.
     """
+    _check(temperature, top_p, num_samples, max_new_tokens, batch_size)
+    source = _prompts_source(prompts, prompts_file, chat)
+    out = Path(output_file)
+    if out.exists() and not overwrite:
+        raise ConfigError(
+            "output_file", str(out), "already exists", "choose a new file or pass --overwrite true"
+        )
+    check_writable(out, "output_file")
+    if not chat and chat_template is not None:
+        raise ConfigError("chat_template", chat_template[:40], "is set without --chat", "pass --chat true")
+    jobs = [p for p in (read_prompts(source, chat) if source else [Prompt()]) for _ in range(num_samples)]
+    lm, tokenizer = load_model_and_tokenizer(model)
+    if tokenizer is None:
+        raise ConfigError("model", model, "has no tokenizer", "export the model with distilkit export first")
+    template = resolve_chat_template(chat_template, tokenizer, model) if chat else None
+    settings = {
+        **{f"model_{k}": v for k, v in model_identity(model, lm).items()},
+        "prompts_sha256": sha256_file(source) if source else None,
+        "chat_template_sha256": template_hash(template) if template is not None else None,
+        "max_new_tokens": max_new_tokens,
+        "num_samples": num_samples,
+        "temperature": temperature,
+        "top_p": top_p,
+        "batch_size": batch_size,
+        "seed": seed,
+    }
+    output = ResumableJsonl(out, settings, overwrite)
+    done = output.resume(batch_size)
+    write = _chat_batch(lm, tokenizer, template) if template is not None else _text_batch(lm, tokenizer)
+    rows = _run(jobs, done, output, write, batch_size, seed, lm, max_new_tokens, temperature, top_p)
+    output.finish()
+    unfinished = sum(row.get("finish_reason") == "length" for row in rows)
+    resumed = f"; continued after {len(done)} rows written before" if done else ""
+    stopped = (
+        f"; {unfinished} answers reached max_new_tokens={max_new_tokens} unfinished" if unfinished else ""
+    )
+    print(f"wrote {len(rows)} {'conversations' if chat else 'samples'} to {out}{resumed}{stopped}")
+    return out
+
+
+Batch = Callable[[list[Prompt], dict[str, Any]], list[dict[str, Any]]]
+
+
+def _run(
+    jobs: list[Prompt],
+    done: list[dict[str, Any]],
+    output: ResumableJsonl,
+    write: Batch,
+    batch_size: int,
+    seed: int,
+    lm: nn.Module,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+) -> list[dict[str, Any]]:
+    """Sample every batch after the ``done`` rows, appending each to ``output``; returns all rows."""
+    rows = list(done)
+    device = next(lm.parameters()).device
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, transient=True) as progress:
+            task = progress.add_task("generating", total=len(jobs), completed=len(done))
+            for start in range(len(done), len(jobs), batch_size):
+                generator = torch.Generator(device=device).manual_seed(_batch_seed(seed, start))
+                options = {
+                    "max_new_tokens": max_new_tokens,
+                    "temperature": temperature,
+                    "top_p": top_p,
+                    "generator": generator,
+                }
+                batch = write(jobs[start : start + batch_size], options)
+                output.append(batch)
+                rows += batch
+                progress.advance(task, len(batch))
+    except KeyboardInterrupt as err:
+        raise RunInterrupted(
+            f"{len(rows)} of {len(jobs)} rows are in {output.partial}; run the same command again to "
+            "continue after them"
+        ) from err
+    return rows
+
+
+def _text_batch(lm: nn.Module, tokenizer: Any) -> Batch:
+    def write(batch: list[Prompt], options: dict[str, Any]) -> list[dict[str, Any]]:
+        completions = generate_text(lm, tokenizer, [p.text for p in batch], **options)
+        return [
+            {"prompt": p.text, "completion": c, "text": p.text + c, **p.extra}
+            for p, c in zip(batch, completions, strict=True)
+        ]
+
+    return write
+
+
+def _chat_batch(lm: nn.Module, tokenizer: Any, template: str) -> Batch:
+    def write(batch: list[Prompt], options: dict[str, Any]) -> list[dict[str, Any]]:
+        replies = generate_replies(lm, tokenizer, [p.messages for p in batch], template=template, **options)
+        return [
+            {
+                "messages": [*p.messages, {"role": "assistant", "content": r.text}],
+                "finish_reason": "stop" if r.finished else "length",
+                **p.extra,
+            }
+            for p, r in zip(batch, replies, strict=True)
+        ]
+
+    return write
+
+
+def _batch_seed(seed: int, start: int) -> int:
+    """The seed of the batch whose first row is job ``start``: a hash of ``(seed, start)``."""
+    digest = hashlib.blake2b(repr(("generate", seed, start)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _prompt(text: str, extra: dict[str, Any], chat: bool) -> Prompt:
+    if chat:
+        return Prompt(messages=[{"role": "user", "content": text}], extra=extra)
+    return Prompt(text=text, extra=extra)
+
+
+def _conversation(where: str, messages: list[Any]) -> list[dict[str, Any]]:
+    """A checked conversation that ends with a turn the assistant can answer (not its own)."""
+    checked = messages_of("prompts", where, {"messages": messages})
+    if checked[-1]["role"] == "assistant":
+        raise ConfigError(
+            "prompts", where, "ends with an assistant turn: there is nothing to answer",
+            "end each conversation with the user turn to answer",
+        )  # fmt: skip
+    return checked
+
+
+def _prompts_source(prompts: str | None, prompts_file: str | None, chat: bool) -> str | None:
+    if prompts is not None and prompts_file is not None:
+        raise ConfigError(
+            "prompts_file", prompts_file, "is the former name of --prompts", "give only --prompts"
+        )
+    source = prompts if prompts is not None else prompts_file
+    if chat and source is None:
+        raise ConfigError(
+            "prompts", None, "is needed with --chat (there is nothing to answer)", "give --prompts FILE"
+        )
+    return source
+
+
+def _check(temperature: float, top_p: float, num_samples: int, max_new_tokens: int, batch_size: int) -> None:
     if temperature <= 0:
         raise ConfigError("temperature", temperature, "must be > 0", "use e.g. 1.0 (0.7 for safer text)")
     if not 0 < top_p <= 1:
@@ -71,31 +285,3 @@ def generate(
             "must be >= 1",
             "use positive counts",
         )
-    out = Path(output_file)
-    if out.exists() and not overwrite:
-        raise ConfigError(
-            "output_file", str(out), "already exists", "choose a new file or pass --overwrite true"
-        )
-    check_writable(out, "output_file")
-    lm, tokenizer = load_model_and_tokenizer(model)
-    if tokenizer is None:
-        raise ConfigError("model", model, "has no tokenizer", "export the model with distilkit export first")
-    prompts = read_prompts(prompts_file) if prompts_file else [""]
-    jobs = [p for p in prompts for _ in range(num_samples)]
-    torch.manual_seed(seed)
-    rows = []
-    with Progress(transient=True) as progress:
-        task = progress.add_task("generating", total=len(jobs))
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start : start + batch_size]
-            completions = generate_text(
-                lm, tokenizer, batch, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
-            )
-            rows += [
-                {"prompt": p, "completion": c, "text": p + c} for p, c in zip(batch, completions, strict=True)
-            ]
-            progress.advance(task, len(batch))
-    with atomic_write(out) as file:
-        file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    print(f"wrote {len(rows)} samples to {out}")
-    return out
