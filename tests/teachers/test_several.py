@@ -36,8 +36,8 @@ from distilkit.errors import ConfigError
 from distilkit.losses import ForwardKLLoss
 from distilkit.losses.partial import PartialTargets
 from distilkit.run.loggers import CSVLogger
-from distilkit.teachers import LiveTeacher, SeveralTeachers
-from distilkit.teachers.several import MixedChunks, _merge
+from distilkit.teachers import CachedTeacher, LiveTeacher, SeveralTeachers
+from distilkit.teachers.several import MixedChunks, _cat_sparse, _merge
 
 
 @pytest.fixture(scope="module")
@@ -383,3 +383,48 @@ def test_the_shipped_recipe_distils_both_teachers(tmp_path, cache_dir):
     header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
     for domain in ("python-reference", "python-code"):
         assert {f"val/{domain}/ppl", f"val/{domain}/teacher_ppl"} <= set(header)
+
+
+@pytest.mark.slow
+def test_teacher_caches_are_routed_too(tmp_path, sourced, tokenizer_dir, cache_dir):
+    """Two ``distilkit cache`` directories (two different teachers over the same blocks) as routed teachers:
+    each position gets its own teacher's cached targets, and a routed fit trains from them. (Domains leave
+    the data's identity alone, so caches made without them fit.)"""
+    recipe = tiny_recipe(
+        tmp_path / "r.yaml", sourced, tokenizer_dir, cache_dir, max_steps=2, val_check_interval=2
+    )
+    caches = {}
+    for seed, name in enumerate(("prose", "code")):
+        caches[name] = tmp_path / f"cache-{name}"
+        run_cli(
+            "cache", "--config", str(recipe), "--output_dir", str(caches[name]), "--top_k", "8",
+            "--seed_everything", str(seed), "--trainer.enable_progress_bar", "false",
+        )  # fmt: skip
+    data = _data(str(sourced), tokenizer_dir, cache_dir, domains="source", val_fraction=0.1)
+    members = {name: CachedTeacher(path) for name, path in caches.items()}
+    source = SeveralTeachers(dict(members), route_by="source")
+    module = SimpleNamespace(loss=ForwardKLLoss(temperature=2.0), vocab_size=data.vocab_size)
+    source.check_run(SimpleNamespace(datamodule=data), module, "fit")
+    _, two = _blocks_by_kind(data)
+    batch = _batch(data, two[:3])
+    keep, _ = next_token_targets(batch["labels"])
+    on_code = batch["domain"][:, 1:][keep] == data.domain_names.index("code")
+    chunks = source.teach(batch, "train").at(keep)
+    parts = [chunks(slice(a, min(a + 5, len(on_code)))) for a in range(0, len(on_code), 5)]
+    merged = _cat_sparse(parts)  # the rows of every chunk, in order
+    own = {
+        name: member.teach(batch, "train").at(keep)(slice(0, len(on_code)))
+        for name, member in members.items()
+    }
+    for field in ("ids", "log_probs"):
+        want = torch.where(on_code.unsqueeze(-1), getattr(own["code"], field), getattr(own["prose"], field))
+        assert torch.equal(getattr(merged, field), want), field
+    config = yaml.safe_load(recipe.read_text())
+    config["model"]["init_args"] |= {
+        "teacher": None, "route_by": "source",
+        "teachers": {name: {"cache": str(path)} for name, path in caches.items()},
+    }  # fmt: skip
+    recipe.write_text(yaml.safe_dump(config))
+    fit_run(recipe, tmp_path / "run")
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val/prose/ppl", "val/code/ppl", "train/kd_loss"} <= set(header)
