@@ -104,7 +104,7 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
         block_size: int | None = None,
         eos_token_id: int | None = None,
         student_adapter: dict[str, Any] | None = None,
-        teachers: Mapping[str, ModelSpec] | None = None,
+        teachers: Mapping[str, ModelSpec | None] | None = None,
         route_by: str | None = None,
         mix: dict[str, float] | None = None,
         unrouted: Unrouted = "error",

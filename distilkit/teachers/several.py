@@ -86,6 +86,12 @@ class SeveralTeachers(TeacherSource):
             )
         if unrouted not in ("error", "labels"):
             raise ConfigError("model.unrouted", unrouted, "is not error or labels", "use error or labels")
+        if mix is not None and unrouted != "error":
+            raise ConfigError(
+                "model.unrouted", unrouted,
+                "is for routing: with model.mix every position learns from the mixture",
+                "drop model.unrouted, or route (model.route_by) instead of mixing",
+            )  # fmt: skip
         if mix is None and not (route_by is None or (isinstance(route_by, str) and route_by)):
             raise ConfigError("model.route_by", route_by, "is not a field name", "name a row field, or file")
         self.names = tuple(members)

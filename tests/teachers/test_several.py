@@ -351,6 +351,49 @@ def test_settings_that_do_not_fit_together_are_one_line_errors(tmp_path, sourced
         tiny_trainer(tmp_path, max_steps=1).fit(module, data)
 
 
+TWO = json.dumps({"prose": TINY_TEACHER, "code": TINY_TEACHER})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--model.init_args.teachers", "{prose: null}"], "model.teachers.prose=None: is not a teacher"),
+        (["--model.init_args.teachers", "{}"], "model.teachers={}: is not a mapping of names to teachers"),
+        (
+            ["--model.init_args.teachers", TWO, "--model.init_args.mix", "{prose: -1}"],
+            "model.mix.prose=-1.0: is not a weight",
+        ),
+        (
+            ["--model.init_args.teachers", TWO, "--model.init_args.mix", "{prose: 1}"]
+            + ["--model.init_args.unrouted", "labels"],
+            "model.unrouted='labels': is for routing",
+        ),
+        (
+            ["--model.init_args.teachers", json.dumps({"prose": TINY_TEACHER, "poetry": TINY_TEACHER})],
+            "docs.jsonl:7: source='code': names no teacher of model.teachers ['prose', 'poetry']",
+        ),
+        (["--model.init_args.teachers", TWO, "--data.init_args.domains", ""], "data.domains='': is empty"),
+        (
+            ["--model.init_args.teachers", TWO, "--data.init_args.domains", "file"],
+            "data.domains='file': is not what model.route_by names (source)",
+        ),
+    ],
+)
+def test_bad_settings_from_the_command_line_exit_2_with_one_line(
+    overrides, message, tmp_path, sourced, tokenizer_dir, cache_dir, capsys
+):
+    recipe = tiny_recipe(tmp_path / "r.yaml", sourced, tokenizer_dir, cache_dir, max_steps=1)
+    routed = ["--model.init_args.teacher", "null", "--model.init_args.route_by", "source"]
+    if "--model.init_args.mix" in overrides:
+        routed = routed[:2]
+    with pytest.raises(SystemExit) as exit_info:
+        fit_run(recipe, tmp_path / "run", *routed, *overrides)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()) and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "model." in line or "data." in line]) == 1
+
+
 def test_a_routed_recipe_runs_from_yaml(tmp_path, sourced, tokenizer_dir, cache_dir):
     recipe = tiny_recipe(
         tmp_path / "r.yaml", sourced, tokenizer_dir, cache_dir, max_steps=2, val_check_interval=2
