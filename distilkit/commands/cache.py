@@ -196,10 +196,6 @@ class CacheCLI(DistilCLI):
         super().add_arguments_to_parser(parser)
         parser.add_class_arguments(CacheOptions, nested_key=None, as_group=True)
 
-    def parse_arguments(self, parser: Any, args: Any) -> None:
-        """Parse ``args`` (LightningCLI's own warns when they are not the whole command line)."""
-        self.config = parser.parse_args(args)
-
     def before_instantiate_classes(self) -> None:
         config = self.config
         model = config.model.init_args
@@ -249,19 +245,23 @@ def run_cache(args: list[str]) -> None:
 
 
 def print_cache_summary(manifest: dict[str, Any], output_dir: str, console: Console) -> None:
-    """What the cache holds, what it costs on disk, and how to train from it."""
+    """What the cache holds, what it costs on disk, and how to train from it (printed as written)."""
+
+    def say(line: str) -> None:
+        console.print(line, markup=False, emoji=False, highlight=False)
+
     entries = f"K = {manifest['top_k']}" if manifest["mode"] == "topk" else f"S = {manifest['samples']}"
     console.rule("distilkit cache")
-    console.print(f"cache directory    {output_dir}", highlight=False)
-    console.print(f"targets            {manifest['mode']}, {entries}, temperature {manifest['temperature']}")
+    say(f"cache directory    {output_dir}")
+    say(f"targets            {manifest['mode']}, {entries}, temperature {manifest['temperature']}")
     for split, info in manifest["splits"].items():
-        console.print(f"{split + ' blocks':<18} {info['blocks']} of {manifest['num_blocks'][split]}")
+        say(f"{split + ' blocks':<18} {info['blocks']} of {manifest['num_blocks'][split]}")
     if not manifest["complete"]:
-        console.print("[bold]incomplete:[/] run the same command again to complete it")
+        say("incomplete: run the same command again to complete it")
     per_token = manifest["bytes_per_token"]
     size = f"{manifest['bytes'] / 2**20:.1f} MiB" + (
         f", {per_token:.1f} bytes per token" if per_token else ""
     )
-    console.print(f"on disk            {size}", highlight=False)
+    say(f"on disk            {size}")
     print(f"train from it: distilkit fit --config RECIPE --model.init_args.teacher null "
           f"--model.init_args.teacher_cache '{Path(output_dir)}'")  # fmt: skip

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import lightning as L
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from distilkit.commands.harness import Harness
 from distilkit.data import TextDataModule
@@ -131,7 +132,7 @@ def print_rows(rows: list[dict[str, Any]], console: Console) -> None:
     for row in rows:
         agreement = f"{row['top1_agreement']:.3f}" if "top1_agreement" in row else "-"
         kl = f"{row['kl']:.3f}" if "kl" in row else "-"
-        table.add_row(row["model"], f"{row['ppl']:.2f}", agreement, kl)
+        table.add_row(Text(row["model"]), f"{row['ppl']:.2f}", agreement, kl)  # Text: printed as written
     console.print(table)
     if any("lm_eval" in row for row in rows):
         print_harness_rows(rows, console)
@@ -143,13 +144,14 @@ def print_harness_rows(rows: list[dict[str, Any]], console: Console) -> None:
     table.add_column("task")
     table.add_column("metric")
     for row in rows:
-        table.add_column(row["model"], justify="right", overflow="fold")
+        table.add_column(Text(row["model"]), justify="right", overflow="fold")
     pairs = dict.fromkeys(
         (task, metric) for row in rows for task in row["lm_eval"] for metric in row["lm_eval"][task]
     )
     for task, metric in pairs:
         values = [row["lm_eval"].get(task, {}).get(metric) for row in rows]
-        table.add_row(task, metric, *("-" if value is None else f"{value:.4g}" for value in values))
+        cells = ("-" if value is None else f"{value:.4g}" for value in values)
+        table.add_row(Text(task), Text(metric), *cells)
     console.print(table)
 
 

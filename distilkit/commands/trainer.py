@@ -70,6 +70,11 @@ class DistilCLI(LightningCLI):
         )
         parser.add_class_arguments(DistilProgressBar, "progress_bar", instantiate=False)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse ``args``, the command line distilkit passes (LightningCLI's own warns, with the whole
+        argument list, whenever ``args`` is given and ``sys.argv`` is not empty: always, here)."""
+        self.config = parser.parse_args(args)
+
     def _parse_ckpt_path(self) -> None:
         """Keep the config as given. LightningCLI would overwrite the model's config with the checkpoint's
         ``hyper_parameters``, which leave out the loss, optimizer and scheduler (they are objects): a fit
@@ -222,7 +227,7 @@ def print_summary(trainer: Trainer, console: Console) -> None:
     lines += [f"{peer + ' val ppl':<18} {float(metrics[f'val/{peer}/ppl']):.2f}" for peer in sorted(peers)]
     console.rule("distilkit")
     for line in lines:
-        console.print(line, highlight=False)
+        console.print(line, markup=False, emoji=False, highlight=False)  # as written: paths, names
     if last:  # printed whole (never wrapped), so it can be copied and run
         what, option = ("a peer", " --peer N") if peers else ("the student", "")
         print(

@@ -34,6 +34,7 @@ from transformers import (
 )
 
 from distilkit.data.gguf import gguf_tokenizer, is_gguf
+from distilkit.data.progress import LONG_LOAD_BYTES, bars_if
 from distilkit.data.tokenizer import check_same_vocabulary
 from distilkit.errors import ConfigError
 from distilkit.models.from_teacher import StudentCut
@@ -96,8 +97,11 @@ def _from_pretrained(name: str, *, field: str, dtype: torch.dtype) -> nn.Module:
             raise ConfigError(
                 field, name, "has no config.json", "point at a directory written by save_pretrained or export"
             )
+    long = not looks_local or _weights_bytes(path) >= LONG_LOAD_BYTES
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path) if looks_local else name, dtype=dtype).eval()
+        with bars_if(long):
+            model = AutoModelForCausalLM.from_pretrained(str(path) if looks_local else name, dtype=dtype)
+        return model.eval()
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         if not looks_local and offline:
@@ -108,6 +112,11 @@ def _from_pretrained(name: str, *, field: str, dtype: torch.dtype) -> nn.Module:
                 "check the name, or save the model again",
             )
         raise ConfigError(field, name, problem, fix) from err
+
+
+def _weights_bytes(directory: Path) -> int:
+    """Bytes of the weight files in a model directory."""
+    return sum(p.stat().st_size for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
 
 
 def _first_line(err: BaseException) -> str:

@@ -1,0 +1,58 @@
+"""Quiet by default: what other libraries print that a distilkit user can neither act on nor needs, silenced
+once, here, each with its reason.
+
+What distilkit can fix at the source it fixes there (the CLI parses its own command line, so LightningCLI's
+warning about ``args`` never fires; checkpoints are written with ``weights_only`` given; progress bars of
+short jobs are not drawn: :mod:`distilkit.data.progress`). What it cannot is filtered by its exact message,
+never by category or module: a new warning from the same library still shows. What a user needs stays:
+Lightning's lines about devices, the seed, why a fit stopped, and every warning distilkit itself gives.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+#: ``(message pattern, why it is noise)`` of Python warnings that are filtered.
+NOISE_WARNINGS: tuple[tuple[str, str], ...] = (
+    (
+        r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+        "Lightning's own use of a torch API (lightning/pytorch/utilities/_pytree.py); no user can change it",
+    ),
+    (
+        r".*module\(s\) in eval mode",
+        "the frozen teacher is in eval mode on purpose; Lightning warns about every such module",
+    ),
+    (
+        r".*The dirpath has changed from",
+        "validate/test/predict load a fit's checkpoint; their checkpoint callback writes nothing",
+    ),
+)
+
+#: Beginnings of Lightning's informational lines that are advertisements, not information about the run.
+NOISE_INFO: tuple[str, ...] = ("💡 Tip:",)
+
+
+class DropInfo(logging.Filter):
+    """Drops log records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, prefixes: tuple[str, ...] = NOISE_INFO) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).lstrip().startswith(self.prefixes)
+
+
+#: The loggers Lightning's ``rank_zero_info`` writes to.
+_LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+def quiet_third_party() -> None:
+    """Install the filters above (idempotent); the CLI calls it before any command runs."""
+    for pattern, _why in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in _LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropInfo) for f in logger.filters):
+            logger.addFilter(DropInfo())
