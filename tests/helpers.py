@@ -305,11 +305,21 @@ def rewound_history(files: list[Path]) -> list[dict[str, object]]:
 
 # ------------------------------------------------------------------------------------ subprocess callbacks
 class SlowSteps(Callback):
+    """Sleeps after every training step (or predict batch), and touches ``marker`` once step (or batch)
+    ``at_step`` is reached: a test sends its signal then."""
+
     def __init__(self, marker: str, at_step: int, seconds: float = 0.3) -> None:
         self.marker, self.at_step, self.seconds = Path(marker), at_step, seconds
+        self.predicted = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.at_step:
+            self.marker.touch()
+        time.sleep(self.seconds)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.predicted += 1
+        if self.predicted >= self.at_step:
             self.marker.touch()
         time.sleep(self.seconds)
 

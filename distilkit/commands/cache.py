@@ -13,6 +13,7 @@ rank 0 merges them into ``manifest.json``, which records the teacher, the data's
 
 from __future__ import annotations
 
+import shlex
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,10 @@ from distilkit.callbacks.progress import PositionsProgressBar
 from distilkit.commands.trainer import DistilCLI
 from distilkit.data import TextDataModule
 from distilkit.data.teacher_cache import CacheWriter, finalize_cache
-from distilkit.errors import ConfigError
+from distilkit.errors import ConfigError, RunInterrupted
 from distilkit.losses.chunked import chunk_slices
 from distilkit.modules import DistillationModule
+from distilkit.run.signals import GracefulStop
 from distilkit.teachers import LiveTeacher, model_identity
 
 SPLITS = ("train", "val")
@@ -87,7 +89,13 @@ class TeacherPass(L.LightningModule):
         options: what to store.
     """
 
-    def __init__(self, source: DistillationModule, data: TextDataModule, options: CacheOptions) -> None:
+    def __init__(
+        self,
+        source: DistillationModule,
+        data: TextDataModule,
+        options: CacheOptions,
+        command: str | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(source.teacher_source, LiveTeacher):
             raise ConfigError(
@@ -104,6 +112,11 @@ class TeacherPass(L.LightningModule):
         self.writer: CacheWriter | None = None
         self.splits: list[str] = []  # the split of each predict dataloader
         self.manifest: dict[str, Any] | None = None
+        self.command = command  # recorded in the manifest: what rewrites a damaged shard
+        self.stop = GracefulStop(
+            "this batch, then writing the blocks computed so far",
+            "shards already written are kept; the same command computes the rest",
+        )
 
     @property
     def source(self) -> DistillationModule:
@@ -133,6 +146,7 @@ class TeacherPass(L.LightningModule):
             seed=self.options.seed,
             rank=self.global_rank,
             shard_blocks=self.options.shard_blocks,
+            command=self.command,
         )  # every process reads the directory here, before Lightning's post-setup barrier and any write
 
     def predict_dataloader(self) -> list[DataLoader]:
@@ -151,6 +165,7 @@ class TeacherPass(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self.teacher_source.check_head()
+        self.stop.start()
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Write the teacher's targets of the batch's blocks (``batch["block_index"]`` ``(B,)``)."""
@@ -162,8 +177,23 @@ class TeacherPass(L.LightningModule):
             logits = teaching.head(teaching.last[rows])  # (b, T, V)
             self.writer.write(self.splits[dataloader_idx], blocks[rows], logits)
 
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """After Ctrl-C (on any process): write the blocks computed so far, record them, and stop with
+        exit status 130; the same command computes only the rest."""
+        if not self.stop.agreed(self.trainer.strategy):
+            return
+        self.on_predict_end()
+        manifest = self.manifest or {}
+        kept = sum(info["blocks"] for info in manifest.get("splits", {}).values())
+        total = sum(manifest.get("num_blocks", {}).values())
+        raise RunInterrupted(
+            f"Ctrl-C: {kept} of {total} blocks are in {self.options.output_dir}; "
+            "run the same command again to compute only the rest"
+        )
+
     def on_predict_end(self) -> None:
         assert self.writer is not None
+        self.stop.stop()
         self.writer.close()
         self.trainer.strategy.barrier("teacher_cache_closed")
         if self.trainer.is_global_zero:
@@ -171,14 +201,24 @@ class TeacherPass(L.LightningModule):
 
 
 def write_teacher_cache(
-    trainer: Trainer, source: DistillationModule, data: TextDataModule, options: CacheOptions
+    trainer: Trainer,
+    source: DistillationModule,
+    data: TextDataModule,
+    options: CacheOptions,
+    command: str | None = None,
 ) -> dict[str, Any] | None:
     """Run ``source``'s teacher over ``data``'s training and validation blocks and store its targets.
 
+    Args:
+        command: the command line that runs this, recorded in the manifest (it repairs a damaged shard).
+
     Returns:
         The manifest on rank 0 (None on the other processes).
+
+    Raises:
+        RunInterrupted: Ctrl-C; the blocks computed so far are on disk.
     """
-    run = TeacherPass(source, data, options)
+    run = TeacherPass(source, data, options, command)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*predict returned None.*")  # it writes, returns nothing
         warnings.filterwarnings("ignore", message=r".*across ranks is zero.*")  # nothing missing: no loaders
@@ -239,7 +279,8 @@ def run_cache(args: list[str]) -> None:
         parser_kwargs={"exit_on_error": False, "prog": "distilkit cache", "description": DESCRIPTION},
     )
     options = cli.options()
-    manifest = write_teacher_cache(cli.trainer, cli.model, cli.datamodule, options)
+    command = shlex.join(["distilkit", *args])
+    manifest = write_teacher_cache(cli.trainer, cli.model, cli.datamodule, options, command)
     if manifest is not None:
         print_cache_summary(manifest, options.output_dir, Console())
 

@@ -14,6 +14,7 @@ call can set back), so an edited or truncated file is hashed again and caught; a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -58,26 +59,49 @@ class HashMemo:
         except (OSError, ValueError, TypeError):
             self.entries = {}
 
-    def sha256(self, path: Path, on_hash: Callable[[Path], None] | None = None) -> str:
+    def sha256(self, path: Path, on_hash: Callable[[Path], None] | None = None, *, save: bool = True) -> str:
         """The file's digest: remembered when its stamp is unchanged, else hashed now and remembered.
 
-        ``on_hash(path)`` is called before a file is read whole (to show progress).
+        ``on_hash(path)`` is called before a file is read whole (to show progress). ``save=False`` keeps a
+        new entry in memory only (:meth:`save` writes them all at once: many files, one write).
         """
-        key, now = str(path.resolve()), stamp(path)
-        entry = self.entries.get(key)
-        if entry is not None and tuple(entry[:-1]) == now:
-            return str(entry[-1])
+        remembered = self.lookup(path)
+        if remembered is not None:
+            return remembered
         if on_hash is not None:
             on_hash(path)
         digest = sha256_file(path)
-        self.remember(path, digest)
+        self.remember(path, digest, save=save)
         return digest
 
-    def remember(self, path: Path, digest: str) -> None:
-        """Record that ``path``, as it is now, hashes to ``digest``."""
+    def lookup(self, path: Path) -> str | None:
+        """The digest remembered for ``path`` as it is now (its stamp unchanged), or None."""
+        entry = self.entries.get(str(path.resolve()))
+        return str(entry[-1]) if entry is not None and tuple(entry[:-1]) == stamp(path) else None
+
+    def remember(self, path: Path, digest: str, *, save: bool = True) -> None:
+        """Record that ``path``, as it is now, hashes to ``digest`` (``save=False``: in memory only)."""
         self.entries[str(path.resolve())] = [*stamp(path), digest]
+        if save:
+            self.save()
+
+    def save(self) -> None:
+        """Write the memo (entries of files that no longer exist are dropped). A memo that cannot be written
+        (a read-only cache directory) only costs hashing again next time."""
         self.entries = {k: v for k, v in self.entries.items() if os.path.exists(k)}
-        write_text(self.file, json.dumps(self.entries, indent=0, sort_keys=True) + "\n")
+        with contextlib.suppress(OSError):
+            write_text(self.file, json.dumps(self.entries, indent=0, sort_keys=True) + "\n")
+
+
+def cache_root() -> Path:
+    """``$DISTILKIT_CACHE``, else ``~/.cache/distilkit``: where distilkit keeps what it derives."""
+    return Path(os.environ.get("DISTILKIT_CACHE", Path.home() / ".cache" / "distilkit")).expanduser()
+
+
+def shared_memo() -> HashMemo:
+    """The memo of the hashes of files distilkit wrote and reads back (teacher-cache shards, checkpoints,
+    exported models, trained tokenizers): ``$DISTILKIT_CACHE/hashes.json``."""
+    return HashMemo(cache_root() / "hashes.json")
 
 
 def _files(directory: Path) -> list[Path]:
