@@ -61,7 +61,8 @@ def test_summaries_and_tables_print_paths_and_names_as_written():
         "mode": "sample", "samples": 12, "temperature": 1.0, "complete": True, "bytes": 2**20,
         "bytes_per_token": 40.0, "num_blocks": {"train": 2}, "splits": {"train": {"blocks": 2}},
     }  # fmt: skip
-    assert "runs/:memo:/[x]" in _text(lambda console: print_cache_summary(manifest, "runs/:memo:/[x]", console))
+    path = "runs/:memo:/[x]"
+    assert path in _text(lambda console: print_cache_summary(manifest, path, console))
     rows = [{"model": "runs/[a]/:memo:/last.ckpt", "ppl": 2.0, "lm_eval": {"[task]": {":memo:": 1.0}}}]
     printed = _text(lambda console: print_rows(rows, console))
     assert "runs/[a]/:memo:/last.ckpt" in printed and "[task]" in printed and ":memo:" in printed

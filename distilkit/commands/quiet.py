@@ -27,7 +27,14 @@ NOISE_WARNINGS: tuple[tuple[str, str], ...] = (
         r".*The dirpath has changed from",
         "validate/test/predict load a fit's checkpoint; their checkpoint callback writes nothing",
     ),
+    (
+        r".*Checkpoint directory .* exists and is not empty",
+        "a fit refuses a directory holding a run unless it resumes it, and a resumed run's has checkpoints",
+    ),
 )
+
+#: Filtered only where it is known to be wrong: a data module that keeps its place in its own state.
+RESUMABLE_DATA_WARNING = r".*You're resuming from a checkpoint that ended before the epoch ended"
 
 #: Beginnings of Lightning's informational lines that are advertisements, not information about the run.
 NOISE_INFO: tuple[str, ...] = ("💡 Tip:",)

@@ -2,7 +2,14 @@
 live model (:class:`LiveTeacher`), an offline teacher cache (:class:`CachedTeacher`), a mixture of models
 (:class:`PeerMixture`, what each peer of a cohort learns from)."""
 
-from distilkit.teachers.base import Split, TargetKind, TeacherSource, Teaching
+from distilkit.teachers.base import (
+    Split,
+    TargetKind,
+    TeacherSource,
+    Teaching,
+    describe_teacher,
+    same_teacher,
+)
 from distilkit.teachers.cache import CachedTeacher
 from distilkit.teachers.live import LiveTeacher, model_identity
 from distilkit.teachers.mixture import PeerMixture
@@ -16,6 +23,8 @@ __all__ = [
     "TargetKind",
     "TeacherSource",
     "Teaching",
+    "describe_teacher",
     "model_identity",
     "open_teacher",
+    "same_teacher",
 ]

@@ -284,3 +284,24 @@ def test_ctrl_c_keeps_the_blocks_computed_exits_130_and_the_rerun_computes_only_
     kept_files = [p for p in cache.glob("*.safetensors") if p.name in shards]
     assert kept_files and all(p.stat().st_mtime_ns == shards[p.name] for p in kept_files), "not rewritten"
     assert_same_cache(straight, cache)
+
+
+@pytest.mark.slow
+def test_a_run_from_a_cache_resumed_from_another_cache_is_refused(
+    tmp_path, recipe, topk_cache, capsys, monkeypatch
+):
+    """Issue 21.2: a cache-trained run records what made its targets (the cache's teacher and settings), so
+    a resume from other targets is refused in one line; the checkpoint names the teacher behind the cache."""
+    run_dir = tmp_path / "run"
+    fit_from(recipe, run_dir, topk_cache, "--trainer.max_steps", "2")
+    taught = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["distilkit"]["teacher"]
+    assert taught["kind"] == "cache" and taught["targets"]["top_k"] == 8
+    assert len(taught["teacher"]["weights_sha256"]) == 64
+    sampled = make_cache(recipe, tmp_path / "sampled", "--mode", "sample", "--samples", "6")
+    err = refusal(
+        capsys,
+        monkeypatch,
+        lambda: fit_from(recipe, run_dir, sampled, "--trainer.max_steps", "4", "--ckpt_path", "last"),
+    )
+    assert f"error: model.teacher_cache='teacher cache {sampled} (sample, S = 6, temperature 2.0)" in err
+    assert f"trained by up to step 2: teacher cache {topk_cache} (topk, K = 8, temperature 2.0)" in err

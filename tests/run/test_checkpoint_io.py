@@ -1,11 +1,17 @@
-"""Checkpoint writes are atomic: a failure mid-write leaves the previous checkpoint whole."""
+"""Checkpoint writes are atomic: a failure mid-write leaves the previous checkpoint whole; and sealed: a
+checkpoint whose contents changed after it was written is refused wherever distilkit reads it."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
-from helpers import fit_run, resume_run, tiny_recipe
+from helpers import fit_run, flip_tensor_byte, resume_run, run_cli, tiny_recipe
 
+from distilkit.data.verified import shared_memo
+from distilkit.models.checkpoint import SEAL, read_checkpoint
 from distilkit.run.checkpoint_io import AtomicCheckpointIO
 
 
@@ -44,3 +50,44 @@ def test_the_cli_writes_checkpoints_atomically_and_resume_ignores_leftovers(
     (run_dir / "checkpoints" / ".last.ckpt.x1y2.tmp").write_bytes(b"partial")
     resume_run(recipe, run_dir, 6)
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+def test_a_checkpoint_changed_after_it_was_written_is_refused_wherever_it_is_read(
+    tmp_path, tiny_run, corpus, tokenizer_dir, cache_dir, capsys, monkeypatch
+):
+    """Issue 21.1: torch.load reads a checkpoint whose tensor bytes changed (it checks no CRC) and training
+    went on from garbage; the seal written in every checkpoint refuses it in one line, naming the file and
+    the checkpoints beside it."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run.parent.parent, run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    sealed = torch.load(last, weights_only=True)
+    assert set(sealed[SEAL]) == {"sha256", "scheme"}
+    assert shared_memo().lookup(tiny_run) == sealed[SEAL]["sha256"], "remembered when written"
+    flip_tensor_byte(last)
+    recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir)
+    for command in (
+        ["export", "--ckpt_path", str(last), "--output_dir", str(tmp_path / "student")],
+        ["fit", "--config", str(recipe), "--trainer.default_root_dir", str(run_dir), "--ckpt_path", "last"],
+        ["evaluate", "--models", f"[{last}]", "--data_files", str(corpus), "--progress", "false"],
+        ["generate", "--model", str(last), "--output_file", str(tmp_path / "samples.jsonl")],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(*command)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+        assert f"{last}': has other contents than were written" in err, err
+    assert not (tmp_path / "student").exists() and not (tmp_path / "samples.jsonl").exists()
+
+
+def test_a_checkpoint_read_again_unchanged_is_not_hashed_again_and_one_without_a_seal_is_read(
+    tiny_run, monkeypatch
+):
+    read_checkpoint(tiny_run)  # remembered (here, or when written)
+    monkeypatch.setattr("distilkit.models.checkpoint.content_digest", lambda value: pytest.fail("hashed"))
+    read_checkpoint(tiny_run)
+    monkeypatch.undo()
+    old = Path(__file__).parents[1] / "fixtures" / "layout_v0" / "last.ckpt"
+    assert SEAL not in torch.load(old, weights_only=True)
+    assert read_checkpoint(old)["global_step"] > 0
