@@ -15,6 +15,7 @@ call can set back), so an edited or truncated file is hashed again and caught; a
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -96,6 +97,19 @@ class HashMemo:
 def cache_root() -> Path:
     """``$DISTILKIT_CACHE``, else ``~/.cache/distilkit``: where distilkit keeps what it derives."""
     return Path(os.environ.get("DISTILKIT_CACHE", Path.home() / ".cache" / "distilkit")).expanduser()
+
+
+def content_sha256(path: Path, memo: HashMemo | None = None) -> str:
+    """SHA-256 of a file's content, or of a directory's (every file's relative path and hash, in order),
+    with each file's hash remembered in ``memo`` (default :func:`shared_memo`): what identifies a model or a
+    data file whatever its path."""
+    memo = memo if memo is not None else shared_memo()
+    if path.is_file():
+        return memo.sha256(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    entries = [[p.relative_to(path).as_posix(), memo.sha256(p, save=False)] for p in files]
+    memo.save()
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
 def shared_memo() -> HashMemo:

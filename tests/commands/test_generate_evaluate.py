@@ -9,6 +9,7 @@ from helpers import ROOT, TEACHER, run_cli, tiny_recipe
 
 from distilkit.commands.evaluate import evaluate
 from distilkit.commands.generate import generate
+from distilkit.errors import ConfigError
 
 
 def test_generate_writes_jsonl_that_training_reads(tmp_path, tiny_run, corpus, tokenizer_dir, cache_dir):
@@ -170,3 +171,59 @@ def test_evaluate_refuses_a_teacher_whose_tokenizer_differs(tmp_path, tiny_run, 
         )
     err = " ".join(capsys.readouterr().err.split())
     assert exit_info.value.code == 2 and "first differences:" in err and "teacher" in err
+
+
+def test_ctrl_c_during_generate_keeps_finished_batches_and_the_rerun_samples_only_the_rest(
+    tmp_path, monkeypatch, capsys
+):
+    """Issue 21.3: each batch has its own seed, so the finished file is what an uninterrupted run writes."""
+    import os
+    import signal
+
+    from distilkit.commands import generate as command
+
+    options = dict(num_samples=6, batch_size=2, max_new_tokens=8, seed=3)
+    straight = generate(str(TEACHER), str(tmp_path / "straight.jsonl"), **options)
+    out = tmp_path / "stopped.jsonl"
+    sampled = []
+    real = command.generate_text
+
+    def ctrl_c_after_the_second_batch(*args, **kwargs):
+        sampled.append(1)
+        if len(sampled) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(command, "generate_text", ctrl_c_after_the_second_batch)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("generate", "--model", str(TEACHER), "--output_file", str(out), *_flags(options))
+    assert exit_info.value.code == 130
+    assert f"stopped: Ctrl-C: 4 of 6 samples are in {out}.partial" in capsys.readouterr().err
+    assert not out.exists() and len((tmp_path / "stopped.jsonl.partial").read_text().splitlines()) == 4
+    sampled.clear()
+    with pytest.raises(ConfigError, match=r"unfinished run in .* made with another seed \(3, now 4\)"):
+        generate(str(TEACHER), str(out), **{**options, "seed": 4})
+    generate(str(TEACHER), str(out), **options)
+    assert len(sampled) == 1, "only the missing batch is sampled"
+    assert out.read_text() == straight.read_text()
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+def _flags(options: dict) -> list[str]:
+    return [item for key, value in options.items() for item in (f"--{key}", str(value))]
+
+
+def test_prompts_are_named_by_file_and_line(tmp_path):
+    long = tmp_path / "long.txt"
+    long.write_text("a short one\n" + "word " * 600 + "\n")
+    fills = rf"prompts_file='{long}:2': is \d+ tokens long, which fills the model's context of 128"
+    with pytest.raises(ConfigError, match=fills):
+        generate(str(TEACHER), str(tmp_path / "x.jsonl"), prompts_file=str(long))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a"}\n{"text": 3}\n')
+    with pytest.raises(ConfigError, match=rf"prompts_file='{rows}:2': has no text in 'prompt'"):
+        generate(str(TEACHER), str(tmp_path / "x.jsonl"), prompts_file=str(rows))
+    with pytest.raises(ConfigError, match=rf"prompts_file='{tmp_path}': is a directory"):
+        generate(str(TEACHER), str(tmp_path / "x.jsonl"), prompts_file=str(tmp_path))
+    with pytest.raises(ConfigError, match=rf"output_file='{tmp_path}': is a directory"):
+        generate(str(TEACHER), str(tmp_path), overwrite=True)
