@@ -6,12 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from distilkit.errors import ConfigError
 from distilkit.files import atomic_directory, refuse_existing
 from distilkit.models.checkpoint import (
     checkpoint_tokenizer,
-    model_configs,
     model_from_checkpoint,
+    model_prefix,
     read_checkpoint,
 )
 from distilkit.models.loading import parse_dtype
@@ -38,8 +37,7 @@ def export_student(
     refuse_existing(out, overwrite=overwrite, field="output_dir")
     torch_dtype = parse_dtype("dtype", dtype)
     checkpoint = read_checkpoint(ckpt_path)
-    if peer is not None:
-        model = peer_prefix(checkpoint, peer)
+    model = model_prefix(checkpoint, peer, model)
     lm: Any = model_from_checkpoint(checkpoint, model, where="model")
     tokenizer = checkpoint_tokenizer(checkpoint)
     with atomic_directory(out, overwrite=overwrite) as staging:
@@ -47,26 +45,6 @@ def export_student(
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     return out
-
-
-def peer_prefix(checkpoint: dict[str, Any], peer: int | str) -> str:
-    """The state-dict prefix (``peers.N``) of a cohort's peer given by index or by name (the module's
-    ``names``, kept in the checkpoint's hyperparameters)."""
-    names = list((checkpoint.get("hyper_parameters") or {}).get("names") or [])
-    index = names.index(peer) if isinstance(peer, str) and peer in names else peer
-    if isinstance(index, str) and index.isdigit():
-        index = int(index)
-    prefix = f"peers.{index}"
-    if isinstance(index, int) and prefix in model_configs(checkpoint):
-        return prefix
-    peers = sorted(int(p.split(".")[1]) for p in model_configs(checkpoint) if p.startswith("peers."))
-    choices = f"an index in {peers}" + (f" or a name in {names}" if names else "")
-    raise ConfigError(
-        "peer",
-        peer,
-        "names no peer of this checkpoint" + ("" if peers else " (it holds no cohort)"),
-        f"use {choices}" if peers else "leave --peer out to export its student",
-    )
 
 
 def export(

@@ -101,7 +101,7 @@ def _feed(digest: Any, value: Any) -> None:
         digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
         if tensor.numel():
             flat = tensor.reshape(-1).cpu().contiguous()  # (n,)
-            digest.update(memoryview(flat.view(torch.uint8).numpy()))
+            digest.update(flat.view(torch.uint8).numpy())
     elif isinstance(value, Mapping):
         digest.update(f"D{len(value)}".encode())
         for key, item in value.items():
@@ -163,6 +163,40 @@ def model_configs(checkpoint: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {}
 
 
+def peer_names(checkpoint: dict[str, Any]) -> dict[str, str]:
+    """``{prefix: name}`` of a cohort checkpoint's peers (``peers.0`` ...; the module's ``names`` when it
+    had them, else ``peer0`` ...); empty for any other checkpoint."""
+    indices = sorted(int(p.split(".")[1]) for p in model_configs(checkpoint) if p.startswith("peers."))
+    names = list((checkpoint.get("hyper_parameters") or {}).get("names") or [])
+    return {f"peers.{i}": str(names[i]) if i < len(names) else f"peer{i}" for i in indices}
+
+
+def model_prefix(checkpoint: dict[str, Any], peer: int | str | None = None, model: str = "student") -> str:
+    """The state-dict prefix of the model to read: ``model`` (the student), or the cohort's peer ``peer``
+    given by index or name. A cohort checkpoint read without ``peer`` is refused, naming ``--peer`` and
+    the peers it holds."""
+    peers = peer_names(checkpoint)
+    choices = ", ".join(f"{prefix.split('.')[1]} ({name})" for prefix, name in peers.items())
+    if peer is None:
+        if model in model_configs(checkpoint) or not peers:
+            return model
+        raise ConfigError(
+            "peer",
+            None,
+            f"is needed: the checkpoint holds a cohort of {len(peers)} peers, {choices}",
+            "choose one with --peer 0 (an index) or --peer NAME",
+        )
+    for prefix, name in peers.items():
+        if str(peer) in (name, prefix.split(".")[1]):
+            return prefix
+    raise ConfigError(
+        "peer",
+        peer,
+        "names no peer of this checkpoint" + (f" (it holds {choices})" if peers else " (it holds no cohort)"),
+        "use one of those indices or names" if peers else "leave --peer out to read its student",
+    )
+
+
 def model_from_checkpoint(
     checkpoint: dict[str, Any], prefix: str = "student", *, where: str = "ckpt_path"
 ) -> nn.Module:
@@ -202,16 +236,25 @@ def checkpoint_tokenizer(checkpoint: dict[str, Any]) -> PreTrainedTokenizerBase 
 
 
 def load_model_and_tokenizer(
-    name: str | Path, field: str = "model", prefix: str = "student"
+    name: str | Path, field: str = "model", prefix: str = "student", peer: int | str | None = None
 ) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
     """A causal LM (float32, eval mode) and its tokenizer from a distilkit checkpoint (``.ckpt``: the model
-    under ``prefix``), a Hugging Face model directory (its tokenizer when it has one) or a GGUF file."""
+    under ``prefix``, or the cohort's peer ``peer``), a Hugging Face model directory (its tokenizer when it
+    has one) or a GGUF file."""
     path = Path(name)
     if is_gguf(name):
         return load_gguf(name, field=field)
     if path.suffix == ".ckpt":
         checkpoint = read_checkpoint(path, field)
+        prefix = model_prefix(checkpoint, peer, prefix)
         return model_from_checkpoint(checkpoint, prefix, where=field), checkpoint_tokenizer(checkpoint)
+    if path.is_file():
+        raise ConfigError(
+            field,
+            str(name),
+            "is a file but neither a .ckpt nor a .gguf file",
+            "give a checkpoint, a model directory or a GGUF file",
+        )
     if not (path / "config.json").is_file():
         raise ConfigError(
             field,

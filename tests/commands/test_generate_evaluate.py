@@ -227,3 +227,54 @@ def test_prompts_are_named_by_file_and_line(tmp_path):
         generate(str(TEACHER), str(tmp_path / "x.jsonl"), prompts_file=str(tmp_path))
     with pytest.raises(ConfigError, match=rf"output_file='{tmp_path}': is a directory"):
         generate(str(TEACHER), str(tmp_path), overwrite=True)
+
+
+def test_evaluate_names_its_own_options_in_errors(tmp_path, tiny_run, capsys, monkeypatch):
+    """Issue 21.5: the data module evaluate builds is named by evaluate's options, not a recipe's fields."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for options, named in (
+        (["--data_files", str(empty)], f"error: data_files='{empty}'"),
+        (["--data_files", str(tmp_path / "absent.txt")], "error: data_files"),
+        (["--models", f"[{tmp_path}]"], f"error: models[0]='{tmp_path}'"),
+        (["--output_json", str(tmp_path)], f"error: output_json='{tmp_path}': is a directory"),
+    ):
+        models = [] if "--models" in options else ["--models", f"[{tiny_run}]"]
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli("evaluate", *models, *options, "--progress", "false")
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and err.startswith(named) and "data.train_files" not in err, err
+
+
+def test_ctrl_c_during_evaluate_keeps_the_rows_scored_and_the_rerun_scores_only_the_rest(
+    tmp_path, tiny_run, corpus, monkeypatch, capsys
+):
+    """Issue 21.3: each model's row is kept as soon as it is scored (by content: model, data, settings)."""
+    import os
+    import signal
+
+    from distilkit.commands import evaluate as command
+
+    monkeypatch.setenv("DISTILKIT_CACHE", str(tmp_path / "cache"))  # no rows kept by other tests
+    exported = tmp_path / "exported"
+    run_cli("export", "--ckpt_path", str(tiny_run), "--output_dir", str(exported))
+    scored = []
+    real = command._score
+
+    def ctrl_c_in_the_second_model(entry, *args):
+        scored.append(entry.name)
+        if len(scored) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives during the second model's validation
+        return real(entry, *args)
+
+    monkeypatch.setattr(command, "_score", ctrl_c_in_the_second_model)
+    models = ["--models", f"[{tiny_run}, {exported}]", "--data_files", str(corpus), "--progress", "false"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("evaluate", *models)
+    assert exit_info.value.code == 130
+    assert "stopped: Ctrl-C: 1 of 2 models scored (their rows are kept); run the same command again" in capsys.readouterr().err
+    scored.clear()
+    rows = evaluate([str(tiny_run), str(exported)], data_files=str(corpus), progress=False)
+    assert scored == [str(exported)], "only the model without a kept row is scored"
+    assert rows[0]["ppl"] == pytest.approx(rows[1]["ppl"], rel=1e-5)  # the same weights

@@ -324,7 +324,33 @@ def test_each_peer_exports_by_index_and_by_name_and_reloads_with_transformers(da
     with pytest.raises(SystemExit) as exit_info:
         run_cli("export", "--ckpt_path", str(last), "--output_dir", str(tmp_path / "x"), "--peer", "teacher")
     assert exit_info.value.code == 2
-    assert "['big', 'small']" in " ".join(capsys.readouterr().err.split())
+    err = " ".join(capsys.readouterr().err.split())
+    assert "peer='teacher': names no peer of this checkpoint (it holds 0 (big), 1 (small))" in err
+    with pytest.raises(SystemExit) as exit_info:  # issue 21.5: without --peer, say --peer
+        run_cli("export", "--ckpt_path", str(last), "--output_dir", str(tmp_path / "x"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert (
+        exit_info.value.code == 2
+        and "error: peer=None: is needed: the checkpoint holds a cohort of 2 peers" in err
+    )
+    assert "choose one with --peer 0 (an index) or --peer NAME" in err
+
+
+def test_evaluate_scores_every_peer_of_a_cohort_checkpoint_or_the_one_asked_for(datamodule, tmp_path, corpus):
+    from distilkit.commands.evaluate import evaluate
+
+    torch.manual_seed(0)
+    cohort = _cohort(datamodule, [SMALL, WIDER], names=["big", "small"])
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+    trainer = tiny_trainer(tmp_path, max_steps=1, enable_checkpointing=True, callbacks=[checkpoints])
+    trainer.fit(cohort, datamodule)
+    last = str(tmp_path / "checkpoints" / "last.ckpt")
+    options = dict(data_files=str(corpus), block_size=32, batch_size=4, progress=False)
+    rows = evaluate([last], **options)
+    assert [row["model"] for row in rows] == [f"{last} (peer big)", f"{last} (peer small)"]
+    assert rows[0]["ppl"] != rows[1]["ppl"]
+    only = evaluate([last], peer="small", **options)
+    assert [row["model"] for row in only] == [f"{last} (peer small)"] and only[0]["ppl"] == rows[1]["ppl"]
 
 
 def test_predict_gives_each_peers_next_token_nll(datamodule):
