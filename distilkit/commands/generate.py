@@ -114,6 +114,7 @@ def generate(
     batch_size: int = 16,
     seed: int = 0,
     overwrite: bool = False,
+    peer: int | str | None = None,
 ) -> Path:
     """Sample ``num_samples`` continuations of each prompt (or unconditional samples) and write jsonl.
 
@@ -129,6 +130,7 @@ def generate(
         batch_size: sequences sampled at once.
         seed: seeds the sampling (each batch by its first sample's index: a finished rerun is the same).
         overwrite: replace an existing ``output_file``.
+        peer: the peer to sample when ``model`` is a cohort's checkpoint, by index or name.
 
     Raises:
         RunInterrupted: Ctrl-C; the finished batches are kept, and the same command finishes the rest.
@@ -153,13 +155,14 @@ def generate(
         )
     check_writable(out, "output_file")
     prompts = read_prompts(prompts_file) if prompts_file else [Prompt("", "unconditional")]
-    lm, tokenizer = load_model_and_tokenizer(model)
+    lm, tokenizer = load_model_and_tokenizer(model, peer=peer)
     if tokenizer is None:
         raise ConfigError("model", model, "has no tokenizer", "export the model with distilkit export first")
     check_prompt_lengths(prompts, tokenizer, lm)
     jobs = [p.text for p in prompts for _ in range(num_samples)]
     settings = {
         "model_sha256": content_sha256(Path(model)) if Path(model).exists() else model,
+        "peer": peer,
         "prompts_sha256": content_sha256(Path(prompts_file)) if prompts_file else None,
         "num_samples": num_samples, "max_new_tokens": max_new_tokens, "temperature": temperature,
         "top_p": top_p, "batch_size": batch_size, "seed": seed,

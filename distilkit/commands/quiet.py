@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 #: ``(message pattern, why it is noise)`` of Python warnings that are filtered.
 NOISE_WARNINGS: tuple[tuple[str, str], ...] = (
@@ -55,8 +56,26 @@ class DropInfo(logging.Filter):
 _LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
 
+def one_line(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """distilkit's own warnings as one line, ``warning: <message>`` (Python's format adds the file, the line
+    number, the category and the source line: three things a user does not act on); others as they were."""
+    if Path(filename).resolve().is_relative_to(PACKAGE):
+        return f"warning: {message}\n"
+    return _FORMAT(message, category, filename, lineno, line)
+
+
+PACKAGE = Path(__file__).resolve().parents[1]
+_FORMAT = warnings.formatwarning
+
+
 def quiet_third_party() -> None:
-    """Install the filters above (idempotent); the CLI calls it before any command runs."""
+    """Install the filters above and the one-line format of distilkit's warnings (idempotent); the CLI calls
+    it before any command runs."""
+    global _FORMAT
+    if warnings.formatwarning is not one_line:
+        _FORMAT, warnings.formatwarning = warnings.formatwarning, one_line
     for pattern, _why in NOISE_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     for name in _LIGHTNING_LOGGERS:

@@ -273,7 +273,10 @@ def test_ctrl_c_during_evaluate_keeps_the_rows_scored_and_the_rerun_scores_only_
     with pytest.raises(SystemExit) as exit_info:
         run_cli("evaluate", *models)
     assert exit_info.value.code == 130
-    assert "stopped: Ctrl-C: 1 of 2 models scored (their rows are kept); run the same command again" in capsys.readouterr().err
+    assert (
+        "stopped: Ctrl-C: 1 of 2 models scored (their rows are kept); run the same command again"
+        in capsys.readouterr().err
+    )
     scored.clear()
     rows = evaluate([str(tiny_run), str(exported)], data_files=str(corpus), progress=False)
     assert scored == [str(exported)], "only the model without a kept row is scored"
