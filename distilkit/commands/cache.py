@@ -30,7 +30,9 @@ from distilkit.callbacks.progress import PositionsProgressBar
 from distilkit.commands.trainer import DistilCLI
 from distilkit.data import TextDataModule
 from distilkit.data.teacher_cache import CacheWriter, finalize_cache
+from distilkit.data.teacher_cache.format import MANIFEST
 from distilkit.errors import ConfigError, RunInterrupted
+from distilkit.files import check_writable
 from distilkit.losses.chunked import chunk_slices
 from distilkit.modules import DistillationModule
 from distilkit.run.signals import GracefulStop
@@ -238,6 +240,10 @@ class CacheCLI(DistilCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config
+        output = Path(config.output_dir)
+        if output.exists() and not output.is_dir():  # checked before the teacher is loaded
+            raise ConfigError("output_dir", str(output), "is a file, not a directory", "give a directory")
+        check_writable(output / MANIFEST, "output_dir")
         model = config.model.init_args
         if model.get("teacher") is None:
             raise ConfigError(

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from distilkit.data.progress import LONG_LOAD_BYTES, bars_if
+from distilkit.data.verified import as_command, remember_manifest, shared_memo, write_manifest
 from distilkit.files import atomic_directory, refuse_existing
 from distilkit.models.checkpoint import (
     checkpoint_tokenizer,
@@ -40,10 +42,13 @@ def export_student(
     model = model_prefix(checkpoint, peer, model)
     lm: Any = model_from_checkpoint(checkpoint, model, where="model")
     tokenizer = checkpoint_tokenizer(checkpoint)
-    with atomic_directory(out, overwrite=overwrite) as staging:
+    command = as_command("export", ckpt_path=ckpt_path, output_dir=out, dtype=dtype, peer=peer)
+    with atomic_directory(out, overwrite=overwrite) as staging, bars_if(_bytes(lm) >= LONG_LOAD_BYTES):
         lm.to(torch_dtype).save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        manifest = write_manifest(staging, command=command, overwrite=True)
+    remember_manifest(out, manifest, shared_memo())  # read back by distilkit: checked by its hashes
     return out
 
 
@@ -69,3 +74,8 @@ def export(
     """
     out = export_student(ckpt_path, output_dir, dtype, overwrite, model, peer)
     print(f"exported {model if peer is None else f'peer {peer}'} to {out}")
+
+
+def _bytes(model: Any) -> int:
+    """Bytes of a model's parameters (a save shows progress only when it is large)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())

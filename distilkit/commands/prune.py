@@ -17,6 +17,8 @@ import lightning as L
 import yaml
 from jsonargparse import ArgumentParser
 
+from distilkit.data.progress import LONG_LOAD_BYTES, bars_if
+from distilkit.data.verified import as_command, remember_manifest, shared_memo, write_manifest
 from distilkit.errors import ConfigError, RunInterrupted, fields_as_typed
 from distilkit.files import atomic_directory, refuse_existing
 from distilkit.models.from_teacher import KEY, StudentCut, calibration_data
@@ -47,6 +49,14 @@ def prune_student(
     out = Path(output_dir)
     refuse_existing(out, overwrite=overwrite, field="output_dir")
     torch_dtype = parse_dtype("dtype", dtype)
+    options: dict[str, Any] = {"config": config, "teacher": teacher, "targets": targets, "layers": layers}
+    options |= {"layer_ranking": layer_ranking, "importance": importance, "data_files": data_files}
+    options |= {
+        "calibration_batches": calibration_batches,
+        "block_size": block_size,
+        "batch_size": batch_size,
+    }
+    command = as_command("prune", output_dir=output_dir, **options)
     recipe = _read_recipe(config) if config is not None else {}
     model_args = (recipe.get("model") or {}).get("init_args") or {}
     teacher_spec = teacher if teacher is not None else model_args.get("teacher")
@@ -87,10 +97,12 @@ def prune_student(
             student = cut.finish(teacher_model, batches)
     assert cut.report is not None
     tokenizer = datamodule.tokenizer if datamodule is not None else tokenizer_of(teacher_spec, "teacher")
-    with atomic_directory(out, overwrite=overwrite) as staging:
+    with atomic_directory(out, overwrite=overwrite) as staging, bars_if(_bytes(student) >= LONG_LOAD_BYTES):
         student.to(torch_dtype).eval().save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        manifest = write_manifest(staging, command=command, overwrite=True)
+    remember_manifest(out, manifest, shared_memo())  # read back by distilkit: checked by its hashes
     return out, cut.report
 
 
@@ -218,3 +230,8 @@ def _datamodule(
     return TextDataModule(
         data_files, tokenizer=str(teacher), block_size=block_size or 128, batch_size=batch_size or 16
     )
+
+
+def _bytes(model: Any) -> int:
+    """Bytes of a model's parameters (a save shows progress only when it is large)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())

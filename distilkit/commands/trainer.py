@@ -97,6 +97,10 @@ class DistilCLI(LightningCLI):
         subcommand = str(self.subcommand)
         config = self.config[subcommand]
         root = config.trainer.get("default_root_dir") or "runs/default"
+        if Path(root).exists() and not Path(root).is_dir():
+            raise ConfigError(
+                "trainer.default_root_dir", root, "is a file, not a directory", "give a directory for the run"
+            )
         config.trainer.default_root_dir = root
         asked = config.get("ckpt_path")
         config.ckpt_path = resolve_checkpoint(root, asked, subcommand)

@@ -2,8 +2,9 @@
 
 ``datasets`` and ``transformers`` draw a bar for every map and every model load, however short: on the
 quickstart that is a line per file of noise around the one bar that matters (training's). Their bars are
-switched off for a job below a size (:data:`LONG_DOCUMENTS` documents to tokenize, :data:`LONG_LOAD_BYTES`
-of weights to load) and left as they were for a longer one.
+switched off for a job below a size (:data:`LONG_DOCUMENTS` documents to tokenize or filter,
+:data:`LONG_TEXT_BYTES` of text files to read, :data:`LONG_LOAD_BYTES` of weights to load) and left as they
+were for a longer one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from transformers.utils import logging as transformers_logging
 LONG_DOCUMENTS = 10_000
 #: Loading fewer bytes of weights than this takes seconds: no bar.
 LONG_LOAD_BYTES = 2**30
+#: Reading fewer bytes of text files than this takes seconds: no bar.
+LONG_TEXT_BYTES = 2**28
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from typing import Any
 import datasets
 
 from distilkit.data.corpus import BUILTIN_PREFIX, builtin_corpus_path
+from distilkit.data.progress import LONG_DOCUMENTS, LONG_TEXT_BYTES, bars_if
 from distilkit.errors import ConfigError
 from distilkit.files import sha256_file
 
@@ -69,7 +70,8 @@ def load_documents(
     by_builder: dict[str, list[str]] = {}
     for source in sources:
         by_builder.setdefault(BUILDERS.get(Path(source).suffix, ""), []).append(source)
-    parts = [_load(builder, files, field, cache_dir) for builder, files in by_builder.items()]
+    with bars_if(_text_bytes(sources) >= LONG_TEXT_BYTES):  # progress only where loading takes a while
+        parts = [_load(builder, files, field, cache_dir) for builder, files in by_builder.items()]
     parts = [part.select_columns([text_field]) if text_field in part.column_names else part for part in parts]
     docs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if text_field not in docs.column_names:
@@ -77,10 +79,25 @@ def load_documents(
             "data.text_field", text_field, f"is not a column of {field}", f"use one of {docs.column_names}"
         )
     _check_text_column(docs, sources, field, text_field, skip_missing_text)
-    docs = docs.select_columns([text_field]).filter(lambda row: bool(row[text_field]))
+    with bars_if(docs.num_rows >= LONG_DOCUMENTS):
+        docs = docs.select_columns([text_field]).filter(lambda row: bool(row[text_field]))
     if len(docs) == 0:
         raise ConfigError(field, sources, "holds no text", "give files with at least one non-empty document")
     return docs
+
+
+def _text_bytes(sources: Sequence[str]) -> float:
+    """Bytes of the local files among ``sources`` (a ``datasets`` name counts as large: size unknown)."""
+    total = 0.0
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_file():
+            total += path.stat().st_size
+        elif path.is_dir():
+            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        else:
+            total = float("inf")
+    return total
 
 
 def fingerprint(sources: Sequence[str], text_field: str) -> str:

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,17 @@ class HashMemo:
             write_text(self.file, json.dumps(self.entries, indent=0, sort_keys=True) + "\n")
 
 
+def as_command(name: str, **options: Any) -> str:
+    """``distilkit NAME --option value ...`` for the options that are not None, quoted for a shell: the
+    command a manifest records, which writes the directory again."""
+    words = ["distilkit", name]
+    for option, value in options.items():
+        if value is not None:
+            text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            words += [f"--{option}", text]
+    return shlex.join(words)
+
+
 def cache_root() -> Path:
     """``$DISTILKIT_CACHE``, else ``~/.cache/distilkit``: where distilkit keeps what it derives."""
     return Path(os.environ.get("DISTILKIT_CACHE", Path.home() / ".cache" / "distilkit")).expanduser()
@@ -152,6 +164,8 @@ def verify_directory(
     value: str,
     fix: str,
     on_hash: Callable[[Path], None] | None = None,
+    what: str = "its converted copy",
+    extra_files: bool = False,
 ) -> dict[str, Any]:
     """Check ``directory`` against its manifest; the first difference is a one-line :class:`ConfigError`.
 
@@ -161,6 +175,8 @@ def verify_directory(
         field / value: what the error names (``model.teacher``, the file the directory was made from).
         fix: the command that repairs it.
         on_hash: called before a file is hashed whole.
+        what: the directory as the message names it (``its converted copy``, ``its trained tokenizer``).
+        extra_files: accept files the directory was not written with (a README added to an export).
 
     Returns:
         The manifest.
@@ -173,19 +189,17 @@ def verify_directory(
         manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
         expected: dict[str, dict[str, Any]] = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise refuse(
-            f"its converted copy {directory} has no readable {MANIFEST} ({type(err).__name__})"
-        ) from err
+        raise refuse(f"{what} {directory} has no readable {MANIFEST} ({type(err).__name__})") from err
     for name, entry in expected.items():
         path = directory / name
         if not path.is_file():
-            raise refuse(f"its converted copy's {path} is missing")
+            raise refuse(f"{what}'s {path} is missing")
         size = path.stat().st_size
         if size != entry["bytes"]:
-            raise refuse(f"its converted copy's {path} is {size} bytes, not the {entry['bytes']} written")
+            raise refuse(f"{what}'s {path} is {size} bytes, not the {entry['bytes']} written")
         if memo.sha256(path, on_hash) != entry["sha256"]:
-            raise refuse(f"its converted copy's {path} does not match the SHA-256 written with it")
+            raise refuse(f"{what}'s {path} does not match the SHA-256 written with it")
     extra = [p for p in _files(directory) if p.relative_to(directory).as_posix() not in expected]
-    if extra:
-        raise refuse(f"its converted copy holds {extra[0]}, which it was not written with")
+    if extra and not extra_files:
+        raise refuse(f"{what} holds {extra[0]}, which it was not written with")
     return dict(manifest)

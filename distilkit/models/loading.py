@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import socket
 from collections.abc import Mapping
@@ -38,6 +39,7 @@ from transformers import (
 from distilkit.data.gguf import gguf_tokenizer, is_gguf
 from distilkit.data.progress import LONG_LOAD_BYTES, bars_if
 from distilkit.data.tokenizer import check_same_vocabulary
+from distilkit.data.verified import MANIFEST, shared_memo, verify_directory
 from distilkit.errors import ConfigError
 from distilkit.models.from_teacher import StudentCut
 from distilkit.models.gguf import load_gguf_model
@@ -103,6 +105,7 @@ def _from_pretrained(name: str, *, field: str, dtype: torch.dtype) -> nn.Module:
             raise ConfigError(
                 field, name, "has no config.json", "point at a directory written by save_pretrained or export"
             )
+        check_written_directory(path, field, name)
     elif not _in_hub_cache(name):
         _refuse_unreachable_hub(field, name)
     long = not looks_local or _weights_bytes(path) >= LONG_LOAD_BYTES
@@ -113,6 +116,29 @@ def _from_pretrained(name: str, *, field: str, dtype: torch.dtype) -> nn.Module:
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         problem = f"could not be loaded ({_first_line(err)})"
         raise ConfigError(field, name, problem, "check the name, or save the model again") from err
+
+
+def check_written_directory(path: Path, field: str, name: str) -> None:
+    """A model directory distilkit wrote (``export``, ``prune``: it holds ``distilkit-manifest.json``) must
+    hold the files it was written with, byte for byte (hashes remembered by stat stamp: a ``stat`` per file
+    once checked); the first difference is one line naming the file and the command that writes it again.
+    Files added since (a README) are fine; a directory without a manifest is read as it is."""
+    if not (path / MANIFEST).is_file():
+        return
+    try:
+        command = json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("command")
+    except (OSError, ValueError, AttributeError):
+        command = None
+    again = f"write it again ({command})" if command else "write it again"
+    verify_directory(
+        path,
+        shared_memo(),
+        field=field,
+        value=name,
+        fix=f"{again}, or delete its {MANIFEST} if you changed it on purpose",
+        what="the model directory",
+        extra_files=True,
+    )
 
 
 def looks_like_a_path(name: str) -> bool:

@@ -3,6 +3,7 @@ checkpoint whose contents changed after it was written is refused wherever disti
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -91,3 +92,46 @@ def test_a_checkpoint_read_again_unchanged_is_not_hashed_again_and_one_without_a
     old = Path(__file__).parents[1] / "fixtures" / "layout_v0" / "last.ckpt"
     assert SEAL not in torch.load(old, weights_only=True)
     assert read_checkpoint(old)["global_step"] > 0
+
+
+def test_an_exported_model_is_checked_when_distilkit_reads_it_back(tmp_path, tiny_run, capsys, monkeypatch):
+    """Issue 21.1: export and prune write a manifest of hashes; a model directory changed since is refused
+    (as a student, a teacher, evaluate's or generate's model) in one line naming the file and the command
+    that writes it again. Files added beside (a README) are fine."""
+    from distilkit.models.loading import load_causal_lm
+
+    monkeypatch.setenv("COLUMNS", "1000")
+    out = tmp_path / "student"
+    run_cli("export", "--ckpt_path", str(tiny_run), "--output_dir", str(out))
+    manifest = json.loads((out / "distilkit-manifest.json").read_text())
+    assert (
+        manifest["command"] == f"distilkit export --ckpt_path {tiny_run} --output_dir {out} --dtype float32"
+    )
+    (out / "README.md").write_text("notes")
+    load_causal_lm(str(out), field="model.student")
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("generate", "--model", str(out), "--output_file", str(tmp_path / "s.jsonl"))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"the model directory's {weights} does not match the SHA-256 written with it" in err
+    assert f"write it again ({manifest['command']})" in err
+
+
+def test_a_trained_tokenizer_is_checked_when_read_back(tmp_path, corpus):
+    from distilkit.data import TextDataModule
+    from distilkit.errors import ConfigError
+
+    settings = {"vocab_size": 300}
+    TextDataModule(str(corpus), tokenizer=settings, cache_dir=str(tmp_path))
+    trained = next(tmp_path.glob("tokenizer-*"))
+    assert (trained / "distilkit-manifest.json").is_file()
+    TextDataModule(str(corpus), tokenizer=settings, cache_dir=str(tmp_path))  # read back: checked, fine
+    (trained / "tokenizer.json").write_text((trained / "tokenizer.json").read_text().replace('"Ġ', '"Ä', 1))
+    with pytest.raises(
+        ConfigError, match=rf"its trained tokenizer's {trained}/tokenizer.json .*rm -r {trained}"
+    ):
+        TextDataModule(str(corpus), tokenizer=settings, cache_dir=str(tmp_path))

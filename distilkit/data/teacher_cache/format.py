@@ -202,6 +202,8 @@ def read_block_index(path: Path) -> np.ndarray:
 def read_manifest(directory: Path, field: str) -> dict[str, Any]:
     """The manifest of a finished cache, with the fields a reader needs checked."""
     path = directory / MANIFEST
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(field, str(directory), "is a file, not a cache directory", "give a cache directory")
     if not path.is_file():
         hint = "the cache run did not finish" if any(directory.glob("part-r*.json")) else "no cache here"
         raise ConfigError(field, str(directory), f"has no {MANIFEST} ({hint})", "run `distilkit cache` first")
