@@ -3,7 +3,8 @@
 ``distilkit evaluate`` scores model after model; each model's row is kept under a key made of what
 determines it (the model's and teacher's content hashes, the data's identity, the settings), in
 ``$DISTILKIT_CACHE/evaluate/<key>.json``. Run again, the command reuses the rows whose key it finds and
-scores the others: after Ctrl-C, after a crash, or simply when one model is added to the list.
+scores the others: after Ctrl-C, after a crash, or simply when one model is added to the list. A kept row
+carries its own SHA-256: one changed since it was written is scored again.
 """
 
 from __future__ import annotations
@@ -42,12 +43,18 @@ class KeptRows:
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def get(self, key: str) -> dict[str, Any] | None:
-        """The row kept under ``key``, or None (none, or unreadable: it is made again)."""
+        """The row kept under ``key``, or None: none kept, or one whose bytes changed since it was written
+        (its SHA-256 is kept with it), which is then made again."""
         try:
-            row = json.loads((self.directory / f"{key}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            kept = json.loads((self.directory / f"{key}.json").read_text(encoding="utf-8"))
+            row, digest = kept["row"], kept["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
             return None
-        return row if isinstance(row, dict) else None
+        return row if isinstance(row, dict) and _digest(row) == digest else None
 
     def put(self, key: str, row: dict[str, Any]) -> None:
-        write_text(self.directory / f"{key}.json", json.dumps(row) + "\n")
+        write_text(self.directory / f"{key}.json", json.dumps({"row": row, "sha256": _digest(row)}) + "\n")
+
+
+def _digest(row: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()
