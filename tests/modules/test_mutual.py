@@ -443,7 +443,8 @@ def test_a_killed_cohort_resumes_exactly(tmp_path, corpus, tokenizer_dir, cache_
     every_step = ("--checkpoint.every_n_train_steps", "1")
     fit_run(recipe, tmp_path / "straight", *every_step)  # in this process (no second start-up to pay)
     output = capsys.readouterr().out
-    assert "peer1 val ppl" in output and "--peer N" in output
+    assert "a val ppl" in output and "b val ppl" in output and "--peer N" in output  # issue 21.7: by name
+    assert "peer1 val ppl" not in output and "none: the peers teach each other (a, b)" in output
 
     killed = tmp_path / "killed"
     slow = [{"class_path": "helpers.SlowSteps", "init_args": {"marker": str(tmp_path / "m"), "at_step": 0}}]
@@ -512,3 +513,21 @@ def test_the_mutual_recipe_refuses_what_a_cohort_cannot_do_in_one_line(
     assert exit_info.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
     assert message in err and "Traceback" not in err
+
+
+def test_the_online_teacher_recipes_schedule_error_names_the_field_it_has(tmp_path, cache_dir, capsys):
+    """Issue 21.5: recipes/online_teacher.yaml gives one schedule per peer (``lr_schedulers``); a length there
+    that is not the run's is refused naming that list's entry, not ``lr_scheduler`` (which it has not), and
+    the fix it gives (leave the length out) is the recipe as shipped."""
+    root = Path(__file__).parents[2]
+    config = yaml.safe_load((root / "recipes" / "online_teacher.yaml").read_text())
+    assert "lr_scheduler" not in config["model"]["init_args"], "the recipe as shipped leaves the lengths out"
+    config["model"]["init_args"]["lr_schedulers"][1]["init_args"]["total_steps"] = 300
+    recipe = tmp_path / "online_teacher.yaml"
+    recipe.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        fit_run(recipe, tmp_path / "run", "--data.init_args.cache_dir", str(cache_dir), "--trainer.max_steps", "5")
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "error: model.lr_schedulers[1].init_args.total_steps=300: is not the run's length of 5" in err
+    assert "leave it out (the schedule then lasts the run)" in err
