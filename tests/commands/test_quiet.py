@@ -22,6 +22,8 @@ def test_the_noise_is_filtered_and_a_new_warning_of_the_same_library_is_not(recw
         "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)` instead.",
         "The dirpath has changed from 'runs/a/checkpoints' to 'runs/a/predict/checkpoints', therefore ...",
         "Checkpoint directory /x/checkpoints exists and is not empty.",
+        "Using ModelCheckpoint with manual optimization and every_n_train_steps, but no pre-optimization "
+        "state was saved. The checkpoint will contain the model state AFTER optimization. ...",
     ):
         warnings.warn(message, UserWarning, stacklevel=1)
     warnings.warn("something Lightning says that a user needs", UserWarning, stacklevel=1)
