@@ -526,7 +526,9 @@ def test_the_online_teacher_recipes_schedule_error_names_the_field_it_has(tmp_pa
     recipe = tmp_path / "online_teacher.yaml"
     recipe.write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit) as exit_info:
-        fit_run(recipe, tmp_path / "run", "--data.init_args.cache_dir", str(cache_dir), "--trainer.max_steps", "5")
+        fit_run(
+            recipe, tmp_path / "run", "--data.init_args.cache_dir", str(cache_dir), "--trainer.max_steps", "5"
+        )
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
     assert "error: model.lr_schedulers[1].init_args.total_steps=300: is not the run's length of 5" in err
