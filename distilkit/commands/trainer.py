@@ -262,11 +262,16 @@ def print_summary(trainer: Trainer, console: Console) -> None:
     console.rule("distilkit")
     for line in lines:
         console.print(line, markup=False, emoji=False, highlight=False)  # as written: paths, names
-    if last:  # printed whole (never wrapped), so it can be copied and run
-        what, option = ("a peer", " --peer N") if peers else ("the student", "")
-        print(
-            f"export {what}: distilkit export --ckpt_path '{last}' --output_dir '{root / 'export'}'{option}"
-        )
+    if not last:
+        return
+    # printed whole (never wrapped), so it can be copied and run; a cohort's export needs --peer (whether or
+    # not a validation ran), one command per peer
+    command = f"distilkit export --ckpt_path '{last}'"
+    if isinstance(trainer.lightning_module, MutualDistillationModule):
+        for name in map(str, trainer.lightning_module.names):
+            print(f"export peer {name}: {command} --output_dir '{root / ('export-' + name)}' --peer {name}")
+    else:
+        print(f"export the student: {command} --output_dir '{root / 'export'}'")
 
 
 def run_teacher(trainer: Trainer) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
 import subprocess
 import sys
 from functools import partial
@@ -25,10 +26,12 @@ from helpers import (
     tiny_trainer,
 )
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distilkit import CurriculumCallback, ForwardKLLoss, MutualDistillationModule, Stage
 from distilkit.batch import next_token_targets
+from distilkit.commands.trainer import print_summary
 from distilkit.errors import ConfigError
 from distilkit.models.loading import load_causal_lm
 
@@ -312,9 +315,23 @@ def test_each_peer_exports_by_index_and_by_name_and_reloads_with_transformers(da
     assert set(saved["distilkit"]["models"]) == {"peers.0", "peers.1"}
     restored = MutualDistillationModule.load_from_checkpoint(last, weights_only=True)
     ids = next(iter(datamodule.val_dataloader()))["input_ids"]
+    capsys.readouterr()
+    print_summary(trainer, Console())  # issue 21: a command per peer, with --peer, validated or not
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("export ")]
+    commands = dict(line.split(": ", 1) for line in printed)
+    assert list(commands) == ["export peer big", "export peer small"], printed
     for index, peer in enumerate(("0", "small")):
         out = tmp_path / f"export-{peer}"
-        run_cli("export", "--ckpt_path", str(last), "--output_dir", str(out), "--peer", peer)
+        if peer == "small":  # the summary's command, as printed
+            assert shlex.split(commands["export peer small"])[-4:] == [
+                "--output_dir",
+                str(out),
+                "--peer",
+                peer,
+            ]
+            run_cli(*shlex.split(commands["export peer small"])[1:])
+        else:
+            run_cli("export", "--ckpt_path", str(last), "--output_dir", str(out), "--peer", peer)
         model = AutoModelForCausalLM.from_pretrained(out).eval()
         assert AutoTokenizer.from_pretrained(out).vocab_size == datamodule.vocab_size
         with torch.no_grad():
@@ -443,7 +460,10 @@ def test_a_killed_cohort_resumes_exactly(tmp_path, corpus, tokenizer_dir, cache_
     every_step = ("--checkpoint.every_n_train_steps", "1")
     fit_run(recipe, tmp_path / "straight", *every_step)  # in this process (no second start-up to pay)
     output = capsys.readouterr().out
-    assert "a val ppl" in output and "b val ppl" in output and "--peer N" in output  # issue 21.7: by name
+    assert "a val ppl" in output and "b val ppl" in output  # issue 21.7: by name
+    last = tmp_path / "straight" / "checkpoints" / "last.ckpt"
+    assert f"export peer b: distilkit export --ckpt_path '{last}' --output_dir" in output
+    assert output.rstrip().endswith("export-b' --peer b"), output[-500:]
     assert "peer1 val ppl" not in output and "none: the peers teach each other (a, b)" in output
 
     killed = tmp_path / "killed"
