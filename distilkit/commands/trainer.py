@@ -32,7 +32,12 @@ from distilkit.run.directory import (
     undo_failed_start,
 )
 from distilkit.run.loggers import CSVLogger, wandb_loggers
-from distilkit.run.signals import CheckpointAtEnd, CheckpointOnInterrupt, CheckpointOnSigterm
+from distilkit.run.signals import (
+    CheckpointAtEnd,
+    CheckpointOnInterrupt,
+    CheckpointOnSigterm,
+    CheckpointOnTeacherUnavailable,
+)
 
 PREDICTIONS_FILE = "predictions.jsonl"
 #: What the CPU allocator says when it runs out (CUDA raises ``torch.OutOfMemoryError``).
@@ -103,7 +108,7 @@ class DistilCLI(LightningCLI):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
         given = config.trainer.get("callbacks") or []
         callbacks = [*(given if isinstance(given, list) else [given]), CheckpointOnSigterm()]
-        callbacks.append(CheckpointOnInterrupt())
+        callbacks += [CheckpointOnInterrupt(), CheckpointOnTeacherUnavailable()]
         if config.trainer.get("enable_progress_bar") is not False:
             callbacks.append(DistilProgressBar(**config.progress_bar))
         if self.subcommand == "fit":

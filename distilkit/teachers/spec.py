@@ -1,4 +1,5 @@
-"""From what a recipe says to a teacher source: ``model.teacher`` (a model) or ``model.teacher_cache``."""
+"""From what a recipe says to a teacher source: ``model.teacher`` (a model, or ``{server: URL, model: NAME,
+top_k: K}``: a teacher behind an inference server) or ``model.teacher_cache``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from distilkit.teachers.base import TeacherSource
 from distilkit.teachers.cache import FIELD as CACHE_FIELD
 from distilkit.teachers.cache import CachedTeacher
 from distilkit.teachers.live import LiveTeacher
+from distilkit.teachers.served import ServedTeacherSource, is_served
 
 
 def open_teacher(
@@ -20,15 +22,17 @@ def open_teacher(
     """The teacher source a module's settings describe.
 
     Args:
-        spec: ``model.teacher`` as given (a directory, a config mapping, a module, or None).
-        model: the teacher model loaded from ``spec`` (None without one).
+        spec: ``model.teacher`` as given (a directory, a config mapping, a module, a served teacher's
+            mapping, or None).
+        model: the teacher model loaded from ``spec`` (None without one, and for a served teacher).
         cache: ``model.teacher_cache``: a directory written by ``distilkit cache``, or None.
         vocab_size: the logit width the losses compare.
 
     Returns:
-        A :class:`LiveTeacher`, a :class:`CachedTeacher`, or None (no teacher: plain language-model training).
+        A :class:`LiveTeacher`, a :class:`CachedTeacher`, a :class:`ServedTeacherSource`, or None (no
+        teacher: plain language-model training).
     """
-    if cache is not None and model is not None:
+    if cache is not None and (model is not None or is_served(spec)):
         raise ConfigError(
             CACHE_FIELD,
             str(cache),
@@ -37,4 +41,6 @@ def open_teacher(
         )
     if cache is not None:
         return CachedTeacher(cache)
+    if is_served(spec):
+        return ServedTeacherSource.from_spec(spec, vocab_size)
     return None if model is None else LiveTeacher(model, vocab_size, spec=spec)
