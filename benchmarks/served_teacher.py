@@ -138,6 +138,41 @@ def server_alone(url: str, batches: int) -> float:
         return 128 * len(blocks) / (time.perf_counter() - start)
 
 
+def measure(
+    args: argparse.Namespace, work: Path, url: str
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]], float]:
+    """The server alone, the cache, the three perplexity runs and the interleaved look-ahead rounds."""
+    alone = server_alone(url, args.alone_batches)
+    print(f"server alone: {alone:,.0f} tokens/s at K = {K}", flush=True)
+    served = json.dumps({"server": url, "model": NAME, "top_k": K})
+    no_look_ahead = json.dumps({"server": url, "model": NAME, "top_k": K, "look_ahead": 0})
+    cache_dir = work / "cache-top20"
+    started = time.perf_counter()
+    subprocess.run(
+        ["nice", "-n", "10", sys.executable, "-m", "distilkit.cli", "cache", "--config", str(RECIPE),
+         "--output_dir", str(cache_dir), "--mode", "topk", "--top_k", str(K),
+         "--trainer.enable_progress_bar", "false"],
+        check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    print(f"top-{K} cache made in {time.perf_counter() - started:.0f} s", flush=True)
+    cache = ("--model.init_args.teacher", "null", "--model.init_args.teacher_cache", str(cache_dir))
+    results = {}
+    for name, overrides in (
+        ("live", ()),
+        ("served", ("--model.init_args.teacher", served)),
+        ("cache", cache),
+    ):
+        results[name] = run_fit(work, name, args.steps, *overrides)
+        print(name, results[name], flush=True)
+    timing: dict[str, list[dict[str, Any]]] = {"look-ahead 2": [], "no look-ahead": []}
+    for round_ in range(args.rounds):
+        for name, spec in (("look-ahead 2", served), ("no look-ahead", no_look_ahead)):
+            key = f"t{round_}-{name.replace(' ', '-')}"
+            timing[name].append(run_fit(work, key, args.timing_steps, "--model.init_args.teacher", spec))
+            print(key, timing[name][-1], flush=True)
+    return results, timing, alone
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -150,49 +185,31 @@ def main() -> None:
     )
     parser.add_argument("--alone_batches", type=int, default=8, help="batches the server scores alone")
     parser.add_argument("--work", type=Path, default=None, help="where runs go (default: a temp folder)")
+    parser.add_argument("--url", default=None, help="a running server of recipes/teacher named 'teacher'")
     args = parser.parse_args()
 
-    from distilkit.teachers.vllm_launcher import VLLMServer, vllm_python
-
-    python = args.vllm_python or vllm_python()
-    if python is None:
-        sys.exit("no vLLM environment: run `bash .ci/vllm-env` and pass --vllm_python")
     work = args.work or Path(tempfile.mkdtemp(prefix="served-teacher-"))
     work.mkdir(parents=True, exist_ok=True)
-    server = VLLMServer(
-        TEACHER, python=python, served_model_name=NAME, max_model_len=256, log_path=work / "vllm.log"
-    )
-    print("server:", " ".join(server.command()), f"(log {server.log_path})", flush=True)
-    with server:
-        print(f"ready in {server.ready_seconds:.0f} s, {server.memory_bytes() / 2**30:.2f} GiB", flush=True)
-        alone = server_alone(server.url, args.alone_batches)
-        print(f"server alone: {alone:,.0f} tokens/s at K = {K}", flush=True)
-        served = json.dumps({"server": server.url, "model": NAME, "top_k": K})
-        no_look_ahead = json.dumps({"server": server.url, "model": NAME, "top_k": K, "look_ahead": 0})
+    if args.url:  # a server already running (started as README shows)
+        results, timing, alone = measure(args, work, args.url)
+    else:
+        from distilkit.teachers.vllm_launcher import VLLMServer, vllm_python
 
-        cache_dir = work / "cache-top20"
-        started = time.perf_counter()
-        subprocess.run(
-            ["nice", "-n", "10", sys.executable, "-m", "distilkit.cli", "cache", "--config", str(RECIPE),
-             "--output_dir", str(cache_dir), "--mode", "topk", "--top_k", str(K),
-             "--trainer.enable_progress_bar", "false"],
-            check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+        python = args.vllm_python or vllm_python()
+        if python is None:
+            sys.exit("no vLLM environment: run `bash .ci/vllm-env` and pass --vllm_python")
+        log = work / "vllm.log"
+        # GPT-2 has 128 positions: the block of 128 and the one sampled token (never fed back) need 129.
+        server = VLLMServer(
+            TEACHER, python=python, served_model_name=NAME, max_model_len=129, log_path=log,
+            env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"},
         )  # fmt: skip
-        print(f"top-{K} cache made in {time.perf_counter() - started:.0f} s", flush=True)
-        cache = ("--model.init_args.teacher", "null", "--model.init_args.teacher_cache", str(cache_dir))
-        results = {
-            "live": run_fit(work, "live", args.steps),
-            "served": run_fit(work, "served", args.steps, "--model.init_args.teacher", served),
-            "cache": run_fit(work, "cache", args.steps, *cache),
-        }
-        for name, result in results.items():
-            print(name, result, flush=True)
-        timing: dict[str, list[dict[str, Any]]] = {"look-ahead 2": [], "no look-ahead": []}
-        for round_ in range(args.rounds):
-            for name, spec in (("look-ahead 2", served), ("no look-ahead", no_look_ahead)):
-                key = f"t{round_}-{name.replace(' ', '-')}"
-                timing[name].append(run_fit(work, key, args.timing_steps, "--model.init_args.teacher", spec))
-                print(key, timing[name][-1], flush=True)
+        print("server:", " ".join(server.command()), f"(log {server.log_path})", flush=True)
+        with server:
+            print(
+                f"ready in {server.ready_seconds:.0f} s, {server.memory_bytes() / 2**30:.2f} GiB", flush=True
+            )
+            results, timing, alone = measure(args, work, server.url)
 
     rows = [
         [

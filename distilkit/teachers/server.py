@@ -197,7 +197,9 @@ class ServedTeacher:
                 "data.block_size",
                 block_size,
                 f"needs a server context of {block_size + 1} tokens, and {self.url} serves {max_len}",
-                f"start the server with --max-model-len {block_size + 1} or more, or shorten the blocks",
+                f"start the server with --max-model-len {block_size + 1} or more (and "
+                "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 when that is one more than the model's own context: the one "
+                "generated token is never fed back), or shorten the blocks",
             )
         probe = _probe_text(tokenizer)
         served = self._request("POST", "/tokenize", {"model": self.model, "prompt": probe, **_NO_SPECIAL})
