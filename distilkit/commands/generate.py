@@ -15,7 +15,7 @@ Other fields of a jsonl prompt row (an id, a category) are copied into its outpu
 ``batch_size`` at a time with a key-value cache; each batch draws from its own random stream (seeded by
 ``seed`` and the batch's place), and rows are written batch by batch, so an interrupted run, started again
 with the same command, continues after the rows it wrote (:mod:`distilkit.commands.resumable_output`) and
-ends with the file an uninterrupted run writes.
+ends with the file an uninterrupted run writes. Ctrl-C lets the batch in progress finish and keeps it.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ from distilkit.data.chat_rows import messages_of
 from distilkit.errors import ConfigError, RunInterrupted
 from distilkit.files import check_writable, sha256_file
 from distilkit.models.checkpoint import load_model_and_tokenizer
-from distilkit.models.generation import generate_text
-from distilkit.models.replies import generate_replies
+from distilkit.models.generation import context_length, generate_text
+from distilkit.models.replies import generate_replies, prompt_ids
+from distilkit.run.signals import GracefulStop
 from distilkit.teachers.live import model_identity
 
 #: The fields of a prompt row that make the prompt; the others are copied into the output rows.
@@ -52,45 +53,56 @@ class Prompt:
     text: str = ""
     messages: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    where: str = "unconditional"
 
 
-def read_prompts(path: str | Path, chat: bool = False) -> list[Prompt]:
+def read_prompts(path: str | Path, chat: bool = False, name: str = "prompts") -> list[Prompt]:
     """Prompts from a text file (one per line) or a jsonl file: ``prompt`` or ``text`` (a string), or with
     ``chat``, ``messages`` (a conversation ending with the turn to answer; ``prompt`` may be one too).
 
-    A line of a text file, or a string prompt, is one user turn in chat mode.
+    A line of a text file, or a string prompt, is one user turn in chat mode. Errors name the option
+    ``name`` (``prompts``, or ``prompts_file`` when given by that name) and the row's ``file:line``.
     """
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError(name, str(path), "is a directory", "give a .txt or .jsonl file of prompts")
     if not file.is_file():
-        raise ConfigError("prompts", str(path), "does not exist", "give a .txt or .jsonl file of prompts")
-    lines = [
-        (n, line) for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1) if line.strip()
-    ]
+        raise ConfigError(name, str(path), "does not exist", "give a .txt or .jsonl file of prompts")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            name, str(path), f"is not UTF-8 ({err.reason} at byte {err.start})", "convert it to UTF-8"
+        ) from err
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise ConfigError(name, str(path), "holds no prompts", "write one prompt per line")
     if file.suffix != ".jsonl":
-        return [_prompt(line, {}, chat) for _, line in lines]
+        return [_prompt(line, {}, chat, f"{path}:{n}") for n, line in lines]
     prompts = []
     for number, line in lines:
         where = f"{path}:{number}"
         try:
             row = json.loads(line)
         except ValueError as err:
-            raise ConfigError("prompts", where, f"is not a JSON object ({err})", "fix that line") from err
+            raise ConfigError(name, where, f"is not JSON ({err})", "write one JSON object per line") from err
         if not isinstance(row, dict):
-            raise ConfigError("prompts", where, "is not a JSON object", 'give rows such as {"prompt": "..."}')
+            raise ConfigError(name, where, "is not a JSON object", 'give rows such as {"prompt": "..."}')
         extra = {k: v for k, v in row.items() if k not in PROMPT_FIELDS}
         value = row.get("messages", row.get("prompt", row.get("text")))
         if isinstance(value, str):
-            prompts.append(_prompt(value, extra, chat))
+            prompts.append(_prompt(value, extra, chat, where))
         elif isinstance(value, list) and chat:
-            prompts.append(Prompt(messages=_conversation(where, value), extra=extra))
+            prompts.append(Prompt(messages=_conversation(name, where, value), extra=extra, where=where))
         elif isinstance(value, list):
             raise ConfigError(
-                "prompts", where, "is a conversation (a list of messages)", "pass --chat true to answer it"
+                name, where, "is a conversation (a list of messages)", "pass --chat true to answer it"
             )
         else:
             raise ConfigError(
-                "prompts", where, "has no prompt, text or messages", 'give rows such as {"prompt": "..."}'
-            )
+                name, where, "has no text in 'prompt' (or 'text', or chat 'messages')",
+                'give each row a "prompt" string',
+            )  # fmt: skip
     return prompts
 
 
@@ -108,6 +120,7 @@ def generate(
     seed: int = 0,
     overwrite: bool = False,
     prompts_file: str | None = None,
+    peer: int | str | None = None,
 ) -> Path:
     """Sample ``num_samples`` continuations (or, with ``chat``, answers) of each prompt and write jsonl.
 
@@ -128,10 +141,16 @@ def generate(
         seed: seeds the sampling (each batch draws from a stream seeded by ``seed`` and its place).
         overwrite: replace an existing ``output_file``, and start again rather than continue.
         prompts_file: the former name of ``prompts``.
+        peer: the peer to sample when ``model`` is a cohort's checkpoint, by index or name.
+
+    Raises:
+        RunInterrupted: Ctrl-C; the finished batches are kept, and the same command finishes the rest.
     """
     _check(temperature, top_p, num_samples, max_new_tokens, batch_size)
     source = _prompts_source(prompts, prompts_file, chat)
     out = Path(output_file)
+    if out.is_dir():
+        raise ConfigError("output_file", str(out), "is a directory", "give a file path, e.g. samples.jsonl")
     if out.exists() and not overwrite:
         raise ConfigError(
             "output_file", str(out), "already exists", "choose a new file or pass --overwrite true"
@@ -139,13 +158,17 @@ def generate(
     check_writable(out, "output_file")
     if not chat and chat_template is not None:
         raise ConfigError("chat_template", chat_template[:40], "is set without --chat", "pass --chat true")
-    jobs = [p for p in (read_prompts(source, chat) if source else [Prompt()]) for _ in range(num_samples)]
-    lm, tokenizer = load_model_and_tokenizer(model)
+    name = "prompts_file" if prompts_file is not None else "prompts"
+    read = read_prompts(source, chat, name) if source else [Prompt()]
+    lm, tokenizer = load_model_and_tokenizer(model, peer=peer)
     if tokenizer is None:
         raise ConfigError("model", model, "has no tokenizer", "export the model with distilkit export first")
     template = resolve_chat_template(chat_template, tokenizer, model) if chat else None
+    check_prompt_lengths(read, tokenizer, lm, template, name)
+    jobs = [p for p in read for _ in range(num_samples)]
     settings = {
         **{f"model_{k}": v for k, v in model_identity(model, lm).items()},
+        "peer": peer,
         "prompts_sha256": sha256_file(source) if source else None,
         "chat_template_sha256": template_hash(template) if template is not None else None,
         "max_new_tokens": max_new_tokens,
@@ -158,14 +181,15 @@ def generate(
     output = ResumableJsonl(out, settings, overwrite)
     done = output.resume(batch_size)
     write = _chat_batch(lm, tokenizer, template) if template is not None else _text_batch(lm, tokenizer)
-    rows = _run(jobs, done, output, write, batch_size, seed, lm, max_new_tokens, temperature, top_p)
+    noun = "conversations" if chat else "samples"
+    rows = _run(jobs, done, output, write, batch_size, seed, lm, max_new_tokens, temperature, top_p, noun)
     output.finish()
     unfinished = sum(row.get("finish_reason") == "length" for row in rows)
     resumed = f"; continued after {len(done)} rows written before" if done else ""
     stopped = (
         f"; {unfinished} answers reached max_new_tokens={max_new_tokens} unfinished" if unfinished else ""
     )
-    print(f"wrote {len(rows)} {'conversations' if chat else 'samples'} to {out}{resumed}{stopped}")
+    print(f"wrote {len(rows)} {noun} to {out}{resumed}{stopped}")
     return out
 
 
@@ -183,13 +207,18 @@ def _run(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
+    noun: str,
 ) -> list[dict[str, Any]]:
-    """Sample every batch after the ``done`` rows, appending each to ``output``; returns all rows."""
+    """Sample every batch after the ``done`` rows, appending each to ``output``; returns all rows. Ctrl-C
+    lets the batch in progress finish (:class:`~distilkit.run.signals.GracefulStop`)."""
     rows = list(done)
     device = next(lm.parameters()).device
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    stop = GracefulStop(
+        "this batch, then keeping the rows so far", f"finished batches are in {output.partial}"
+    )
     try:
-        with Progress(*columns, transient=True) as progress:
+        with stop, Progress(*columns, transient=True) as progress:
             task = progress.add_task("generating", total=len(jobs), completed=len(done))
             for start in range(len(done), len(jobs), batch_size):
                 generator = torch.Generator(device=device).manual_seed(_batch_seed(seed, start))
@@ -203,12 +232,39 @@ def _run(
                 output.append(batch)
                 rows += batch
                 progress.advance(task, len(batch))
+                if stop.requested and len(rows) < len(jobs):
+                    raise RunInterrupted(_kept(len(rows), len(jobs), noun, output))
     except KeyboardInterrupt as err:
-        raise RunInterrupted(
-            f"{len(rows)} of {len(jobs)} rows are in {output.partial}; run the same command again to "
-            "continue after them"
-        ) from err
+        raise RunInterrupted(_kept(len(rows), len(jobs), noun, output)) from err
     return rows
+
+
+def _kept(done: int, total: int, noun: str, output: ResumableJsonl) -> str:
+    return (
+        f"Ctrl-C: {done} of {total} {noun} are in {output.partial}; run the same command again to sample "
+        "only the rest"
+    )
+
+
+def check_prompt_lengths(
+    prompts: list[Prompt], tokenizer: Any, model: nn.Module, template: str | None, name: str
+) -> None:
+    """Refuse a prompt that fills the model's context (rendered through ``template`` in chat mode), naming
+    its ``file:line``, before any sampling."""
+    context = context_length(model)
+    if context is None:
+        return
+    for prompt in prompts:
+        if template is not None:
+            (ids,) = prompt_ids(tokenizer, template, [prompt.messages])
+            length = len(ids)
+        else:
+            length = len(tokenizer(prompt.text or tokenizer.eos_token, add_special_tokens=False)["input_ids"])
+        if length >= context:
+            raise ConfigError(
+                name, prompt.where, f"is {length} tokens long, which fills the model's context of {context}",
+                f"shorten that prompt below {context} tokens (room is left for the samples), or drop it",
+            )  # fmt: skip
 
 
 def _text_batch(lm: nn.Module, tokenizer: Any) -> Batch:
@@ -243,18 +299,18 @@ def _batch_seed(seed: int, start: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _prompt(text: str, extra: dict[str, Any], chat: bool) -> Prompt:
+def _prompt(text: str, extra: dict[str, Any], chat: bool, where: str) -> Prompt:
     if chat:
-        return Prompt(messages=[{"role": "user", "content": text}], extra=extra)
-    return Prompt(text=text, extra=extra)
+        return Prompt(messages=[{"role": "user", "content": text}], extra=extra, where=where)
+    return Prompt(text=text, extra=extra, where=where)
 
 
-def _conversation(where: str, messages: list[Any]) -> list[dict[str, Any]]:
+def _conversation(name: str, where: str, messages: list[Any]) -> list[dict[str, Any]]:
     """A checked conversation that ends with a turn the assistant can answer (not its own)."""
-    checked = messages_of("prompts", where, {"messages": messages})
+    checked = messages_of(name, where, {"messages": messages})
     if checked[-1]["role"] == "assistant":
         raise ConfigError(
-            "prompts", where, "ends with an assistant turn: there is nothing to answer",
+            name, where, "ends with an assistant turn: there is nothing to answer",
             "end each conversation with the user turn to answer",
         )  # fmt: skip
     return checked

@@ -52,8 +52,7 @@ class ResumableJsonl:
             raise ConfigError(
                 "output_file",
                 str(self.output),
-                f"has an unfinished {self.partial.name} written with other settings "
-                f"({_differences(recorded, self.settings)})",
+                f"has an unfinished run in {self.partial} made with {_differences(recorded, self.settings)}",
                 "rerun with the settings it was started with, or pass --overwrite true to start again",
             )
         data = self.partial.read_bytes()
@@ -91,12 +90,13 @@ class ResumableJsonl:
 
 
 def _differences(recorded: Any, wanted: dict[str, Any]) -> str:
-    """``name: was -> now`` for each setting that differs (or why the recorded ones cannot be read)."""
+    """``another NAME (was, now ...)`` for each setting that differs (or why the recorded ones cannot be
+    read)."""
     if not isinstance(recorded, dict):
-        return "its settings file is missing or unreadable"
+        return "settings that cannot be read (its settings file is missing or unreadable)"
     names = sorted(set(recorded) | set(wanted))
     diffs = [
-        f"{n}: {_short(recorded.get(n))} -> {_short(wanted.get(n))}"
+        f"another {n} ({_short(recorded.get(n))}, now {_short(wanted.get(n))})"
         for n in names
         if recorded.get(n) != wanted.get(n)
     ]

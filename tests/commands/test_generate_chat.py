@@ -76,7 +76,7 @@ def test_chat_rows_hold_each_prompt_and_the_models_answer(
     lengths = [len(ids) for ids in prompt_ids(tokenizer, tokenizer.chat_template, conversations)]
     threshold = max(lengths) + 2
     ending_at(model, end, position=threshold)  # long prompts end their turn within 6 tokens, short ones not
-    monkeypatch.setattr(generate_command, "load_model_and_tokenizer", lambda name: (model, tokenizer))
+    monkeypatch.setattr(generate_command, "load_model_and_tokenizer", lambda name, **_: (model, tokenizer))
     out = generate(
         str(chat_model), str(tmp_path / "answers.jsonl"), prompts=str(prompts), chat=True,
         max_new_tokens=6, batch_size=2, temperature=0.8,
@@ -145,12 +145,12 @@ def test_an_interrupted_run_continues_after_its_rows_and_ends_as_an_uninterrupte
         return real(*args, **kwargs)
 
     monkeypatch.setattr(generate_command, "generate_replies", interrupted)
-    with pytest.raises(RunInterrupted, match="2 of 5 rows"):
+    with pytest.raises(RunInterrupted, match="2 of 5 conversations"):
         generate(str(chat_model), str(out), **options)
     monkeypatch.setattr(generate_command, "generate_replies", real)
     partial = out.with_name(out.name + ".partial")
     assert not out.exists() and len(read_rows(partial)) == 2
-    with pytest.raises(ConfigError, match="temperature: 1.0 -> 0.5"):
+    with pytest.raises(ConfigError, match=r"another temperature \(1.0, now 0.5\)"):
         generate(str(chat_model), str(out), **options, temperature=0.5)
     with partial.open("a") as file:
         file.write('{"messages": [{"role": "us')  # a row torn by the interruption
@@ -177,7 +177,7 @@ def test_the_command_line_takes_chat_as_a_bare_flag(chat_model, tmp_path):
     [
         ({"messages": THREE_TURNS[:3]}, "ends with an assistant turn"),
         ({"messages": [{"role": "robot", "content": "beep"}]}, "not a known role"),
-        ({"id": 7}, "has no prompt, text or messages"),
+        ({"id": 7}, "has no text in 'prompt'"),
     ],
 )
 def test_bad_prompt_rows_are_named_by_file_and_line(chat_model, tmp_path, row, match):
