@@ -16,6 +16,7 @@ from typing import Any
 import datasets
 
 from distilkit.data.corpus import BUILTIN_PREFIX, builtin_corpus_path
+from distilkit.data.progress import LONG_DOCUMENTS, LONG_TEXT_BYTES, bars_if
 from distilkit.errors import ConfigError
 from distilkit.files import sha256_file
 
@@ -77,16 +78,19 @@ def load_documents(
     """
     columns = [text_field] if also is None or also == text_field else [text_field, also]
     groups = _by_builder(sources)
-    parts = [
-        _columns(_load(builder, files, field, cache_dir), columns, files) for builder, files in groups.items()
-    ]
+    with bars_if(_text_bytes(sources) >= LONG_TEXT_BYTES):  # progress only where loading takes a while
+        parts = [
+            _columns(_load(builder, files, field, cache_dir), columns, files)
+            for builder, files in groups.items()
+        ]
     docs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if text_field not in docs.column_names:
         raise ConfigError(
             "data.text_field", text_field, f"is not a column of {field}", f"use one of {docs.column_names}"
         )
     _check_text_column(docs, sources, field, text_field, skip_missing_text)
-    docs = docs.select_columns(columns).filter(lambda row: bool(row[text_field]))
+    with bars_if(docs.num_rows >= LONG_DOCUMENTS):
+        docs = docs.select_columns(columns).filter(lambda row: bool(row[text_field]))
     if len(docs) == 0:
         raise ConfigError(field, sources, "holds no text", "give files with at least one non-empty document")
     return docs
@@ -145,6 +149,20 @@ def row_naming(
     where, _ = _first_row(sources, domains, found)
     others = [s for s in sources if Path(s).suffix not in (".jsonl", ".json")]
     return where or (f"a row of {others}" if others else str(sources))
+
+
+def _text_bytes(sources: Sequence[str]) -> float:
+    """Bytes of the local files among ``sources`` (a ``datasets`` name counts as large: size unknown)."""
+    total = 0.0
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_file():
+            total += path.stat().st_size
+        elif path.is_dir():
+            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        else:
+            total = float("inf")
+    return total
 
 
 def fingerprint(sources: Sequence[str], text_field: str) -> str:

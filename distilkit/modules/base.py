@@ -51,6 +51,9 @@ class DistillationBase(L.LightningModule):
 
     #: Settings of the module a curriculum stage may change (the loss declares its own: ``loss.knobs``).
     knobs: ClassVar[tuple[str, ...]] = ()
+    #: A resumed fit may go on with another teacher than its checkpoint's (``--allow_teacher_change true``;
+    #: refused otherwise: :meth:`distilkit.run.RunState.check_teacher`).
+    allow_teacher_change: bool = False
 
     loss: DistillationLoss
     chunk_size: int | None

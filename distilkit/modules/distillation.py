@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
+import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -23,6 +24,7 @@ from distilkit.models.student_hooks import StudentHooks
 from distilkit.modules.base import DistillationBase, Scorer
 from distilkit.modules.guards import NonFiniteGuard
 from distilkit.teachers import Split, TeacherLoader, TeacherSource, Teaching, open_teacher
+from distilkit.teachers.served import is_served
 from distilkit.teachers.several import Unrouted
 
 
@@ -48,8 +50,9 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
     Args:
         student: a Hugging Face model directory or hub name, a config mapping (random init), a module, or
             ``{from_teacher: {...}}``: cut from the teacher (:mod:`distilkit.models.from_teacher`).
-        teacher: the same forms, a :class:`~distilkit.teachers.TeacherSource`, or None for training without
-            a teacher (or from ``teacher_cache``).
+        teacher: the same forms, a :class:`~distilkit.teachers.TeacherSource`, ``{server: URL, model: NAME,
+            top_k: K}`` for a teacher behind a vLLM server (:mod:`distilkit.teachers.served`), or None for
+            training without a teacher (or from ``teacher_cache``).
         teacher_cache: a directory written by ``distilkit cache``, to train from instead of a teacher.
         loss: the KD divergence (default ``ForwardKLLoss(temperature=1.0)``).
         hidden_loss: optional intermediate-layer loss, added as ``hidden_loss.weight · term``; its
@@ -117,8 +120,9 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
         self.kd_ratio = kd_ratio
         self.guard = NonFiniteGuard(nonfinite, max_nonfinite_skips)
         given = teacher if isinstance(teacher, TeacherSource) else None
+        no_model = given is not None or is_served(teacher)  # a source given, or a teacher behind a server
         teacher_model = self.load_models(
-            student, None if given is not None else teacher, student_adapter, teacher_dtype=teacher_dtype,
+            student, None if no_model else teacher, student_adapter, teacher_dtype=teacher_dtype,
             vocab_size=vocab_size, block_size=block_size, eos_token_id=eos_token_id,
         )  # fmt: skip
         self.teacher_source = given or open_teacher(
@@ -304,6 +308,11 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
         if self.teacher_source is not None and self._trainer is not None:
             self.teacher_source.check_run(self.trainer, self, stage)
         super().setup(stage)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The base's, and what the teacher source needs in the run (a served teacher's look-ahead)."""
+        source = self.teacher_source
+        return [*super().configure_callbacks(), *(source.callbacks() if source is not None else [])]
 
     def models_to_shard(self) -> dict[str, nn.Module]:
         teacher = self.teacher

@@ -3,7 +3,14 @@ live model (:class:`LiveTeacher`), an offline teacher cache (:class:`CachedTeach
 (:class:`PeerMixture`, what each peer of a cohort learns from), several teachers routed by the data or
 mixed (:class:`SeveralTeachers`)."""
 
-from distilkit.teachers.base import Split, TargetKind, TeacherSource, Teaching
+from distilkit.teachers.base import (
+    Split,
+    TargetKind,
+    TeacherSource,
+    Teaching,
+    describe_teacher,
+    same_teacher,
+)
 from distilkit.teachers.cache import CachedTeacher
 from distilkit.teachers.live import LiveTeacher, model_identity
 from distilkit.teachers.mixture import PeerMixture
@@ -20,6 +27,8 @@ __all__ = [
     "TeacherLoader",
     "TeacherSource",
     "Teaching",
+    "describe_teacher",
     "model_identity",
     "open_teacher",
+    "same_teacher",
 ]

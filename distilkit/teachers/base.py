@@ -21,7 +21,9 @@ learn from their labels alone).
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
 from torch import Tensor, nn
@@ -123,6 +125,59 @@ class TeacherSource(nn.Module):
         """What this teacher is, as a checkpoint records it (so a resume can tell another teacher)."""
         return {"kind": type(self).__name__}
 
+    def callbacks(self) -> list[Any]:
+        """Lightning callbacks this source needs in the run (a served teacher's look-ahead); none here."""
+        return []
+
     def train(self, mode: bool = True) -> TeacherSource:
         """A teacher stays in eval mode whatever the module's mode."""
         return super().train(False)
+
+
+#: Entries of an identity that say where a teacher is, not what it is (a moved teacher is the same one).
+_WHERE = ("directory", "name")
+
+
+def same_teacher(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
+    """Whether two identities (:meth:`TeacherSource.identity`, None for no teacher) are the same teacher:
+    equal once where they lie (``directory``, ``name``) is left out, at any depth."""
+    return _what(a) == _what(b)
+
+
+def _what(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _what(v) for k, v in value.items() if k not in _WHERE}
+    return value
+
+
+def describe_teacher(identity: Mapping[str, Any] | None) -> str:
+    """One line naming a teacher from its identity: ``recipes/teacher (weights sha256 1a2b3c4d5e6f)``,
+    ``teacher cache runs/c (sample, S = 12, temperature 1.0) of recipes/teacher (...)``, ``none``."""
+    if identity is None:
+        return "none (plain language-model training)"
+    kind = identity.get("kind")
+    if kind == "cache":
+        targets = dict(identity.get("targets") or {})
+        mode = targets.get("mode")
+        entries = f"K = {targets.get('top_k')}" if mode == "topk" else f"S = {targets.get('samples')}"
+        made = f"{mode}, {entries}, temperature {targets.get('temperature')}"
+        teacher = describe_teacher(identity.get("teacher"))
+        return f"teacher cache {identity.get('directory')} ({made}) of {teacher}"
+    weights = str(identity.get("weights_sha256") or "")
+    name = str(identity.get("name") or kind or "a teacher")
+    if name.startswith("{"):  # a config mapping: random weights
+        model_type = json.loads(name).get("model_type", "model") if _is_json(name) else "model"
+        name = f"a random-init {model_type} config mapping"
+    dtype = identity.get("dtype")
+    details = ([str(dtype)] if dtype and dtype != "float32" else []) + (
+        [f"weights sha256 {weights[:12]}"] if weights else []
+    )
+    return f"{name} ({', '.join(details)})" if details else name
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True

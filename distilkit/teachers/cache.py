@@ -129,5 +129,16 @@ class CachedTeacher(TeacherSource):
             )
 
     def identity(self) -> dict[str, Any]:
-        """The cache's directory and what it records of the teacher and the data."""
-        return {"kind": "cache", "directory": str(self.cache.directory), **self.cache.identity}
+        """The cache's directory, its targets (mode, K or S, temperature, seed) and what it records of the
+        teacher that made them and of the data: a cache rebuilt elsewhere from the same teacher with the
+        same settings is the same teacher; one from another teacher, or with other targets, is not."""
+        manifest = self.cache.manifest
+        targets = {key: manifest[key] for key in ("mode", "top_k", "samples", "seed") if key in manifest}
+        recorded = dict(self.cache.identity)
+        return {
+            "kind": "cache",
+            "directory": str(self.cache.directory),
+            "teacher": recorded.pop("teacher", None),
+            "targets": {**targets, "temperature": self.cache.temperature},
+            "data": recorded,
+        }
