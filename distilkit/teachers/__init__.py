@@ -1,21 +1,26 @@
 """The teacher's side of a loss: one protocol (:class:`TeacherSource`) and one file per kind of teacher, a
 live model (:class:`LiveTeacher`), an offline teacher cache (:class:`CachedTeacher`), a mixture of models
-(:class:`PeerMixture`, what each peer of a cohort learns from)."""
+(:class:`PeerMixture`, what each peer of a cohort learns from), a model with another tokenizer than the
+student's (:class:`AlignedTeacher`)."""
 
+from distilkit.teachers.aligned import AlignedTeacher
 from distilkit.teachers.base import Split, TargetKind, TeacherSource, Teaching
 from distilkit.teachers.cache import CachedTeacher
 from distilkit.teachers.live import LiveTeacher, model_identity
 from distilkit.teachers.mixture import PeerMixture
-from distilkit.teachers.spec import open_teacher
+from distilkit.teachers.spec import TeacherTokenizer, for_data, open_teacher
 
 __all__ = [
+    "AlignedTeacher",
     "CachedTeacher",
     "LiveTeacher",
     "PeerMixture",
     "Split",
     "TargetKind",
     "TeacherSource",
+    "TeacherTokenizer",
     "Teaching",
+    "for_data",
     "model_identity",
     "open_teacher",
 ]

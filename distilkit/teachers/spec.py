@@ -1,21 +1,98 @@
-"""From what a recipe says to a teacher source: ``model.teacher`` (a model) or ``model.teacher_cache``."""
+"""From what a recipe says to a teacher source: ``model.teacher`` (a model, with ``model.teacher_tokenizer``)
+or ``model.teacher_cache``."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from distilkit.data.gguf import gguf_tokenizer, is_gguf
+from distilkit.data.tokenizer import check_same_vocabulary, same_vocabulary
 from distilkit.errors import ConfigError
+from distilkit.models.from_teacher import StudentCut
+from distilkit.models.loading import load_causal_lm, parse_dtype, tokenizer_of
+from distilkit.teachers.aligned import AlignedTeacher
 from distilkit.teachers.base import TeacherSource
 from distilkit.teachers.cache import FIELD as CACHE_FIELD
 from distilkit.teachers.cache import CachedTeacher
 from distilkit.teachers.live import LiveTeacher
 
+TOKENIZER_FIELD = "model.teacher_tokenizer"
+
+
+class TeacherTokenizer(NamedTuple):
+    """The tokenizer a teacher reads its text with.
+
+    Attributes:
+        tokenizer: ``model.teacher_tokenizer`` when given, else the one saved with the teacher directory or
+            GGUF file; None when the teacher reads the data's (a config mapping, a module, a directory without
+            tokenizer files).
+        apart: the tokenizer is known, before the data is seen, not to be the data's (its size differs from
+            ``vocab_size``): the teacher is loaded with its own vocabulary and taught through an
+            :class:`~distilkit.teachers.aligned.AlignedTeacher`. A tokenizer of the data's size that differs
+            from it is found when the run sets up (:func:`for_data`).
+    """
+
+    tokenizer: PreTrainedTokenizerBase | None
+    apart: bool
+
+    @classmethod
+    def resolve(
+        cls, teacher: Any, given: str | None, cache: str | Path | None, vocab_size: int | None
+    ) -> TeacherTokenizer:
+        """The teacher's tokenizer from ``model.teacher`` (``teacher``), ``model.teacher_tokenizer``
+        (``given``: a tokenizer or model directory, or a GGUF file), ``model.teacher_cache`` and the data's
+        ``vocab_size``."""
+        if given is not None and (teacher is None or cache is not None):
+            raise ConfigError(
+                TOKENIZER_FIELD,
+                given,
+                "names the tokenizer of a teacher model, but "
+                + ("there is none" if teacher is None else "a teacher cache replaces it"),
+                f"drop {TOKENIZER_FIELD}",
+            )
+        own = tokenizer_of(teacher, "model.teacher") if isinstance(teacher, (str, os.PathLike)) else None
+        tokenizer = own if given is None else _load_tokenizer(given)
+        if given is not None and own is not None:  # one model, one tokenizer
+            try:
+                check_same_vocabulary(
+                    own, f"model.teacher ({teacher})", tokenizer, f"{TOKENIZER_FIELD} ({given})"
+                )
+            except ConfigError as err:
+                raise ConfigError(
+                    TOKENIZER_FIELD, given, f"{err.value} {err.problem}", f"drop {TOKENIZER_FIELD}"
+                ) from err
+        apart = tokenizer is not None and vocab_size is not None and len(tokenizer) != vocab_size
+        return cls(tokenizer, apart)
+
+    def load(self, teacher: Any, student: Any, dtype: str) -> nn.Module:
+        """The teacher model, loaded with its own vocabulary (a config mapping filled from the tokenizer)."""
+        assert self.tokenizer is not None
+        if StudentCut.parse(student) is not None:
+            raise ConfigError(
+                "model.student",
+                "from_teacher",
+                "cuts the student from the teacher, whose tokenizer is not data.tokenizer",
+                "give the student a config mapping or a directory, or the data the teacher's tokenizer",
+            )
+        eos = self.tokenizer.eos_token_id
+        defaults = {"vocab_size": len(self.tokenizer), "bos_token_id": eos, "eos_token_id": eos}
+        model = load_causal_lm(
+            teacher, field="model.teacher", dtype=parse_dtype("model.teacher_dtype", dtype), defaults=defaults
+        )
+        return model.requires_grad_(False).eval()
+
 
 def open_teacher(
-    spec: Any, model: nn.Module | None, cache: str | Path | None, vocab_size: int
+    spec: Any,
+    model: nn.Module | None,
+    cache: str | Path | None,
+    vocab_size: int,
+    tokens: TeacherTokenizer | None = None,
 ) -> TeacherSource | None:
     """The teacher source a module's settings describe.
 
@@ -24,9 +101,11 @@ def open_teacher(
         model: the teacher model loaded from ``spec`` (None without one).
         cache: ``model.teacher_cache``: a directory written by ``distilkit cache``, or None.
         vocab_size: the logit width the losses compare.
+        tokens: the teacher's tokenizer (:class:`TeacherTokenizer`); None: the data's.
 
     Returns:
-        A :class:`LiveTeacher`, a :class:`CachedTeacher`, or None (no teacher: plain language-model training).
+        A :class:`LiveTeacher`, an :class:`AlignedTeacher` (a tokenizer ``apart`` from the data's), a
+        :class:`CachedTeacher`, or None (no teacher: plain language-model training).
     """
     if cache is not None and model is not None:
         raise ConfigError(
@@ -37,4 +116,40 @@ def open_teacher(
         )
     if cache is not None:
         return CachedTeacher(cache)
-    return None if model is None else LiveTeacher(model, vocab_size, spec=spec)
+    if model is None:
+        return None
+    if tokens is not None and tokens.apart:
+        assert tokens.tokenizer is not None
+        return AlignedTeacher(model, tokens.tokenizer, spec=spec)
+    return LiveTeacher(model, vocab_size, spec=spec, tokenizer=None if tokens is None else tokens.tokenizer)
+
+
+def for_data(source: TeacherSource | None, tokenizer: PreTrainedTokenizerBase | None) -> TeacherSource | None:
+    """The source that teaches data tokenized by ``tokenizer``: a live teacher whose known tokenizer is
+    another one (of the same size: another size is known when the module is built) becomes an
+    :class:`AlignedTeacher` of the same model; any other source is returned as it is."""
+    if not isinstance(source, LiveTeacher) or source.tokenizer is None or tokenizer is None:
+        return source
+    if same_vocabulary(source.tokenizer, tokenizer):
+        return source
+    return AlignedTeacher(source.teacher, source.tokenizer, spec=source.spec, field=source.field)
+
+
+def _load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    """``model.teacher_tokenizer``: a tokenizer (or model) directory, or a GGUF file's tokenizer."""
+    if is_gguf(spec):
+        return gguf_tokenizer(spec, field=TOKENIZER_FIELD)
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise ConfigError(
+            TOKENIZER_FIELD,
+            spec,
+            "is not a directory",
+            "give a tokenizer or model directory, or a .gguf file",
+        )
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            TOKENIZER_FIELD, spec, f"holds no loadable tokenizer ({err})", "point at a tokenizer directory"
+        ) from err
