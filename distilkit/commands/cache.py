@@ -32,7 +32,7 @@ from distilkit.data.teacher_cache import CacheWriter, finalize_cache
 from distilkit.errors import ConfigError
 from distilkit.losses.chunked import chunk_slices
 from distilkit.modules import DistillationModule
-from distilkit.teachers import LiveTeacher, model_identity
+from distilkit.teachers import AlignedTeacher, LiveTeacher, for_data, model_identity
 
 SPLITS = ("train", "val")
 DESCRIPTION = (
@@ -89,6 +89,17 @@ class TeacherPass(L.LightningModule):
 
     def __init__(self, source: DistillationModule, data: TextDataModule, options: CacheOptions) -> None:
         super().__init__()
+        if isinstance(for_data(source.teacher_source, data.tokenizer), AlignedTeacher):
+            raise ConfigError(
+                "model.teacher",
+                source.hparams.get("teacher"),
+                "reads the text with another tokenizer than data.tokenizer, and a teacher cache cannot hold "
+                "what a student with another tokenizer learns from: cached targets are a few entries per "
+                "position of the data's blocks, while the cross-tokenizer losses (ULDLoss, GOLDLoss) need "
+                "the teacher's whole distribution over its own vocabulary where the two tokenizations align",
+                "train with the live teacher (distilkit fit --config R.yaml), or cache a teacher that "
+                "shares data.tokenizer",
+            )
         if not isinstance(source.teacher_source, LiveTeacher):
             raise ConfigError(
                 "model.teacher",
