@@ -115,15 +115,14 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
         tokens = TeacherTokenizer.resolve(
             None if given is not None else teacher, teacher_tokenizer, teacher_cache, vocab_size
         )
+        apart = tokens.load(teacher, student, teacher_dtype) if tokens.apart else None  # its own vocabulary
         teacher_model = self.load_models(
-            student, None if given is not None or tokens.apart else teacher, student_adapter,
+            student, None if given is not None or apart is not None else teacher, student_adapter,
             teacher_dtype=teacher_dtype, vocab_size=vocab_size, block_size=block_size,
             eos_token_id=eos_token_id,
         )  # fmt: skip
-        if tokens.apart:  # another tokenizer, another vocabulary: the teacher keeps its own
-            teacher_model = tokens.load(teacher, student, teacher_dtype)
         self.teacher_source = given or open_teacher(
-            teacher, teacher_model, teacher_cache, self.vocab_size, tokens
+            teacher, teacher_model if apart is None else apart, teacher_cache, self.vocab_size, tokens
         )
         widest = max(self.vocab_size, getattr(self.teacher_source, "vocab_size", 0))
         self.chunk_size = chunked.resolve_chunk_size(chunk_size, widest)
