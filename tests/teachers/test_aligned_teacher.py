@@ -254,7 +254,7 @@ def test_the_cross_tokenizer_recipe_runs_end_to_end(tmp_path, cache_dir, capsys)
         "fit", "--config", str(root / "recipes" / "cross_tokenizer.yaml"),
         "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "3",
         "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
-        "--data.init_args.cache_dir", str(cache_dir),
+        "--trainer.log_every_n_steps", "1", "--data.init_args.cache_dir", str(cache_dir),
     )  # fmt: skip
     rows = metrics_rows(tmp_path / "run" / "metrics.csv")
     assert any(row.get("val/bpb") and row.get("val/teacher_bpb") for row in rows)
