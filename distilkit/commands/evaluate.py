@@ -168,7 +168,7 @@ class Blocks:
             enable_model_summary=False,
             enable_progress_bar=self.progress,
         )
-        return trainer.validate(module, dataloaders=loader, verbose=False)[0], blocks * self.block_size
+        return dict(trainer.validate(module, dataloaders=loader, verbose=False)[0]), blocks * self.block_size
 
 
 def _scores(

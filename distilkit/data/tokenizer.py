@@ -71,7 +71,8 @@ def train_sentencepiece_bpe(
     vocab = {EOS: 0} | {f"<0x{byte:02X}>": 1 + byte for byte in range(256)}
     for token, _ in sorted(learned["vocab"].items(), key=lambda item: item[1]):
         vocab.setdefault(token, len(vocab))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    pairs = (m.split(" ", 1) if isinstance(m, str) else m for m in learned["merges"])  # "a b" or ["a", "b"]
+    merges = [(str(a), str(b)) for a, b in pairs]
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True))
     tokenizer.pre_tokenizer = space
     tokenizer.decoder = decoders.Sequence(

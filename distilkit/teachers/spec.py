@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -56,11 +56,12 @@ class TeacherTokenizer(NamedTuple):
                 f"drop {TOKENIZER_FIELD}",
             )
         own = tokenizer_of(teacher, "model.teacher") if isinstance(teacher, (str, os.PathLike)) else None
-        tokenizer = own if given is None else _load_tokenizer(given)
-        if given is not None and own is not None:  # one model, one tokenizer
+        named = None if given is None else _load_tokenizer(given)
+        tokenizer = own if named is None else named
+        if named is not None and own is not None:  # one model, one tokenizer
             try:
                 check_same_vocabulary(
-                    own, f"model.teacher ({teacher})", tokenizer, f"{TOKENIZER_FIELD} ({given})"
+                    own, f"model.teacher ({teacher})", named, f"{TOKENIZER_FIELD} ({given})"
                 )
             except ConfigError as err:
                 raise ConfigError(
@@ -124,6 +125,10 @@ def open_teacher(
     return LiveTeacher(model, vocab_size, spec=spec, tokenizer=None if tokens is None else tokens.tokenizer)
 
 
+@overload
+def for_data(source: TeacherSource, tokenizer: PreTrainedTokenizerBase | None) -> TeacherSource: ...
+@overload
+def for_data(source: None, tokenizer: PreTrainedTokenizerBase | None) -> None: ...
 def for_data(source: TeacherSource | None, tokenizer: PreTrainedTokenizerBase | None) -> TeacherSource | None:
     """The source that teaches data tokenized by ``tokenizer``: a live teacher whose known tokenizer is
     another one (of the same size: another size is known when the module is built) becomes an
