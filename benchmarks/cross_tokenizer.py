@@ -18,7 +18,8 @@ cross-tokenizer variants the alignment of the batch too, done in the step) of ea
 training batches, interleaved rounds, medians, as a ratio to the same-tokenizer KD step; then the pieces of
 the cross-tokenizer step alone (alignment, the loss on the step's logits). Run:
 ``python benchmarks/cross_tokenizer.py [--steps 300] [--seeds 0 1] [--output_dir runs/bench-cross-tokenizer]``
-(``--part quality`` or ``--part speed`` runs one half).
+(``--part quality`` or ``--part speed`` runs one half; ``--batch_size`` / ``--block_size`` shrink every
+variant's data alike, for a quick run).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ LOSSES = {"ULD": "distilkit.losses.ULDLoss", "GOLD": "distilkit.losses.GOLDLoss"
 NO_TEACHER = ["--model.init_args.teacher", "null"]
 TEACHER_TOKENS = ["--data.init_args.tokenizer", str(TEACHER)]
 FORWARD_KL = ["--model.init_args.loss", '{"class_path": "distilkit.losses.ForwardKLLoss"}']
+#: ``--batch_size`` / ``--block_size`` overrides of the recipe's data (every variant alike)
+SIZE: list[str] = []
 
 #: variant -> (tokenizer, the overrides of the recipe)
 VARIANTS = {
@@ -70,7 +73,7 @@ def fit(name: str, seed: int, output: Path, steps: int, overrides: list[str]) ->
     slug = "".join(c if c.isalnum() else "_" for c in name)
     run_dir = output / "runs" / f"{slug}-{seed}"
     if not (run_dir / "done").is_file():
-        place = ["--trainer.default_root_dir", str(run_dir), "--trainer.max_steps", str(steps)]
+        place = ["--trainer.default_root_dir", str(run_dir), "--trainer.max_steps", str(steps), *SIZE]
         place += ["--trainer.val_check_interval", str(min(100, steps)), "--seed_everything", str(seed)]
         quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
         distilkit(["fit", "--config", str(RECIPE), *place, *quiet, *overrides])
@@ -80,11 +83,17 @@ def fit(name: str, seed: int, output: Path, steps: int, overrides: list[str]) ->
     return {key: float(value) for key, value in rows[-1].items() if key.startswith("val/") and value}
 
 
-def quality(output: Path, steps: int, seeds: list[int]) -> dict[str, list[dict[str, float]]]:
-    """Every variant's last validation metrics, per seed."""
-    return {
-        name: [fit(name, seed, output, steps, over) for seed in seeds] for name, (_, over) in VARIANTS.items()
-    }
+#: ``--variants`` keys, in the order of :data:`VARIANTS`
+KEYS = dict(zip(("alone", "uld", "gold", "alone_t", "kd"), VARIANTS, strict=True))
+
+
+def quality(
+    output: Path, steps: int, seeds: list[int], keys: list[str] | None = None
+) -> dict[str, list[dict[str, float]]]:
+    """Every variant's last validation metrics, per seed (``keys``: run only these variants, in this order;
+    several processes may share ``output``, each with other variants, and a last one with all prints)."""
+    names = [KEYS[key] for key in keys] if keys else list(VARIANTS)
+    return {name: [fit(name, seed, output, steps, VARIANTS[name][1]) for seed in seeds] for name in names}
 
 
 def print_quality(results: dict[str, list[dict[str, float]]], steps: int, seeds: list[int]) -> None:
@@ -92,7 +101,8 @@ def print_quality(results: dict[str, list[dict[str, float]]], steps: int, seeds:
     mean = {name: statistics.mean(values) for name, values in bpb.items()}
     gain = mean["student alone, teacher's tokenizer"] - mean["same-tokenizer KD (reference)"]
     print(
-        f"\nval/bpb after {steps} steps, seeds {seeds} (lower is better); gain kept = gain over the student"
+        f"\nval/bpb after {steps} steps{' ' + ' '.join(SIZE) if SIZE else ''}, seeds {seeds} (lower is "
+        "better); gain kept = gain over the student"
     )
     print("alone on its own tokenizer / same-tokenizer KD's gain over the student alone on the teacher's")
     rows = []
@@ -216,14 +226,21 @@ def main() -> None:
     parser.add_argument("--output_dir", default="runs/bench-cross-tokenizer")
     parser.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds")
     parser.add_argument("--part", choices=["quality", "speed", "both"], default="both")
+    parser.add_argument("--variants", nargs="+", choices=list(KEYS), help="run only these (no table)")
+    parser.add_argument("--batch_size", type=int, help="the recipe's data.batch_size unless given")
+    parser.add_argument("--block_size", type=int, help="the recipe's data.block_size unless given")
     args = parser.parse_args()
+    for name in ("batch_size", "block_size"):
+        if getattr(args, name) is not None:
+            SIZE.extend([f"--data.init_args.{name}", str(getattr(args, name))])
     warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if args.part in ("quality", "both"):
-        results = quality(output, args.steps, args.seeds)
-        (output / "quality.json").write_text(json.dumps(results, indent=1))
-        print_quality(results, args.steps, args.seeds)
+        results = quality(output, args.steps, args.seeds, args.variants)
+        if args.variants is None:
+            (output / "quality.json").write_text(json.dumps(results, indent=1))
+            print_quality(results, args.steps, args.seeds)
     if args.part in ("speed", "both"):
         step_cost(args.repeats)
 
