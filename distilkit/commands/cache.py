@@ -13,6 +13,7 @@ rank 0 merges them into ``manifest.json``, which records the teacher, the data's
 
 from __future__ import annotations
 
+import shlex
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +30,12 @@ from distilkit.callbacks.progress import PositionsProgressBar
 from distilkit.commands.trainer import DistilCLI
 from distilkit.data import TextDataModule
 from distilkit.data.teacher_cache import CacheWriter, finalize_cache
-from distilkit.errors import ConfigError
+from distilkit.data.teacher_cache.format import MANIFEST
+from distilkit.errors import ConfigError, RunInterrupted
+from distilkit.files import check_writable
 from distilkit.losses.chunked import chunk_slices
 from distilkit.modules import DistillationModule
+from distilkit.run.signals import GracefulStop
 from distilkit.teachers import AlignedTeacher, LiveTeacher, for_data, model_identity
 
 SPLITS = ("train", "val")
@@ -87,7 +91,13 @@ class TeacherPass(L.LightningModule):
         options: what to store.
     """
 
-    def __init__(self, source: DistillationModule, data: TextDataModule, options: CacheOptions) -> None:
+    def __init__(
+        self,
+        source: DistillationModule,
+        data: TextDataModule,
+        options: CacheOptions,
+        command: str | None = None,
+    ) -> None:
         super().__init__()
         if isinstance(for_data(source.teacher_source, data.tokenizer), AlignedTeacher):
             raise ConfigError(
@@ -115,6 +125,11 @@ class TeacherPass(L.LightningModule):
         self.writer: CacheWriter | None = None
         self.splits: list[str] = []  # the split of each predict dataloader
         self.manifest: dict[str, Any] | None = None
+        self.command = command  # recorded in the manifest: what rewrites a damaged shard
+        self.stop = GracefulStop(
+            "this batch, then writing the blocks computed so far",
+            "shards already written are kept; the same command computes the rest",
+        )
 
     @property
     def source(self) -> DistillationModule:
@@ -144,6 +159,7 @@ class TeacherPass(L.LightningModule):
             seed=self.options.seed,
             rank=self.global_rank,
             shard_blocks=self.options.shard_blocks,
+            command=self.command,
         )  # every process reads the directory here, before Lightning's post-setup barrier and any write
 
     def predict_dataloader(self) -> list[DataLoader]:
@@ -162,6 +178,7 @@ class TeacherPass(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self.teacher_source.check_head()
+        self.stop.start()
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Write the teacher's targets of the batch's blocks (``batch["block_index"]`` ``(B,)``)."""
@@ -173,8 +190,23 @@ class TeacherPass(L.LightningModule):
             logits = teaching.head(teaching.last[rows])  # (b, T, V)
             self.writer.write(self.splits[dataloader_idx], blocks[rows], logits)
 
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """After Ctrl-C (on any process): write the blocks computed so far, record them, and stop with
+        exit status 130; the same command computes only the rest."""
+        if not self.stop.agreed(self.trainer.strategy):
+            return
+        self.on_predict_end()
+        manifest = self.manifest or {}
+        kept = sum(info["blocks"] for info in manifest.get("splits", {}).values())
+        total = sum(manifest.get("num_blocks", {}).values())
+        raise RunInterrupted(
+            f"Ctrl-C: {kept} of {total} blocks are in {self.options.output_dir}; "
+            "run the same command again to compute only the rest"
+        )
+
     def on_predict_end(self) -> None:
         assert self.writer is not None
+        self.stop.stop()
         self.writer.close()
         self.trainer.strategy.barrier("teacher_cache_closed")
         if self.trainer.is_global_zero:
@@ -182,14 +214,24 @@ class TeacherPass(L.LightningModule):
 
 
 def write_teacher_cache(
-    trainer: Trainer, source: DistillationModule, data: TextDataModule, options: CacheOptions
+    trainer: Trainer,
+    source: DistillationModule,
+    data: TextDataModule,
+    options: CacheOptions,
+    command: str | None = None,
 ) -> dict[str, Any] | None:
     """Run ``source``'s teacher over ``data``'s training and validation blocks and store its targets.
 
+    Args:
+        command: the command line that runs this, recorded in the manifest (it repairs a damaged shard).
+
     Returns:
         The manifest on rank 0 (None on the other processes).
+
+    Raises:
+        RunInterrupted: Ctrl-C; the blocks computed so far are on disk.
     """
-    run = TeacherPass(source, data, options)
+    run = TeacherPass(source, data, options, command)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*predict returned None.*")  # it writes, returns nothing
         warnings.filterwarnings("ignore", message=r".*across ranks is zero.*")  # nothing missing: no loaders
@@ -207,12 +249,12 @@ class CacheCLI(DistilCLI):
         super().add_arguments_to_parser(parser)
         parser.add_class_arguments(CacheOptions, nested_key=None, as_group=True)
 
-    def parse_arguments(self, parser: Any, args: Any) -> None:
-        """Parse ``args`` (LightningCLI's own warns when they are not the whole command line)."""
-        self.config = parser.parse_args(args)
-
     def before_instantiate_classes(self) -> None:
         config = self.config
+        output = Path(config.output_dir)
+        if output.exists() and not output.is_dir():  # checked before the teacher is loaded
+            raise ConfigError("output_dir", str(output), "is a file, not a directory", "give a directory")
+        check_writable(output / MANIFEST, "output_dir")
         model = config.model.init_args
         if model.get("teacher") is None:
             raise ConfigError(
@@ -254,25 +296,30 @@ def run_cache(args: list[str]) -> None:
         parser_kwargs={"exit_on_error": False, "prog": "distilkit cache", "description": DESCRIPTION},
     )
     options = cli.options()
-    manifest = write_teacher_cache(cli.trainer, cli.model, cli.datamodule, options)
+    command = shlex.join(["distilkit", *args])
+    manifest = write_teacher_cache(cli.trainer, cli.model, cli.datamodule, options, command)
     if manifest is not None:
         print_cache_summary(manifest, options.output_dir, Console())
 
 
 def print_cache_summary(manifest: dict[str, Any], output_dir: str, console: Console) -> None:
-    """What the cache holds, what it costs on disk, and how to train from it."""
+    """What the cache holds, what it costs on disk, and how to train from it (printed as written)."""
+
+    def say(line: str) -> None:
+        console.print(line, markup=False, emoji=False, highlight=False)
+
     entries = f"K = {manifest['top_k']}" if manifest["mode"] == "topk" else f"S = {manifest['samples']}"
     console.rule("distilkit cache")
-    console.print(f"cache directory    {output_dir}", highlight=False)
-    console.print(f"targets            {manifest['mode']}, {entries}, temperature {manifest['temperature']}")
+    say(f"cache directory    {output_dir}")
+    say(f"targets            {manifest['mode']}, {entries}, temperature {manifest['temperature']}")
     for split, info in manifest["splits"].items():
-        console.print(f"{split + ' blocks':<18} {info['blocks']} of {manifest['num_blocks'][split]}")
+        say(f"{split + ' blocks':<18} {info['blocks']} of {manifest['num_blocks'][split]}")
     if not manifest["complete"]:
-        console.print("[bold]incomplete:[/] run the same command again to complete it")
+        say("incomplete: run the same command again to complete it")
     per_token = manifest["bytes_per_token"]
     size = f"{manifest['bytes'] / 2**20:.1f} MiB" + (
         f", {per_token:.1f} bytes per token" if per_token else ""
     )
-    console.print(f"on disk            {size}", highlight=False)
+    say(f"on disk            {size}")
     print(f"train from it: distilkit fit --config RECIPE --model.init_args.teacher null "
           f"--model.init_args.teacher_cache '{Path(output_dir)}'")  # fmt: skip

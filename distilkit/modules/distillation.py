@@ -23,7 +23,16 @@ from distilkit.models.sharding import ShardedTraining
 from distilkit.models.student_hooks import StudentHooks
 from distilkit.modules.base import DistillationBase, Scorer
 from distilkit.modules.guards import NonFiniteGuard
-from distilkit.teachers import Split, TeacherSource, TeacherTokenizer, Teaching, for_data, open_teacher
+from distilkit.teachers import (
+    Split,
+    TeacherLoader,
+    TeacherSource,
+    TeacherTokenizer,
+    Teaching,
+    for_data,
+    open_teacher,
+)
+from distilkit.teachers.several import Unrouted
 
 
 class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # type: ignore[misc]
@@ -78,6 +87,13 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
         eos_token_id: fills the bos/eos ids of config mappings. Linked from the data module.
         student_adapter: train a pretrained student through LoRA adapters, ``{r, alpha, target_modules,
             dropout}`` (:mod:`distilkit.models.adapters`): only they train and are checkpointed.
+        teachers: several teachers by name, ``{NAME: spec}`` (each as ``teacher`` takes one, or ``{cache:
+            DIR}``), in place of ``teacher`` (:mod:`distilkit.teachers.several`).
+        route_by: with ``teachers``: the row field naming each document's teacher (default ``teacher``), or
+            ``file`` (the data file it came from). Validation logs ``val/<domain>/ppl`` per value.
+        mix: with ``teachers``, instead of routing: ``{NAME: weight}``, every position learns from the
+            weighted mixture of the teachers' distributions; knobs ``mix.NAME``.
+        unrouted: routing: rows naming no teacher are an ``error``, or learn from their ``labels`` alone.
     """
 
     knobs: ClassVar[tuple[str, ...]] = ("kd_ratio",)
@@ -103,11 +119,15 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
         block_size: int | None = None,
         eos_token_id: int | None = None,
         student_adapter: dict[str, Any] | None = None,
+        teachers: Mapping[str, ModelSpec | None] | None = None,
+        route_by: str | None = None,
+        mix: dict[str, float] | None = None,
+        unrouted: Unrouted = "error",
     ) -> None:
         super().__init__()
         modules = [
             name for name, spec in (("student", student), ("teacher", teacher)) if isinstance(spec, nn.Module)
-        ]
+        ] + (["teachers"] if any(isinstance(t, nn.Module) for t in (teachers or {}).values()) else [])
         self.save_hyperparameters(ignore=["loss", "hidden_loss", "optimizer", "lr_scheduler", *modules])
         self.kd_ratio = kd_ratio
         self.guard = NonFiniteGuard(nonfinite, max_nonfinite_skips)
@@ -122,8 +142,11 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
             eos_token_id=eos_token_id,
         )  # fmt: skip
         self.teacher_source = given or open_teacher(
-            teacher, teacher_model if apart is None else apart, teacher_cache, self.vocab_size, tokens
-        )
+            teacher, teacher_model if apart is None else apart, teacher_cache, self.vocab_size, tokens,
+            teachers=teachers, route_by=route_by, mix=mix, unrouted=unrouted, load=TeacherLoader(
+                self.student, self.vocab_size, teacher_dtype, vocab_size, block_size, eos_token_id
+            ),
+        )  # fmt: skip
         widest = max(self.vocab_size, getattr(self.teacher_source, "vocab_size", 0))
         self.chunk_size = chunked.resolve_chunk_size(chunk_size, widest)
         self.loss = loss if loss is not None else ForwardKLLoss()
@@ -142,6 +165,12 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
     @kd_ratio.setter
     def kd_ratio(self, value: float) -> None:
         self._kd_ratio = check_range("model.kd_ratio", value, 0.0, 1.0)
+
+    @property
+    def domains(self) -> str | None:
+        """What the data must carry for each token (its document's domain, :mod:`distilkit.data.domains`):
+        what the teacher source asks for (several teachers: the field they are routed by), else None."""
+        return None if self.teacher_source is None else self.teacher_source.domains
 
     @property
     def teacher(self) -> nn.Module | None:  # type: ignore[override]
@@ -217,6 +246,7 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
             chunk_size=self.chunk_size, observer=observer, workspace=self.workspace,
         )  # fmt: skip
         losses = chunked.head_losses(student.last[:, :-1][keep], plan)  # (N, H_s) through the head
+        losses |= getattr(teacher, "logged", {})  # e.g. several teachers' labels_only_share
         if self.hidden_loss is not None and teacher is not None:
             mask = batch.get("attention_mask")
             hidden = self.hidden_loss(
@@ -225,6 +255,14 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
             losses["hidden_loss"] = hidden.detach()
             losses["loss"] = losses["loss"] + self.hidden_loss.weight * hidden
         return losses
+
+    def knob_names(self) -> set[str]:
+        """The module's and the loss's knobs, and the teacher source's (mixed teachers' ``mix.NAME``)."""
+        return super().knob_names() | set(() if self.teacher_source is None else self.teacher_source.knobs)
+
+    def set_knob(self, name: str, value: float) -> bool:
+        source = self.teacher_source
+        return super().set_knob(name, value) or (source is not None and source.set_knob(name, value))
 
     def scorers(self, batch: Batch) -> dict[str, Scorer]:
         return {"student": lambda observer: self.compute_loss(batch, observer)}

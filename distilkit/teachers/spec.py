@@ -1,9 +1,10 @@
-"""From what a recipe says to a teacher source: ``model.teacher`` (a model, with ``model.teacher_tokenizer``)
-or ``model.teacher_cache``."""
+"""From what a recipe says to a teacher source: ``model.teacher`` (a model, with ``model.teacher_tokenizer``),
+``model.teacher_cache``, or ``model.teachers`` (several, routed or mixed)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, overload
 
@@ -20,6 +21,7 @@ from distilkit.teachers.base import TeacherSource
 from distilkit.teachers.cache import FIELD as CACHE_FIELD
 from distilkit.teachers.cache import CachedTeacher
 from distilkit.teachers.live import LiveTeacher
+from distilkit.teachers.several import Unrouted, open_several
 
 TOKENIZER_FIELD = "model.teacher_tokenizer"
 
@@ -94,6 +96,12 @@ def open_teacher(
     cache: str | Path | None,
     vocab_size: int,
     tokens: TeacherTokenizer | None = None,
+    *,
+    teachers: Mapping[str, Any] | None = None,
+    route_by: str | None = None,
+    mix: Mapping[str, float] | None = None,
+    unrouted: Unrouted = "error",
+    load: Callable[[Any, str], nn.Module] | None = None,
 ) -> TeacherSource | None:
     """The teacher source a module's settings describe.
 
@@ -103,11 +111,30 @@ def open_teacher(
         cache: ``model.teacher_cache``: a directory written by ``distilkit cache``, or None.
         vocab_size: the logit width the losses compare.
         tokens: the teacher's tokenizer (:class:`TeacherTokenizer`); None: the data's.
+        teachers: ``model.teachers``: several teachers by name (:mod:`distilkit.teachers.several`), in place
+            of ``teacher`` and ``teacher_cache``; combined by ``route_by`` or ``mix`` (with ``unrouted``).
+        load: ``(spec, field) -> model``: loads the teachers' models (a
+            :class:`~distilkit.teachers.several.TeacherLoader`).
 
     Returns:
         A :class:`LiveTeacher`, an :class:`AlignedTeacher` (a tokenizer ``apart`` from the data's), a
-        :class:`CachedTeacher`, or None (no teacher: plain language-model training).
+        :class:`CachedTeacher`, a :class:`~distilkit.teachers.several.SeveralTeachers`, or None (no teacher:
+        plain language-model training).
     """
+    if teachers is not None:
+        given = [f for f, value in (("model.teacher", model), (CACHE_FIELD, cache)) if value is not None]
+        if given:
+            raise ConfigError(
+                "model.teachers", list(teachers), f"is given together with {given[0]}",
+                f"set {given[0]}: null (the teachers replace it), or drop model.teachers",
+            )  # fmt: skip
+        if load is None:
+            raise ValueError("open_teacher needs load= to load model.teachers")
+        return open_several(teachers, vocab_size, load, route_by=route_by, mix=mix, unrouted=unrouted)
+    alone = (("model.route_by", route_by), ("model.mix", mix), ("model.unrouted", unrouted != "error"))
+    for field, value in alone:
+        if value not in (None, False):
+            raise ConfigError(field, value, "is for model.teachers", "give model.teachers, or drop it")
     if cache is not None and model is not None:
         raise ConfigError(
             CACHE_FIELD,

@@ -47,6 +47,7 @@ from distilkit.data.teacher_cache.format import (
     valid_shards,
     write_atomic,
 )
+from distilkit.data.verified import shared_memo
 from distilkit.errors import ConfigError
 
 #: Bytes of targets per shard when ``shard_blocks`` is not given.
@@ -72,6 +73,8 @@ class CacheWriter:
         seed: seeds the draws of sampled targets (with the split and block index).
         rank: this writer's number when several processes write (names its shards and its part).
         shard_blocks: blocks per shard (default: about :data:`SHARD_BYTES` of targets).
+        command: the command that writes the cache (recorded: a damaged shard's message names it, since
+            running it again rewrites exactly the blocks that are missing or damaged).
     """
 
     def __init__(
@@ -87,7 +90,10 @@ class CacheWriter:
         seed: int = 0,
         rank: int = 0,
         shard_blocks: int | None = None,
+        command: str | None = None,
     ) -> None:
+        self.command = command
+        self.memo = shared_memo()
         self.settings = cache_settings(
             mode, entries, temperature, vocab_size, block_size, num_blocks, identity, seed
         )
@@ -107,7 +113,7 @@ class CacheWriter:
         for source, settings in [(MANIFEST, manifest), *((name, part) for name, part in parts.items())]:
             if settings is not None:
                 compare_settings(settings, self.settings, f"{self.directory / source}")
-        recorded = valid_shards(self.directory, all_shards(manifest, parts))
+        recorded = valid_shards(self.directory, all_shards(manifest, parts), self.memo)
         own = parts.get(part_name(rank))
         valid = {record["file"] for record in recorded}
         self._records = [r for r in own["shards"] if r["file"] in valid] if own else []
@@ -207,6 +213,8 @@ class CacheWriter:
         metadata = {"format": FORMAT, "version": str(VERSION), "split": split, "mode": self.mode}
         data = save_safetensors(arrays, metadata=metadata)
         write_atomic(self.directory / name, data)
+        digest = hashlib.sha256(data).hexdigest()
+        self.memo.remember(self.directory / name, digest)  # read back by its record, not hashed again
         self._records.append(
             {
                 "file": name,
@@ -216,10 +224,10 @@ class CacheWriter:
                 "first_block": int(blocks.min()),
                 "last_block": int(blocks.max()),
                 "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
+                "sha256": digest,
             }
         )
-        part = {**self.settings, "rank": self.rank, "shards": self._records}
+        part = {**self.settings, "rank": self.rank, "command": self.command, "shards": self._records}
         write_atomic(self.directory / part_name(self.rank), json.dumps(part, indent=1).encode())
         self._done[split].update(blocks.tolist())
         self._next_seq[split] += 1
@@ -248,7 +256,8 @@ def finalize_cache(directory: str | Path) -> dict[str, Any]:
     settings = {key: sources[0][key] for key in SETTINGS if key in sources[0]}
     for source in sources[1:]:
         compare_settings(source, settings, str(directory))
-    shards = valid_shards(directory, all_shards(manifest, parts))
+    commands = [s.get("command") for s in (*parts.values(), manifest) if s is not None and s.get("command")]
+    shards = valid_shards(directory, all_shards(manifest, parts), warn=False)  # writers warned
     splits: dict[str, Any] = {}
     for split, count in settings["num_blocks"].items():
         own = sorted((r for r in shards if r["split"] == split), key=lambda r: r["file"])
@@ -260,6 +269,7 @@ def finalize_cache(directory: str | Path) -> dict[str, Any]:
     size = sum(r["bytes"] for r in shards)
     merged = {
         **settings,
+        "command": commands[0] if commands else None,
         "complete": all(s["complete"] for s in splits.values()),
         "splits": splits,
         "positions": positions,
