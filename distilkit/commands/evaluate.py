@@ -264,9 +264,9 @@ def _score(
             student=entry.model, teacher=teacher, vocab_size=data.vocab_size, block_size=block_size
         )
     lengths = torch.as_tensor(token_byte_lengths(data.tokenizer))
-    for metrics in module.eval_metrics.modules():
-        if isinstance(metrics, EvaluationMetrics):
-            metrics.set_token_bytes(lengths)  # bpb: the bytes of this tokenizer's tokens
+    for observed in module.eval_metrics.modules():
+        if isinstance(observed, EvaluationMetrics):
+            observed.set_token_bytes(lengths)  # bpb: the bytes of this tokenizer's tokens
     trainer = L.Trainer(
         logger=False,
         enable_checkpointing=False,
