@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
+import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -32,6 +33,7 @@ from distilkit.teachers import (
     for_data,
     open_teacher,
 )
+from distilkit.teachers.served import is_served
 from distilkit.teachers.several import Unrouted
 
 
@@ -57,8 +59,9 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
     Args:
         student: a Hugging Face model directory or hub name, a config mapping (random init), a module, or
             ``{from_teacher: {...}}``: cut from the teacher (:mod:`distilkit.models.from_teacher`).
-        teacher: the same forms, a :class:`~distilkit.teachers.TeacherSource`, or None for training without
-            a teacher (or from ``teacher_cache``).
+        teacher: the same forms, a :class:`~distilkit.teachers.TeacherSource`, ``{server: URL, model: NAME,
+            top_k: K}`` for a teacher behind a vLLM server (:mod:`distilkit.teachers.served`), or None for
+            training without a teacher (or from ``teacher_cache``).
         teacher_cache: a directory written by ``distilkit cache``, to train from instead of a teacher.
         teacher_tokenizer: the tokenizer the teacher reads text with (a directory or GGUF file); default: the
             one saved with the teacher directory or GGUF file (for a config mapping or a module: the data's).
@@ -136,10 +139,10 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
             None if given is not None else teacher, teacher_tokenizer, teacher_cache, vocab_size
         )
         apart = tokens.load(teacher, student, teacher_dtype) if tokens.apart else None  # its own vocabulary
+        no_model = given is not None or is_served(teacher) or apart is not None  # loaded, or none to load
         teacher_model = self.load_models(
-            student, None if given is not None or apart is not None else teacher, student_adapter,
-            teacher_dtype=teacher_dtype, vocab_size=vocab_size, block_size=block_size,
-            eos_token_id=eos_token_id,
+            student, None if no_model else teacher, student_adapter, teacher_dtype=teacher_dtype,
+            vocab_size=vocab_size, block_size=block_size, eos_token_id=eos_token_id,
         )  # fmt: skip
         self.teacher_source = given or open_teacher(
             teacher, teacher_model if apart is None else apart, teacher_cache, self.vocab_size, tokens,
@@ -328,6 +331,11 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
             self.teacher_source = for_data(self.teacher_source, data_tokenizer)  # another tokenizer: aligned
             self.teacher_source.check_run(self.trainer, self, stage)
         super().setup(stage)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The base's, and what the teacher source needs in the run (a served teacher's look-ahead)."""
+        source = self.teacher_source
+        return [*super().configure_callbacks(), *(source.callbacks() if source is not None else [])]
 
     def models_to_shard(self) -> dict[str, nn.Module]:
         teacher = self.teacher

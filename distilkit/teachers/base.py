@@ -128,6 +128,10 @@ class TeacherSource(nn.Module):
         """What this teacher is, as a checkpoint records it (so a resume can tell another teacher)."""
         return {"kind": type(self).__name__}
 
+    def callbacks(self) -> list[Any]:
+        """Lightning callbacks this source needs in the run (a served teacher's look-ahead); none here."""
+        return []
+
     def train(self, mode: bool = True) -> TeacherSource:
         """A teacher stays in eval mode whatever the module's mode."""
         return super().train(False)

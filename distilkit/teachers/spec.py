@@ -1,5 +1,6 @@
-"""From what a recipe says to a teacher source: ``model.teacher`` (a model, with ``model.teacher_tokenizer``),
-``model.teacher_cache``, or ``model.teachers`` (several, routed or mixed)."""
+"""From what a recipe says to a teacher source: ``model.teacher`` (a model, with ``model.teacher_tokenizer``;
+or ``{server: URL, model: NAME, top_k: K}``: a teacher behind an inference server), ``model.teacher_cache``,
+or ``model.teachers`` (several, routed or mixed)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from distilkit.teachers.base import TeacherSource
 from distilkit.teachers.cache import FIELD as CACHE_FIELD
 from distilkit.teachers.cache import CachedTeacher
 from distilkit.teachers.live import LiveTeacher
+from distilkit.teachers.served import ServedTeacherSource, is_served
 from distilkit.teachers.several import Unrouted, open_several
 
 TOKENIZER_FIELD = "model.teacher_tokenizer"
@@ -106,8 +108,9 @@ def open_teacher(
     """The teacher source a module's settings describe.
 
     Args:
-        spec: ``model.teacher`` as given (a directory, a config mapping, a module, or None).
-        model: the teacher model loaded from ``spec`` (None without one).
+        spec: ``model.teacher`` as given (a directory, a config mapping, a module, a served teacher's
+            mapping, or None).
+        model: the teacher model loaded from ``spec`` (None without one, and for a served teacher).
         cache: ``model.teacher_cache``: a directory written by ``distilkit cache``, or None.
         vocab_size: the logit width the losses compare.
         tokens: the teacher's tokenizer (:class:`TeacherTokenizer`); None: the data's.
@@ -118,11 +121,16 @@ def open_teacher(
 
     Returns:
         A :class:`LiveTeacher`, an :class:`AlignedTeacher` (a tokenizer ``apart`` from the data's), a
-        :class:`CachedTeacher`, a :class:`~distilkit.teachers.several.SeveralTeachers`, or None (no teacher:
-        plain language-model training).
+        :class:`CachedTeacher`, a :class:`ServedTeacherSource`, a
+        :class:`~distilkit.teachers.several.SeveralTeachers`, or None (no teacher: plain language-model
+        training).
     """
     if teachers is not None:
-        given = [f for f, value in (("model.teacher", model), (CACHE_FIELD, cache)) if value is not None]
+        given = [
+            f
+            for f, value in (("model.teacher", model if model is not None else spec), (CACHE_FIELD, cache))
+            if value is not None
+        ]
         if given:
             raise ConfigError(
                 "model.teachers", list(teachers), f"is given together with {given[0]}",
@@ -135,7 +143,7 @@ def open_teacher(
     for field, value in alone:
         if value not in (None, False):
             raise ConfigError(field, value, "is for model.teachers", "give model.teachers, or drop it")
-    if cache is not None and model is not None:
+    if cache is not None and (model is not None or is_served(spec)):
         raise ConfigError(
             CACHE_FIELD,
             str(cache),
@@ -144,6 +152,8 @@ def open_teacher(
         )
     if cache is not None:
         return CachedTeacher(cache)
+    if is_served(spec):
+        return ServedTeacherSource.from_spec(spec, vocab_size)
     if model is None:
         return None
     if tokens is not None and tokens.apart:
