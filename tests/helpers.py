@@ -459,3 +459,18 @@ def chat_tokenizer(kind: str, directory: Path):
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
+
+
+#: The domains of :func:`write_sourced_corpus`'s documents, repeating: runs of one domain, then alternating.
+SOURCES = ["prose"] * 6 + ["code"] * 6 + ["prose", "code"] * 4
+
+
+def write_sourced_corpus(path: Path, corpus: Path, documents: int = 70) -> Path:
+    """Short documents (about 15 to 40 tokens) of the test corpus whose ``source`` names their domain
+    (:data:`SOURCES`): blocks of 32 tokens hold one domain or two. For several teachers routed by source."""
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    rows = [
+        {"text": texts[i % len(texts)][(i * 7) % 200 :][: 60 + (i * 13) % 90], "source": SOURCES[i % 20]}
+        for i in range(documents)
+    ]
+    return write_jsonl(path, rows)

@@ -35,7 +35,12 @@ from distilkit.run.directory import (
     undo_failed_start,
 )
 from distilkit.run.loggers import CSVLogger, wandb_loggers
-from distilkit.run.signals import CheckpointAtEnd, CheckpointOnInterrupt, CheckpointOnSigterm
+from distilkit.run.signals import (
+    CheckpointAtEnd,
+    CheckpointOnInterrupt,
+    CheckpointOnSigterm,
+    CheckpointOnTeacherUnavailable,
+)
 from distilkit.run.state import teacher_identity
 from distilkit.teachers import describe_teacher
 
@@ -124,7 +129,7 @@ class DistilCLI(LightningCLI):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
         given = config.trainer.get("callbacks") or []
         callbacks = [*(given if isinstance(given, list) else [given]), CheckpointOnSigterm()]
-        callbacks.append(CheckpointOnInterrupt())
+        callbacks += [CheckpointOnInterrupt(), CheckpointOnTeacherUnavailable()]
         if config.trainer.get("enable_progress_bar") is not False:
             callbacks.append(DistilProgressBar(**config.progress_bar))
         if self.subcommand == "fit":

@@ -15,6 +15,7 @@ from distilkit.batch import IGNORE_INDEX
 from distilkit.errors import check_range
 from distilkit.losses.base import DistillationLoss, kl_from_log_probs, log_mixture
 from distilkit.losses.closed_form import cross_entropy_and_forward_kl
+from distilkit.losses.partial import PartialTargets
 from distilkit.losses.sparse import SparseTargets
 from distilkit.losses.workspace import in_chunk_loop
 
@@ -59,7 +60,7 @@ class ForwardKLLoss(DistillationLoss):
     sparse_modes: ClassVar[tuple[str, ...]] = ("topk", "sample")
 
     def kd_and_ce(
-        self, student_logits: Tensor, teacher: Tensor | SparseTargets, labels: Tensor
+        self, student_logits: Tensor, teacher: Tensor | SparseTargets | PartialTargets, labels: Tensor
     ) -> tuple[Tensor, Tensor]:
         """KD and CE as :meth:`DistillationLoss.kd_and_ce`. Against dense logits inside the chunked loss,
         from one softmax of the student with the gradient in closed form

@@ -1,6 +1,6 @@
 """Stopping a run from outside without losing it: SIGTERM and Ctrl-C (SIGINT) write ``last.ckpt`` at the
-end of the running step before the process exits; other long commands keep what they computed
-(:class:`GracefulStop`)."""
+end of the running step before the process exits, and so does a teacher's server that stopped answering;
+other long commands keep what they computed (:class:`GracefulStop`)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from distilkit.errors import RunInterrupted
+from distilkit.run.lightning_internals import run_validation_now
+from distilkit.run.loggers import rewind_csv_loggers
+from distilkit.teachers.http_json import TeacherUnavailable
 
 
 def save_last(trainer: Trainer) -> Path | None:
@@ -155,3 +158,49 @@ class CheckpointAtEnd(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.global_step > 0 and self._saved_at != trainer.global_step:
             save_last(trainer)
+
+
+class CheckpointOnTeacherUnavailable(Callback):
+    """A fit whose teacher's server failed for longer than its retry window
+    (:class:`~distilkit.teachers.http_json.TeacherUnavailable`) writes ``last.ckpt`` and names it in the
+    error's one line (the CLI exits with status 1).
+
+    A served teacher hands a batch to the step only once its answers are in, so the failure comes between two
+    steps and the checkpoint holds the last finished one: ``--ckpt_path last`` continues exactly, once the
+    server answers again. A failure during a validation records that the validation is due, and the resumed
+    fit runs it first (Lightning would go on without it). Before the first step nothing is written (the run
+    directory is left as it was).
+    """
+
+    def __init__(self) -> None:
+        self.validation_due = False
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, TeacherUnavailable) or trainer.state.fn != "fit":
+            return
+        if trainer.global_step == 0:
+            exception.args = (f"{exception}; nothing was trained yet, no checkpoint written",)
+            return
+        self.validation_due = trainer.validating and not trainer.sanity_checking
+        path = save_last(trainer)
+        self.validation_due = False
+        saved = (
+            f"{path} written at step {trainer.global_step}; once the server answers, resume with "
+            "--ckpt_path last"
+            if path
+            else "no checkpoint callback, nothing saved"
+        )
+        exception.args = (f"{exception}; {saved}",)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A fit resumed from a checkpoint written when a validation failed runs that validation first."""
+        if self.validation_due:
+            self.validation_due = False
+            rewind_csv_loggers(trainer, trainer.global_step, evaluations_at_last=False)
+            run_validation_now(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validation_due": self.validation_due}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.validation_due = bool(state_dict.get("validation_due", False))

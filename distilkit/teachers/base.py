@@ -14,7 +14,9 @@ A source also says what it can feed (:attr:`TeacherSource.targets`: dense logits
 targets, at a fixed :attr:`TeacherSource.temperature` or any), so a loss it cannot feed is refused before the
 first step (:meth:`TeacherSource.check_loss`), and it checks itself against the run when the trainer sets up
 (:meth:`TeacherSource.check_run`: tokenizer identity, a cache's data identity). The losses and the chunk loop
-see targets, never teacher types; the modules see only this protocol.
+see targets, never teacher types; the modules see only this protocol. A teaching may also carry ``logged``,
+``{name: scalar}`` values the module logs beside its loss terms (several teachers: the share of positions that
+learn from their labels alone).
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ class TeacherSource(nn.Module):
     temperature: float | None = None
     vocab_size: int
     field: str = "model.teacher"
+    #: Settings of this source a curriculum stage may change between steps (several teachers' ``mix.NAME``).
+    knobs: tuple[str, ...] = ()
+    #: What the data must carry for each token (``batch["domain"]``, :mod:`distilkit.data.domains`): a row
+    #: field, or ``file``; None for nothing.
+    domains: str | None = None
 
     def teach(self, batch: Batch, split: Split, hidden: bool = False) -> Teaching:
         """The teaching of ``batch`` (from the ``split`` its blocks come from); its hidden states too when
@@ -104,6 +111,10 @@ class TeacherSource(nn.Module):
                 "drop temperature from the stage's knobs, or use targets made at that temperature",
             )
 
+    def set_knob(self, name: str, value: float) -> bool:
+        """Set one of :attr:`knobs` (validated where it lands); False when ``name`` is not one."""
+        return False
+
     def check_run(self, trainer: Any, module: Any, stage: str) -> None:
         """Refuse, before any step, a run this source cannot teach: a loss it cannot feed (here), another
         tokenizer, other data ... (a subclass's additions). ``module``: the distillation module (its ``loss``
@@ -113,6 +124,10 @@ class TeacherSource(nn.Module):
     def identity(self) -> dict[str, Any]:
         """What this teacher is, as a checkpoint records it (so a resume can tell another teacher)."""
         return {"kind": type(self).__name__}
+
+    def callbacks(self) -> list[Any]:
+        """Lightning callbacks this source needs in the run (a served teacher's look-ahead); none here."""
+        return []
 
     def train(self, mode: bool = True) -> TeacherSource:
         """A teacher stays in eval mode whatever the module's mode."""

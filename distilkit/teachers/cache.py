@@ -55,14 +55,15 @@ class CachedTeacher(TeacherSource):
 
     Args:
         directory: the cache directory (``distilkit cache --output_dir``).
+        field: the config field it came from, named in errors.
     """
 
     full_distribution = False
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, field: str = FIELD) -> None:
         super().__init__()
-        self.cache = TeacherCache(directory, field=FIELD)
-        self.field, self.targets = FIELD, self.cache.mode  # type: ignore[assignment]  # "topk" or "sample"
+        self.cache = TeacherCache(directory, field=field)
+        self.field, self.targets = field, self.cache.mode  # type: ignore[assignment]  # "topk" or "sample"
         self.temperature = self.cache.temperature
         self.vocab_size = self.cache.vocab_size
 
@@ -109,7 +110,7 @@ class CachedTeacher(TeacherSource):
         for split in ("train", "val"):
             if split in datasets and len(datasets[split]) != self.cache.num_blocks(split):
                 raise ConfigError(
-                    f"{FIELD}: {split} blocks",
+                    f"{self.field}: {split} blocks",
                     len(datasets[split]),
                     f"the cache in {self.cache.directory} holds {self.cache.num_blocks(split)}",
                     "make a cache for this run with `distilkit cache`, or point to a matching one",

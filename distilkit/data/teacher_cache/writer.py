@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from distilkit.data.teacher_cache.format import (
     valid_shards,
     write_atomic,
 )
+from distilkit.data.teacher_cache.targets import SparseTargets
 from distilkit.data.verified import shared_memo
 from distilkit.errors import ConfigError
 
@@ -158,6 +159,39 @@ class CacheWriter:
         expected = (len(blocks), self.settings["block_size"], self.settings["vocab_size"])
         if tuple(teacher_logits.shape) != expected:
             raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} should be (B, T, V) = {expected}")
+        return self._add(
+            split, blocks, lambda row, block: self._encode_block(split, block, teacher_logits[row])
+        )
+
+    def write_targets(self, split: str, block_indices: Tensor | Sequence[int], targets: SparseTargets) -> int:
+        """Buffer top-k targets made elsewhere (a teacher's server), as :meth:`write` buffers its own.
+
+        Args:
+            split: a split named in ``num_blocks``.
+            block_indices: ``(B,)`` the blocks' indices in the split.
+            targets: ``SparseTargets("topk")`` of those blocks: ids/log_probs ``(B, T, K)`` (log p descending,
+                at the cache's temperature), tail ``(B, T)``; K is the cache's ``top_k``.
+
+        Returns:
+            How many blocks were new (as :meth:`write`).
+        """
+        split = self._split(split)
+        blocks = [int(b) for b in torch.as_tensor(block_indices).reshape(-1).tolist()]
+        expected = (len(blocks), self.settings["block_size"], self.entries)
+        if self.mode != "topk" or targets.mode != "topk" or tuple(targets.ids.shape) != expected:
+            raise ValueError(
+                f"{targets.mode} targets {tuple(targets.ids.shape)} should be topk (B, T, K) = {expected} "
+                f"for a {self.mode} cache"
+            )
+        tail = targets.tail
+        assert tail is not None
+        vocab = int(self.settings["vocab_size"])
+        return self._add(
+            split, blocks, lambda row, _: encode(targets.ids[row], targets.log_probs[row], tail[row], vocab)
+        )
+
+    def _add(self, split: str, blocks: list[int], encoded: Callable[[int, int], EncodedTargets]) -> int:
+        """Buffer ``encoded(row, block)`` for each new block (full shards go to disk); how many were new."""
         count = self.settings["num_blocks"][split]
         waiting = {block for block, _ in self._pending[split]}
         new = 0
@@ -166,7 +200,7 @@ class CacheWriter:
                 raise ValueError(f"block {block} is outside the {count} blocks of split {split!r}")
             if block in self._done[split] or block in waiting:
                 continue
-            self._pending[split].append((block, self._encode_block(split, block, teacher_logits[row])))
+            self._pending[split].append((block, encoded(row, block)))
             waiting.add(block)
             new += 1
             if len(self._pending[split]) >= self.shard_blocks:
