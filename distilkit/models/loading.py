@@ -144,11 +144,13 @@ def check_written_directory(path: Path, field: str, name: str) -> None:
 def looks_like_a_path(name: str) -> bool:
     """Whether a model name is a local path rather than a hub name (``org/model``): it exists, starts with
     ``.``, ``/`` or ``~``, has no slash or more than one, or its first part is a local directory
-    (``runs/pruned-student`` where ``runs/`` exists: a student not written yet, not a hub model)."""
+    (``runs/pruned-student`` where ``runs/`` exists: a student not written yet, not a hub model) and the
+    name is not a hub model in the local Hugging Face cache (``distilkit/tiny`` run from a directory holding
+    ``distilkit/``)."""
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         return True
-    return Path(name.split("/")[0]).is_dir()
+    return Path(name.split("/")[0]).is_dir() and not _in_hub_cache(name)
 
 
 def _in_hub_cache(name: str) -> bool:

@@ -86,7 +86,7 @@ def test_loads_a_local_hugging_face_directory_in_the_asked_dtype(tmp_path):
 
 
 def test_a_missing_teacher_path_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match=r"model.teacher='.*nowhere'.*not a directory"):
+    with pytest.raises(ConfigError, match=r"model.teacher='.*nowhere': does not exist"):
         load_causal_lm(str(tmp_path / "nowhere"), field="model.teacher")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no config.json"):

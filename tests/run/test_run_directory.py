@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import csv_rows, fit_run, resume_run, run_cli, signal_at_marker, tiny_model_dir, tiny_recipe
+from helpers import (
+    ROOT,
+    csv_rows,
+    fit_run,
+    resume_run,
+    run_cli,
+    signal_at_marker,
+    tiny_model_dir,
+    tiny_recipe,
+)
 from transformers import AutoTokenizer
 
 from distilkit.data.tokenizer import train_bpe
@@ -174,10 +183,19 @@ def test_a_hub_name_in_the_local_cache_loads_offline(tmp_path, tokenizer_dir):
         [sys.executable, "-c", code.format("distilkit/tiny")], env=env, capture_output=True, text=True
     )
     assert found.returncode == 0 and "GPT2LMHeadModel" in found.stdout, found.stderr[-2000:]
-    missing = subprocess.run(
-        [sys.executable, "-c", code.format("distilkit/absent")], env=env, capture_output=True, text=True
+    elsewhere = {**env, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    missing = subprocess.run(  # run where no distilkit/ directory makes the name look like a local path
+        [sys.executable, "-c", code.format("distilkit/absent")],
+        env=elsewhere,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert "is neither a directory nor in the local Hugging Face cache" in missing.stderr
+    local = subprocess.run(  # issue 21.5: from the repository root, distilkit/ is a directory: said at once
+        [sys.executable, "-c", code.format("distilkit/absent")], env=env, capture_output=True, text=True
+    )
+    assert "m='distilkit/absent': does not exist" in local.stderr
 
 
 @pytest.mark.slow
