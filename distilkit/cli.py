@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import typing
 from argparse import ArgumentError
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,11 +96,26 @@ def run(args: list[str]) -> None:
         torch.set_float32_matmul_precision("high")
         COMMANDS[args[0]].lightning(args)
         return
+    named = COMMANDS[args[0]].function if args and args[0] in COMMANDS else None
+    if named is not None:
+        args = [args[0], *bare_flags(args[1:], named)]
     parsed = command_parser().parse_args(args)
     name = parsed.command
     function = COMMANDS[name].function
     assert function is not None  # Lightning subcommands were dispatched above
     function(**parsed[name].as_dict())
+
+
+def bare_flags(args: list[str], function: Callable[..., Any]) -> list[str]:
+    """``--flag`` alone (last, or followed by another option) means ``--flag true`` for a boolean argument
+    of a function command: ``distilkit generate --chat``."""
+    flags = {f"--{name}" for name, hint in typing.get_type_hints(function).items() if hint is bool}
+    given = []
+    for index, arg in enumerate(args):
+        given.append(arg)
+        if arg in flags and (index + 1 == len(args) or args[index + 1].startswith("--")):
+            given.append("true")
+    return given
 
 
 def main(args: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from distilkit.data.teacher_cache.targets import SparseTargets
+from distilkit.losses.aligned import AlignedLogits
 from distilkit.losses.base import kl_from_log_probs
 from distilkit.losses.partial import PartialTargets
 
@@ -138,7 +139,9 @@ class EvaluationMetrics(nn.Module):
     byte lengths), and with a teacher ``teacher_ppl``, ``teacher_bpb``, ``top1_agreement`` and ``kl``
     (KL(teacher‖student) at temperature 1). :meth:`observe` is a chunk observer of the loss's chunk loop.
     From a teacher cache only what its targets determine is computed: ``top1_agreement`` from top-k targets
-    (their first id is the teacher's top-1); the teacher's perplexity and the full KL are not.
+    (their first id is the teacher's top-1); the teacher's perplexity and the full KL are not. A teacher
+    with another tokenizer (:class:`~distilkit.losses.aligned.AlignedLogits`) gives ``teacher_ppl`` and
+    ``teacher_bpb`` of its own next tokens on the same text (its ``bpb`` compares with the student's).
     """
 
     token_bytes: Tensor
@@ -177,6 +180,10 @@ class EvaluationMetrics(nn.Module):
             self.kl.update(student, teacher)
         elif isinstance(teacher, SparseTargets) and teacher.mode == "topk":
             self.top1_agreement.update(student, teacher.ids[:, 0])  # (n,) ids sorted by probability
+        elif isinstance(teacher, AlignedLogits) and teacher.own_nll is not None:
+            self.teacher_ppl.update(teacher.own_nll)  # the teacher's tokens: its own perplexity
+            if teacher.own_bytes is not None:
+                self.teacher_bpb.update(teacher.own_nll, teacher.own_bytes)
 
     def logged(self, with_teacher: bool) -> dict[str, Metric]:
         """The metrics to log, by name: ``ppl`` and ``bpb``, and with a teacher those of its metrics that the

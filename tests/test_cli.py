@@ -94,7 +94,7 @@ def test_resume_from_a_checkpoint(tmp_path, corpus, tokenizer_dir, cache_dir):
         ),
         (
             ["--model.init_args.teacher", "no/such/teacher/dir"],
-            "model.teacher='no/such/teacher/dir': is not a directory",
+            "model.teacher='no/such/teacher/dir': does not exist; give a Hugging Face model directory",
         ),
         (
             ["--data.init_args.train_files", "missing.jsonl"],

@@ -43,7 +43,7 @@ from distilkit.files import check_writable
 from distilkit.losses.chunked import chunk_slices
 from distilkit.modules import DistillationModule
 from distilkit.run.signals import GracefulStop
-from distilkit.teachers import LiveTeacher, model_identity
+from distilkit.teachers import AlignedTeacher, LiveTeacher, for_data, model_identity
 from distilkit.teachers.served import ServedTeacherSource, is_served
 
 SPLITS = ("train", "val")
@@ -114,6 +114,17 @@ class TeacherPass(L.LightningModule):
         command: str | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(for_data(source.teacher_source, data.tokenizer), AlignedTeacher):
+            raise ConfigError(
+                "model.teacher",
+                source.hparams.get("teacher"),
+                "reads the text with another tokenizer than data.tokenizer, and a teacher cache cannot hold "
+                "what a student with another tokenizer learns from: cached targets are a few entries per "
+                "position of the data's blocks, while the cross-tokenizer losses (ULDLoss, GOLDLoss) need "
+                "the teacher's whole distribution over its own vocabulary where the two tokenizations align",
+                "train with the live teacher (distilkit fit --config R.yaml), or cache a teacher that "
+                "shares data.tokenizer",
+            )
         teacher = source.teacher_source
         if not isinstance(teacher, (LiveTeacher, ServedTeacherSource)):
             raise ConfigError(

@@ -1,8 +1,10 @@
-"""``distilkit evaluate``: perplexity of models on data, and their agreement and KL with a teacher.
+"""``distilkit evaluate``: perplexity and bits per byte of models on data, and their agreement and KL with a
+teacher.
 
 Each model is scored by :class:`DistillationModule`'s own validation loop (the metrics of training,
-``val/ppl``, ``val/top1_agreement``, ``val/kl``) on the held-out split that training used (same files,
-``val_fraction`` and seed), or on all blocks with ``--split all``. With the ``eval`` extra,
+``val/ppl``, ``val/bpb``, ``val/top1_agreement``, ``val/kl``) on the held-out split that training used (same
+files, ``val_fraction`` and seed), or on all blocks with ``--split all``, each with its own tokenizer: bits
+per byte compare models whose tokenizers differ, side by side. With the ``eval`` extra,
 ``--lm_eval_tasks`` also runs EleutherAI's lm-evaluation-harness on every model
 (:mod:`distilkit.commands.harness`).
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import torch
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -24,9 +27,11 @@ from rich.text import Text
 from distilkit.commands.harness import Harness
 from distilkit.commands.kept_rows import KeptRows, identity_of
 from distilkit.data import TextDataModule
-from distilkit.data.tokenizer import check_same_vocabulary
+from distilkit.data.token_bytes import token_byte_lengths
+from distilkit.data.tokenizer import same_vocabulary, tokenizer_hash
 from distilkit.errors import ConfigError, RunInterrupted, fields_as_typed
 from distilkit.files import check_output_file, write_text
+from distilkit.metrics import EvaluationMetrics
 from distilkit.models.checkpoint import (
     checkpoint_tokenizer,
     load_model_and_tokenizer,
@@ -66,6 +71,12 @@ def evaluate(
 ) -> list[dict[str, Any]]:
     """Score each model; returns one row per model (and one for the teacher), also written as JSON.
 
+    Every model reads the text with its own tokenizer (a model without one with the teacher's, else the first
+    model's): the same documents (the held-out split is drawn by document) packed into blocks of its own
+    tokens. ``ppl`` is per token of the model's tokenizer; ``bpb`` (bits per byte of the predicted text)
+    compares models with different tokenizers. Agreement and KL with the teacher are computed for the
+    models that share its tokenizer.
+
     Each row is kept by content as soon as it is scored (:class:`~distilkit.commands.kept_rows.KeptRows`):
     a rerun after Ctrl-C, or with one more model, scores only the models it has no row for.
 
@@ -73,7 +84,7 @@ def evaluate(
         models: distilkit checkpoints (``.ckpt``) or Hugging Face model directories. A cohort's checkpoint
             gives a row per peer (``peer`` picks one).
         data_files: text to score on, as for ``TextDataModule.train_files``.
-        teacher: a model to compare against (agreement, KL); its tokenizer is used when given.
+        teacher: a model to compare against (agreement, KL, for models with its tokenizer).
         block_size: tokens per scored block; default: the block size the checkpoints were trained with
             (the shortest), else 128. Longer than a model's context is refused.
         batch_size / val_fraction / seed: as in training, so the held-out split is the same.
@@ -93,62 +104,58 @@ def evaluate(
     if output_json:
         check_output_file(output_json, "output_json")
     harness = Harness(lm_eval_tasks, limit=lm_eval_limit, batch_size=batch_size) if lm_eval_tasks else None
-    teacher_model, tokenizer = load_model_and_tokenizer(teacher, "teacher") if teacher else (None, None)
+    teacher_model, teacher_tokenizer = (
+        load_model_and_tokenizer(teacher, "teacher") if teacher else (None, None)
+    )
     loaded = [entry for index, name in enumerate(models) for entry in _load(name, index, peer)]
-    tokenizer = tokenizer or next((entry.tokenizer for entry in loaded if entry.tokenizer is not None), None)
-    if tokenizer is None:
+    fallback = teacher_tokenizer or next((e.tokenizer for e in loaded if e.tokenizer is not None), None)
+    if fallback is None:
         raise ConfigError("models", models, "carry no tokenizer", "export them with distilkit export first")
-    reference = f"teacher ({teacher})" if teacher else f"models[0] ({models[0]})"
-    for entry in loaded:
-        if entry.tokenizer is not None:
-            check_same_vocabulary(tokenizer, reference, entry.tokenizer, f"{entry.field} ({entry.name})")
     if block_size is None:
         trained = [size for size in map(trained_block_size, models) if size is not None]
         block_size = min(trained) if trained else 128
-    with tempfile.TemporaryDirectory() as tmp, fields_as_typed(DATA_FIELDS):
-        tokenizer.save_pretrained(tmp)
-        data = TextDataModule(
-            data_files,
-            tokenizer=tmp,
-            block_size=block_size,
-            batch_size=batch_size,
-            val_fraction=val_fraction,
-            seed=seed,
-        )
-        data.setup()
-    blocks = len(data.datasets["val"]) + (len(data.datasets["train"]) if split == "all" else 0)
-    loader = data.val_dataloader() if split == "val" else _all_blocks(data)
+    texts = Blocks(data_files, block_size, batch_size, val_fraction, seed)
     kept = KeptRows("evaluate")
-    settings = {
-        "data": data.identity(),
-        "split": split,
-        "batch_size": batch_size,
-        "teacher": identity_of(teacher),
-    }
     stop = GracefulStop("this batch; the rows of the models scored so far are kept", "those rows are kept")
     rows: list[dict[str, Any]] = []
+    teacher_row: dict[str, Any] | None = None
     with stop:
         for number, entry in enumerate(loaded):
-            key = kept.key(kind="validation", model=identity_of(entry.name), prefix=entry.prefix, **settings)
+            tokenizer = entry.tokenizer or fallback
+            shared = teacher_tokenizer is None or same_vocabulary(teacher_tokenizer, tokenizer)
+            beside = teacher_model if shared else None  # agreement and KL need one vocabulary
+            data = texts.data(tokenizer)
+            settings = {"data": data.identity(), "split": split, "batch_size": batch_size}
+            key = kept.key(
+                kind="validation", model=identity_of(entry.name), prefix=entry.prefix,
+                teacher=identity_of(teacher) if beside is not None else None, **settings,
+            )  # fmt: skip
             row = kept.get(key)
             if row is None:
                 if stop.requested:
                     raise _interrupted(number, len(loaded))
-                row = _score(
-                    entry, teacher_model, data, loader, block_size, progress, stop, number, len(loaded)
-                )
+                row = _score(entry, beside, data, split, block_size, progress, stop, number, len(loaded))
                 kept.put(key, row)
+            teacher_scores = {name: row.pop(name) for name in ("teacher_ppl", "teacher_bpb") if name in row}
+            if teacher_row is None and teacher_scores:
+                teacher_row = {
+                    "ppl": teacher_scores["teacher_ppl"], "bpb": teacher_scores["teacher_bpb"],
+                    "tokenizer": row["tokenizer"], "tokens": row["tokens"],
+                }  # fmt: skip
             rows.append({**row, "model": entry.label})
-    teacher_row = {"model": f"{teacher} (teacher)", "ppl": rows[0].get("teacher_ppl")} if teacher else None
-    for row in rows:
-        row.pop("teacher_ppl", None)
-    rows = ([teacher_row] if teacher_row else []) + rows
-    for row in rows:
-        row["tokens"] = blocks * block_size
+        if teacher_model is not None and teacher_row is None:  # no model reads its tokens: scored alone
+            assert teacher is not None
+            alone = Scored("teacher", teacher, None, teacher, teacher_model, teacher_tokenizer)
+            data = texts.data(teacher_tokenizer or fallback)
+            teacher_row = _score(alone, None, data, split, block_size, progress, stop, 0, 1)
+    if teacher_row is not None:
+        rows.insert(0, {"model": f"{teacher} (teacher)", **teacher_row})
     if harness is not None:
-        scored = ([(teacher, None, teacher_model, tokenizer)] if teacher_model is not None else []) + [
-            (entry.name, entry.prefix, entry.model, entry.tokenizer or tokenizer) for entry in loaded
-        ]
+        scored = (
+            [(teacher, None, teacher_model, teacher_tokenizer or fallback)]
+            if teacher_model is not None
+            else []
+        ) + [(entry.name, entry.prefix, entry.model, entry.tokenizer or fallback) for entry in loaded]
         tasks = {"tasks": [identity_of(t) for t in lm_eval_tasks or []], "limit": lm_eval_limit}
         tasks["batch_size"] = batch_size
         with stop:
@@ -166,6 +173,38 @@ def evaluate(
     if output_json:
         write_text(output_json, json.dumps(rows, indent=2) + "\n")
     return rows
+
+
+@dataclass
+class Blocks:
+    """The text to score, as blocks of each tokenizer's tokens (made once per tokenizer)."""
+
+    data_files: str | list[str]
+    block_size: int
+    batch_size: int
+    val_fraction: float
+    seed: int
+
+    def __post_init__(self) -> None:
+        self.made: dict[str, TextDataModule] = {}
+
+    def data(self, tokenizer: Any) -> TextDataModule:
+        """The data module of ``tokenizer``'s blocks (same files, split and packing for every tokenizer)."""
+        key = tokenizer_hash(tokenizer)
+        if key not in self.made:
+            with tempfile.TemporaryDirectory() as tmp, fields_as_typed(DATA_FIELDS):
+                tokenizer.save_pretrained(tmp)
+                data = TextDataModule(
+                    self.data_files,
+                    tokenizer=tmp,
+                    block_size=self.block_size,
+                    batch_size=self.batch_size,
+                    val_fraction=self.val_fraction,
+                    seed=self.seed,
+                )
+                data.setup()
+            self.made[key] = data
+        return self.made[key]
 
 
 @dataclass(frozen=True)
@@ -208,18 +247,26 @@ def _score(
     entry: Scored,
     teacher: Any,
     data: TextDataModule,
-    loader: Any,
+    split: Literal["val", "all"],
     block_size: int,
     progress: bool,
     stop: GracefulStop,
     number: int,
     count: int,
 ) -> dict[str, Any]:
-    """One model's row: ``ppl`` (and with a teacher ``top1_agreement``, ``kl``, ``teacher_ppl``)."""
+    """One model's row on ``data``'s blocks (of its own tokenizer): ``ppl``, ``bpb``, ``tokenizer``,
+    ``tokens`` (and with a teacher that reads the same tokens ``top1_agreement``, ``kl``, ``teacher_ppl``,
+    ``teacher_bpb``)."""
+    blocks = len(data.datasets["val"]) + (len(data.datasets["train"]) if split == "all" else 0)
+    loader = data.val_dataloader() if split == "val" else _all_blocks(data)
     with fields_as_typed({"model.student": entry.field, "model.teacher": "teacher", **DATA_FIELDS}):
         module = DistillationModule(
             student=entry.model, teacher=teacher, vocab_size=data.vocab_size, block_size=block_size
         )
+    lengths = torch.as_tensor(token_byte_lengths(data.tokenizer))
+    for observed in module.eval_metrics.modules():
+        if isinstance(observed, EvaluationMetrics):
+            observed.set_token_bytes(lengths)  # bpb: the bytes of this tokenizer's tokens
     trainer = L.Trainer(
         logger=False,
         enable_checkpointing=False,
@@ -231,12 +278,19 @@ def _score(
         metrics = trainer.validate(module, dataloaders=loader, verbose=False)[0]
     except RunInterrupted as err:
         raise _interrupted(number, count) from err
-    row: dict[str, Any] = {"ppl": metrics["val/ppl"]}
+    tokenizer = data.tokenizer
+    row: dict[str, Any] = {
+        "ppl": metrics["val/ppl"],
+        "bpb": metrics["val/bpb"],
+        "tokenizer": f"{len(tokenizer)} ({tokenizer_hash(tokenizer)[:8]})",
+        "tokens": blocks * block_size,
+    }
     if teacher is not None:
         row.update(
             top1_agreement=metrics["val/top1_agreement"],
             kl=metrics["val/kl"],
             teacher_ppl=metrics["val/teacher_ppl"],
+            teacher_bpb=metrics["val/teacher_bpb"],
         )
     return row
 
@@ -269,12 +323,14 @@ def _all_blocks(data: TextDataModule) -> Any:
 def print_rows(rows: list[dict[str, Any]], console: Console) -> None:
     table = Table()
     table.add_column("model", overflow="fold")
-    for header in ("ppl", "top-1 agreement", "KL(teacher‖model)"):
+    table.add_column("tokenizer")
+    for header in ("bits per byte", "ppl (its tokens)", "top-1 agreement", "KL(teacher‖model)"):
         table.add_column(header, justify="right")
     for row in rows:
         agreement = f"{row['top1_agreement']:.3f}" if "top1_agreement" in row else "-"
         kl = f"{row['kl']:.3f}" if "kl" in row else "-"
-        table.add_row(Text(row["model"]), f"{row['ppl']:.2f}", agreement, kl)  # Text: printed as written
+        cells = (row["tokenizer"], f"{row['bpb']:.4f}", f"{row['ppl']:.2f}", agreement, kl)
+        table.add_row(Text(row["model"]), *cells)  # Text: printed as written
     console.print(table)
     if any("lm_eval" in row for row in rows):
         print_harness_rows(rows, console)
@@ -312,7 +368,8 @@ def evaluate_command(
     progress: bool = True,
     peer: int | str | None = None,
 ) -> None:
-    """Score checkpoints or model directories: perplexity, agreement and KL with a teacher, harness tasks.
+    """Score checkpoints or model directories: bits per byte and perplexity (each with its own tokenizer),
+    agreement and KL with a teacher, harness tasks.
 
     Args:
         models: distilkit checkpoints (``.ckpt``) or Hugging Face model directories.

@@ -12,10 +12,12 @@ marker (``<|im_end|>``, ``<|eot_id|>``, ``</s>``, ...). Not the role header (the
 inference the model is given it) and not the white space a template writes after the end-of-turn marker
 (the model stops at the marker and never writes it). A token is the assistant's when any of its characters
 is (so a token that merges the header's last character with the reply's first is trained on, never
-dropped). This needs no ``{% generation %}`` markers in the template, only that rendering a longer
-conversation extends the rendering of its beginning, which is checked for every turn: a template that
-renders earlier turns differently once later turns follow (one that drops earlier reasoning, say) is
-refused naming the row, since its assistant tokens cannot be located.
+dropped). A reply cut off unfinished (a row with ``finish_reason: length``) is its content alone: the
+template writes an end-of-turn marker after it, but the model had not ended its turn there. This needs no
+``{% generation %}`` markers in the template, only that rendering a longer conversation extends the
+rendering of its beginning, which is checked for every turn: a template that renders earlier turns
+differently once later turns follow (one that drops earlier reasoning, say) is refused naming the row,
+since its assistant tokens cannot be located.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from distilkit.data.tokenizer import tokenizer_hash
 from distilkit.errors import ConfigError
 
 #: Bumped when what a chat token cache holds changes (part of its key).
-ENCODING_VERSION = "chat-1"
+ENCODING_VERSION = "chat-2"  # chat-2: an unfinished reply's end-of-turn token is not the assistant's
 
 _PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
 
@@ -128,15 +130,21 @@ def encoded_conversations(
             field, list(sources), "holds no conversations", "give files with at least one chat row"
         )
 
-    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
         encoded = [
-            encode_conversation(tokenizer, template, json.loads(messages), field, where)
-            for messages, where in zip(batch["messages"], batch["where"], strict=True)
+            encode_conversation(tokenizer, template, json.loads(messages), field, where, done)
+            for messages, where, done in zip(
+                batch["messages"], batch["where"], batch["finished"], strict=True
+            )
         ]
         return {"input_ids": [ids for ids, _ in encoded], "assistant": [mask for _, mask in encoded]}
 
     docs = datasets.Dataset.from_dict(
-        {"messages": [json.dumps(messages) for _, messages in rows], "where": [where for where, _ in rows]}
+        {
+            "messages": [json.dumps(messages) for _, messages, _ in rows],
+            "where": [where for where, _, _ in rows],
+            "finished": [done for _, _, done in rows],
+        }
     )
     features = datasets.Features(
         {
@@ -146,15 +154,21 @@ def encoded_conversations(
     )
     cache_file = cache_dir / f"tokens-{key}.arrow"
     return cached_map(
-        docs, encode, cache_file, key, ["messages", "where"], "rendering conversations", features
+        docs, encode, cache_file, key, ["messages", "where", "finished"], "rendering conversations", features
     )
 
 
 def encode_conversation(
-    tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict[str, Any]], field: str, where: str
+    tokenizer: PreTrainedTokenizerBase,
+    template: str,
+    messages: list[dict[str, Any]],
+    field: str,
+    where: str,
+    finished: bool = True,
 ) -> tuple[list[int], list[int]]:
     """The conversation's token ids and its assistant mask (1 on the assistant's tokens, see the module
-    docstring), both ``(tokens,)``.
+    docstring), both ``(tokens,)``. ``finished=False``: the last message is a reply cut off before its
+    end: its content is the assistant's, the end-of-turn marker the template writes after it is not.
 
     Raises:
         ConfigError: the template refuses the row, or renders it so that the assistant's text cannot be
@@ -184,7 +198,10 @@ def encode_conversation(
                 "conversation: the assistant's tokens cannot be located",
                 "use a template that renders every turn the same whatever follows it",
             )
-        spans.append((len(before), len(through.rstrip())))
+        end = len(through.rstrip())
+        if not finished and index == len(messages) - 1:
+            end = _content_end(through, len(before), message["content"], where)
+        spans.append((len(before), end))
     ids, offsets = _tokenize(tokenizer, full)
     return ids, assistant_mask(offsets, spans).tolist()
 
@@ -211,6 +228,18 @@ def end_of_turn_id(tokenizer: PreTrainedTokenizerBase, template: str) -> int:
     last = max(i for i, m in enumerate(mask) if m)
     content_end = full.rfind(_PROBE[-1]["content"]) + len(_PROBE[-1]["content"])
     return int(ids[last]) if offsets[last][0] >= content_end else int(tokenizer.eos_token_id)
+
+
+def _content_end(through: str, start: int, content: str, where: str) -> int:
+    """Where an unfinished reply's content ends in the rendering through it (it starts at ``start``)."""
+    at = through.find(content, start)
+    if at < 0:
+        raise ConfigError(
+            "data.chat_template", where,
+            "rewrites the content of an unfinished reply (finish_reason: length): where it ends is unknown",
+            "use a template that writes replies as they are",
+        )  # fmt: skip
+    return at + len(content)
 
 
 def _tokenize(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], np.ndarray]:

@@ -3,7 +3,9 @@
 A chat row is a jsonl line (or a parquet row) with a ``messages`` list of ``{role, content}`` (the format
 of transformers' chat templates), or with ``prompt`` and ``completion``: each a string (one user turn,
 one assistant turn) or a list of messages. Every message needs a known role (:data:`ROLES`) and text
-content; further keys (``name``, ...) go to the template as they are. A bad row is a one-line
+content; further keys (``name``, ...) go to the template as they are. A row whose ``finish_reason`` is
+``length`` (``distilkit generate --chat`` writes it when a reply reached ``max_new_tokens`` unfinished) ends
+with an *unfinished* reply: its end-of-turn token is not trained on. A bad row is a one-line
 :class:`~distilkit.errors.ConfigError` naming it (``file:line``) and what is wrong with it.
 """
 
@@ -71,9 +73,10 @@ def chat_sources(field: str, sources: Sequence[str], text_field: str = "text") -
 
 def read_conversations(
     field: str, sources: Sequence[str], train_on: TrainOn
-) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """``(where, messages)`` of every row of ``sources``, checked (:func:`messages_of`); ``where`` names
-    the row (``file:line`` for jsonl, ``file row N`` otherwise)."""
+) -> Iterator[tuple[str, list[dict[str, Any]], bool]]:
+    """``(where, messages, finished)`` of every row of ``sources``, checked (:func:`messages_of`);
+    ``where`` names the row (``file:line`` for jsonl, ``file row N`` otherwise); ``finished`` is false when
+    the last reply was cut off (:func:`finished`)."""
     for source in sources:
         for where, row in _rows(field, source):
             messages = messages_of(field, where, row)
@@ -84,7 +87,13 @@ def read_conversations(
                     "has no assistant turn to train on",
                     "add the assistant's reply, drop the row, or set data.train_on: all",
                 )
-            yield where, messages
+            yield where, messages, finished(row)
+
+
+def finished(row: Any) -> bool:
+    """False for a row whose last reply was cut off before its end-of-turn token (``finish_reason:
+    length``, as ``distilkit generate --chat`` writes it); true otherwise."""
+    return not (isinstance(row, dict) and row.get("finish_reason") == "length")
 
 
 def messages_of(field: str, where: str, row: Any) -> list[dict[str, Any]]:
@@ -166,7 +175,7 @@ def _rows(field: str, source: str) -> Iterator[tuple[str, Any]]:
 
 def conversation_texts(field: str, sources: Sequence[str]) -> Iterator[str]:
     """The content of every message (what a tokenizer trained on chat data learns from)."""
-    for _, messages in read_conversations(field, sources, "all"):
+    for _, messages, _ in read_conversations(field, sources, "all"):
         yield from (message["content"] for message in messages)
 
 

@@ -1,4 +1,5 @@
-"""Tokenizers: a Hugging Face tokenizer directory, or a byte-level BPE trained locally and cached."""
+"""Tokenizers: a Hugging Face tokenizer directory, or a BPE trained locally and cached (byte-level as GPT-2's,
+or SentencePiece-style as Llama 2's)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from distilkit.errors import ConfigError
 from distilkit.files import atomic_directory
 
 EOS = "<|endoftext|>"
-TRAIN_SETTINGS = {"vocab_size": 4096, "min_frequency": 2}
+TRAIN_SETTINGS = {"vocab_size": 4096, "min_frequency": 2, "style": "byte_level"}
+#: How a trained BPE writes text: GPT-2's byte alphabet, or SentencePiece's ``▁`` with byte fallback.
+STYLES = ("byte_level", "sentencepiece")
 
 
 def train_bpe(
@@ -43,6 +46,47 @@ def train_bpe(
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
 
 
+def train_sentencepiece_bpe(
+    texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2, show_progress: bool = True
+) -> PreTrainedTokenizerFast:
+    """Train a SentencePiece-style BPE (as Llama 2's): the space is written ``▁`` and starts a piece, and a
+    character without a piece is spelled by byte-fallback tokens ``<0x00>`` ... ``<0xFF>``; ``<|endoftext|>``
+    (id 0) is its EOS (and BOS, pad). Unlike Llama 2 no ``▁`` is put before a text, so its tokens spell the
+    text exactly. ``vocab_size`` counts the 256 byte tokens and EOS.
+
+    Another family than :func:`train_bpe`'s on the same text: a student tokenizer for cross-tokenizer
+    distillation (``data.tokenizer: {vocab_size: 4096, style: sentencepiece}``).
+    """
+    space = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = space
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 256,
+        min_frequency=min_frequency,
+        special_tokens=[EOS],
+        limit_alphabet=256,
+        show_progress=show_progress,
+    )
+    learner.train_from_iterator(texts, trainer=trainer)
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {EOS: 0} | {f"<0x{byte:02X}>": 1 + byte for byte in range(256)}
+    for token, _ in sorted(learned["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(token, len(vocab))
+    pairs = (m.split(" ", 1) if isinstance(m, str) else m for m in learned["merges"])  # "a b" or ["a", "b"]
+    merges = [(str(a), str(b)) for a, b in pairs]
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True))
+    tokenizer.pre_tokenizer = space
+    tokenizer.decoder = decoders.Sequence(
+        [
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Metaspace(replacement="▁", prepend_scheme="never"),
+        ]
+    )
+    tokenizer.add_special_tokens([EOS])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+
+
 def resolve_tokenizer(
     spec: str | Mapping[str, Any],
     *,
@@ -55,7 +99,8 @@ def resolve_tokenizer(
 
     Args:
         spec: a tokenizer (or exported model) directory, a ``.gguf`` file (its tokenizer, converted once into
-            ``cache_dir``), or settings such as ``{vocab_size: 4096}``.
+            ``cache_dir``), or settings such as ``{vocab_size: 4096}`` (``min_frequency``; ``style``:
+            ``byte_level``, the default, or ``sentencepiece``, :func:`train_sentencepiece_bpe`).
         texts: yields the training texts; called only when a tokenizer must be trained.
         fingerprint: identifies the training data, for the cache key.
         cache_dir: where trained tokenizers are kept.
@@ -71,6 +116,11 @@ def resolve_tokenizer(
                 f"use only {sorted(TRAIN_SETTINGS)}",
             )
         settings = {**TRAIN_SETTINGS, **spec}
+        style = settings.pop("style")
+        if style not in STYLES:
+            raise ConfigError(
+                "data.tokenizer.style", style, "is not a tokenizer style", f"use one of {STYLES}"
+            )
         if not (isinstance(settings["vocab_size"], int) and settings["vocab_size"] >= 300):
             raise ConfigError(
                 "data.tokenizer.vocab_size",
@@ -78,13 +128,15 @@ def resolve_tokenizer(
                 "must be an integer >= 300",
                 "byte-level BPE needs 256 byte tokens plus merges; use e.g. 4096",
             )
-        key = hashlib.sha256(json.dumps([fingerprint, settings], sort_keys=True).encode()).hexdigest()[:16]
+        named = settings if style == "byte_level" else {**settings, "style": style}  # old keys unchanged
+        key = hashlib.sha256(json.dumps([fingerprint, named], sort_keys=True).encode()).hexdigest()[:16]
         path = cache_dir / f"tokenizer-{key}"
         memo = HashMemo(cache_dir / "hashes.json")
         if not (path / "tokenizer.json").exists():
+            train = train_bpe if style == "byte_level" else train_sentencepiece_bpe
             with atomic_directory(path, overwrite=True, field="data.tokenizer") as staging:
-                train_bpe(texts(), **settings).save_pretrained(staging)
-                manifest = write_manifest(staging, settings=settings)
+                train(texts(), **settings).save_pretrained(staging)
+                manifest = write_manifest(staging, settings=named)
             remember_manifest(path, manifest, memo)
         elif (path / MANIFEST).exists():  # (one trained before manifests were kept is read as it is)
             verify_directory(
@@ -153,6 +205,12 @@ def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def same_vocabulary(first: PreTrainedTokenizerBase, second: PreTrainedTokenizerBase) -> bool:
+    """Whether two tokenizers give the same tokens the same ids and have the same EOS and BOS."""
+    specials = [(first.eos_token, second.eos_token), (first.bos_token, second.bos_token)]
+    return first.get_vocab() == second.get_vocab() and all(a == b for a, b in specials)
+
+
 def check_same_vocabulary(
     reference: PreTrainedTokenizerBase,
     reference_source: str,
@@ -164,10 +222,10 @@ def check_same_vocabulary(
 
     The error names both sources and the first tokens that differ.
     """
+    if same_vocabulary(reference, other):
+        return
     mine, theirs = reference.get_vocab(), other.get_vocab()
     specials = [(reference.eos_token, other.eos_token), (reference.bos_token, other.bos_token)]
-    if mine == theirs and all(a == b for a, b in specials):
-        return
     differences = [
         f"{token!r}: id {mine.get(token)} vs {theirs.get(token)}"
         for token in sorted(

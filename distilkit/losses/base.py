@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from distilkit.batch import IGNORE_INDEX
 from distilkit.errors import ConfigError
+from distilkit.losses.aligned import AlignedLogits
 from distilkit.losses.partial import PartialTargets
 from distilkit.losses.sparse import (
     SparseTargets,
@@ -121,7 +122,10 @@ class DistillationLoss(nn.Module):
         raise NotImplementedError
 
     def kd_and_ce(
-        self, student_logits: Tensor, teacher: Tensor | SparseTargets | PartialTargets, labels: Tensor
+        self,
+        student_logits: Tensor,
+        teacher: Tensor | SparseTargets | PartialTargets | AlignedLogits,
+        labels: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """KD against the teacher's logits or sparse targets, and the student's cross-entropy on ``labels``:
         the module's two terms, from one call (a loss may compute both from one softmax).
@@ -130,7 +134,8 @@ class DistillationLoss(nn.Module):
             student_logits: ``(n, V)`` logits of the student.
             teacher: the teacher's ``(n, V)`` logits, or its :class:`SparseTargets` at the same positions, or
                 :class:`~distilkit.losses.partial.PartialTargets` (rows without a teacher learn from their
-                labels alone).
+                labels alone), or a teacher with another tokenizer's
+                :class:`~distilkit.losses.aligned.AlignedLogits` (see :meth:`aligned_forward_and_ce`).
             labels: ``(n,)`` next-token targets, every one a token (the chunked loss has removed the masked
                 positions: checking here would cost a device sync per chunk).
 
@@ -141,7 +146,32 @@ class DistillationLoss(nn.Module):
             return teacher.kd_and_ce(self, student_logits, labels)
         if isinstance(teacher, SparseTargets):
             return self.sparse_forward_and_ce(student_logits, teacher, labels)
+        if isinstance(teacher, AlignedLogits):
+            return self.aligned_forward_and_ce(student_logits, teacher, labels)
         return self(student_logits, teacher), cross_entropy(student_logits, labels, self.ignore_index)
+
+    def aligned_forward_and_ce(
+        self, student_logits: Tensor, teacher: AlignedLogits, labels: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """KD at the compared rows of a chunk against a teacher with another tokenizer, and the student's
+        cross-entropy on every row.
+
+        KD = (Σ over the chunk's m compared rows of the divergence) / n · N / M, so that with the chunk
+        loop's n / N weight the batch's KD is the mean over its M compared positions
+        (:mod:`distilkit.losses.aligned`); m = 0 gives 0 with a gradient path.
+
+        Args:
+            student_logits: ``(n, V_s)`` logits of the student.
+            teacher: the teacher's ``(m, V_t)`` logits at the compared rows and which rows they are.
+            labels: ``(n,)`` next-token targets.
+
+        Returns:
+            ``(kd, ce)``, float32 scalars.
+        """
+        rows = teacher.compared.nonzero().squeeze(-1)  # (m,)
+        mean = self(student_logits.index_select(0, rows), teacher.logits)  # over the m rows
+        kd = mean * rows.numel() * teacher.scale / max(labels.numel(), 1)
+        return kd, cross_entropy(student_logits, labels, self.ignore_index)
 
     def has_closed_form(self) -> bool:
         """Whether :meth:`kd_and_ce` takes its gradient in closed form in the chunked loss (the plain forward

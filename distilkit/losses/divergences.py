@@ -13,6 +13,7 @@ from torch import Tensor
 
 from distilkit.batch import IGNORE_INDEX
 from distilkit.errors import check_range
+from distilkit.losses.aligned import AlignedLogits
 from distilkit.losses.base import DistillationLoss, kl_from_log_probs, log_mixture
 from distilkit.losses.closed_form import cross_entropy_and_forward_kl
 from distilkit.losses.partial import PartialTargets
@@ -60,7 +61,10 @@ class ForwardKLLoss(DistillationLoss):
     sparse_modes: ClassVar[tuple[str, ...]] = ("topk", "sample")
 
     def kd_and_ce(
-        self, student_logits: Tensor, teacher: Tensor | SparseTargets | PartialTargets, labels: Tensor
+        self,
+        student_logits: Tensor,
+        teacher: Tensor | SparseTargets | PartialTargets | AlignedLogits,
+        labels: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """KD and CE as :meth:`DistillationLoss.kd_and_ce`. Against dense logits inside the chunked loss,
         from one softmax of the student with the gradient in closed form

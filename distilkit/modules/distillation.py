@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from distilkit.batch import Batch, model_inputs, next_token_targets
 from distilkit.errors import check_range
 from distilkit.losses import DistillationLoss, ForwardKLLoss, HiddenStateLoss, chunked
+from distilkit.losses.aligned import teacher_terms
 from distilkit.losses.base import cross_entropy
 from distilkit.losses.compiled import CompiledTerms
 from distilkit.losses.workspace import Workspace
@@ -23,7 +24,15 @@ from distilkit.models.sharding import ShardedTraining
 from distilkit.models.student_hooks import StudentHooks
 from distilkit.modules.base import DistillationBase, Scorer
 from distilkit.modules.guards import NonFiniteGuard
-from distilkit.teachers import Split, TeacherLoader, TeacherSource, Teaching, open_teacher
+from distilkit.teachers import (
+    Split,
+    TeacherLoader,
+    TeacherSource,
+    TeacherTokenizer,
+    Teaching,
+    for_data,
+    open_teacher,
+)
 from distilkit.teachers.served import is_served
 from distilkit.teachers.several import Unrouted
 
@@ -54,6 +63,11 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
             top_k: K}`` for a teacher behind a vLLM server (:mod:`distilkit.teachers.served`), or None for
             training without a teacher (or from ``teacher_cache``).
         teacher_cache: a directory written by ``distilkit cache``, to train from instead of a teacher.
+        teacher_tokenizer: the tokenizer the teacher reads text with (a directory or GGUF file); default: the
+            one saved with the teacher directory or GGUF file (for a config mapping or a module: the data's).
+            When it is not ``data.tokenizer`` the teacher runs on its own tokens of the same text
+            (:class:`~distilkit.teachers.AlignedTeacher`) and only a cross-tokenizer loss is accepted
+            (``ULDLoss``, ``GOLDLoss``).
         loss: the KD divergence (default ``ForwardKLLoss(temperature=1.0)``).
         hidden_loss: optional intermediate-layer loss, added as ``hidden_loss.weight · term``; its
             projections train with the student and are never exported.
@@ -93,6 +107,7 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
         student: ModelSpec,
         teacher: ModelSpec | None = None,
         teacher_cache: str | None = None,
+        teacher_tokenizer: str | None = None,
         loss: DistillationLoss | None = None,
         hidden_loss: HiddenStateLoss | None = None,
         kd_ratio: float = 0.5,
@@ -120,18 +135,23 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
         self.kd_ratio = kd_ratio
         self.guard = NonFiniteGuard(nonfinite, max_nonfinite_skips)
         given = teacher if isinstance(teacher, TeacherSource) else None
-        no_model = given is not None or is_served(teacher)  # a source given, or a teacher behind a server
+        tokens = TeacherTokenizer.resolve(
+            None if given is not None else teacher, teacher_tokenizer, teacher_cache, vocab_size
+        )
+        apart = tokens.load(teacher, student, teacher_dtype) if tokens.apart else None  # its own vocabulary
+        no_model = given is not None or is_served(teacher) or apart is not None  # loaded, or none to load
         teacher_model = self.load_models(
             student, None if no_model else teacher, student_adapter, teacher_dtype=teacher_dtype,
             vocab_size=vocab_size, block_size=block_size, eos_token_id=eos_token_id,
         )  # fmt: skip
         self.teacher_source = given or open_teacher(
-            teacher, teacher_model, teacher_cache, self.vocab_size, teachers=teachers, route_by=route_by,
-            mix=mix, unrouted=unrouted, load=TeacherLoader(
+            teacher, teacher_model if apart is None else apart, teacher_cache, self.vocab_size, tokens,
+            teachers=teachers, route_by=route_by, mix=mix, unrouted=unrouted, load=TeacherLoader(
                 self.student, self.vocab_size, teacher_dtype, vocab_size, block_size, eos_token_id
             ),
         )  # fmt: skip
-        self.chunk_size = chunked.resolve_chunk_size(chunk_size, self.vocab_size)
+        widest = max(self.vocab_size, getattr(self.teacher_source, "vocab_size", 0))
+        self.chunk_size = chunked.resolve_chunk_size(chunk_size, widest)
         self.loss = loss if loss is not None else ForwardKLLoss()
         self.hidden_loss = hidden_loss
         if hidden_loss is not None:
@@ -196,13 +216,14 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
         if teacher is None:
             return {"ce_loss": cross_entropy(student_logits, labels)}
         kd, ce = self.loss.kd_and_ce(student_logits, teacher, labels)
-        return {"ce_loss": ce, "kd_loss": kd}
+        return {"ce_loss": ce, "kd_loss": kd, **teacher_terms(teacher)}
 
     def loss_weights(self) -> dict[str, float]:
         """Weight of each term of :meth:`loss_terms` in the total (its keys name the terms)."""
         if self.teacher_source is None:
             return {"ce_loss": 1.0}
-        return {"ce_loss": 1.0 - self.kd_ratio, "kd_loss": self.kd_ratio}
+        logged = dict.fromkeys(self.teacher_source.logged_terms, 0.0)
+        return {"ce_loss": 1.0 - self.kd_ratio, "kd_loss": self.kd_ratio, **logged}
 
     def compute_loss(
         self,
@@ -306,6 +327,8 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
         """Refuse a teacher this run cannot learn from (before anything is computed), then finish a cut
         student that ranks on data."""
         if self.teacher_source is not None and self._trainer is not None:
+            data_tokenizer = getattr(getattr(self.trainer, "datamodule", None), "tokenizer", None)
+            self.teacher_source = for_data(self.teacher_source, data_tokenizer)  # another tokenizer: aligned
             self.teacher_source.check_run(self.trainer, self, stage)
         super().setup(stage)
 

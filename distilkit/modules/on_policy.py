@@ -7,6 +7,11 @@ continuations from the student and trains it on the teacher's distribution at th
 :class:`OnPolicyDistillationModule` does that on a fraction ``lmbda`` of the steps; the other steps are
 the ordinary KD of :class:`~distilkit.DistillationModule` on the data.
 
+On chat data (batches with an ``assistant_mask``: :mod:`distilkit.data.chat_blocks`) the prompts are not a
+fixed prefix: every assistant reply of a batch gives one, the conversation before it through the template's
+generation prompt (:func:`reply_prompts`), and the student writes the reply, stopping at the template's
+end-of-turn token.
+
 Every random choice is a pure function of the run's seed and where the run is: whether a step samples is
 decided by a hash of ``(seed, global step)`` and each sample is drawn from a ``torch.Generator`` seeded by
 a hash of ``(seed, global step, batch index, rank)``. A resumed run therefore samples exactly what the
@@ -33,6 +38,7 @@ from distilkit.losses.chunked import chunk_slices
 from distilkit.models.generation import SAMPLERS, Sampled, Sampler, sample_with
 from distilkit.models.loading import ModelSpec
 from distilkit.modules.distillation import DistillationModule
+from distilkit.modules.on_policy_batches import bigram_codes, prompts_of, reply_prompts, training_batch
 from distilkit.run.loggers import wandb_loggers
 
 #: Rows of the W&B ``on_policy_samples`` table added at each validation.
@@ -45,50 +51,12 @@ def stream_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def prompts_of(batch: Batch, prompt_tokens: int) -> tuple[Tensor, Tensor]:
-    """The first ``prompt_tokens`` of each block as left-padded prompts: ``(B, P)`` ids and mask.
-
-    A block's tail may be padding (the last, partial block of a split); its real tokens are moved to the
-    right end of the prompt, in order, so that the prompt is left-padded as sampling requires.
-    """
-    ids = batch["input_ids"][:, :prompt_tokens]  # (B, P)
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask[:, :prompt_tokens]
-    order = mask.argsort(dim=1, stable=True)  # (B, P): padding first, then the real tokens in order
-    return ids.gather(1, order), mask.gather(1, order)
-
-
-def training_batch(sampled: Sampled) -> dict[str, Tensor]:
-    """A :class:`Sampled` batch in the data's layout: each row starts with its first real token (so the
-    positions are those the sampler used) and ends in padding; labels score the sampled tokens only.
-
-    Returns:
-        ``input_ids``, ``attention_mask`` and ``labels``, each ``(B, P + N)``; labels are
-        :data:`IGNORE_INDEX` on the prompt, after an EOS and on padding.
-    """
-    mask = sampled.attention_mask
-    order = (mask == 0).long().argsort(dim=1, stable=True)  # (B, P + N): real tokens first, in order
-    labels = sampled.labels(IGNORE_INDEX)
-    return {
-        "input_ids": sampled.tokens.gather(1, order),
-        "attention_mask": mask.gather(1, order),
-        "labels": labels.gather(1, order),
-    }
-
-
-def bigram_codes(batch: Batch, vocab_size: int) -> Tensor:
-    """``(M,)`` one code ``a·V + b`` per pair of consecutive labelled tokens ``(a, b)`` of a
-    :func:`training_batch` (the bigrams of the samples, none spanning the prompt)."""
-    labels = batch["labels"]
-    both = (labels[:, :-1] != IGNORE_INDEX) & (labels[:, 1:] != IGNORE_INDEX)  # (B, L-1)
-    return (labels[:, :-1] * vocab_size + labels[:, 1:])[both]
-
-
 class OnPolicyDistillationModule(DistillationModule):
     """Distillation on data and on sampled continuations (GKD): on a fraction ``lmbda`` of the steps the
     student continues a prompt from each block and learns the teacher's distribution at the sampled tokens.
 
-    An on-policy step takes the first ``prompt_tokens`` of each block as a prompt, samples up to
+    An on-policy step takes the first ``prompt_tokens`` of each block as a prompt (on chat data: the
+    conversation before each assistant reply, see :func:`reply_prompts`), samples up to
     ``max_new_tokens`` with the ``sampler`` (KV cache, whole batch at once, eval mode and no gradient, the
     student's dropout restored afterwards), runs teacher and student on prompt + sample and applies the
     divergence to the sampled positions only (the prompt and everything after an EOS are masked): the
@@ -109,8 +77,9 @@ class OnPolicyDistillationModule(DistillationModule):
     time spent sampling) and, at each validation, on the first ``prompt_tokens`` of up to ``val_samples``
     validation blocks sampled by the student: ``val/sample_teacher_nll`` (mean NLL per sampled token
     under the teacher: lower means the student writes what the teacher would) and ``val/sample_distinct2``
-    (distinct bigrams over all bigrams of the samples: a repetitive student shows). A few samples go to the
-    W&B table ``on_policy_samples`` when a W&B logger is present.
+    (distinct bigrams over all bigrams of the samples: a repetitive student shows); on chat data the
+    prompts are the first ``val_samples`` replies' conversations and the samples are the student's
+    replies. A few samples go to the W&B table ``on_policy_samples`` when a W&B logger is present.
 
     A random-init student samples noise, and its on-policy gradient is then small next to a data step's
     (about 1/25 of its norm at initialisation, 1/4 after 300 data steps on the quickstart):
@@ -121,14 +90,18 @@ class OnPolicyDistillationModule(DistillationModule):
     Args:
         lmbda: fraction of on-policy steps, in [0, 1] (a curriculum knob).
         off_policy_steps: global steps, from the start, that are all off-policy before ``lmbda`` applies.
-        prompt_tokens: tokens of each block used as the prompt.
-        max_new_tokens: tokens sampled after each prompt (capped by the context length).
+        prompt_tokens: tokens of each block used as the prompt (plain text; chat prompts end where the
+            reply starts).
+        max_new_tokens: tokens sampled after each prompt (capped by the context length); a row ends at EOS
+            and, on chat data, at the template's end-of-turn token.
         temperature: sampling temperature (> 0).
         top_p: nucleus mass in (0, 1].
         sampler: ``student``, ``teacher`` or ``mixed``.
         referee_top_k: K of the mixed sampler.
         val_samples: validation prompts sampled at each validation, over all processes (0: none).
         seed: seeds every random choice; default the run's seed (``seed_everything``), else 0.
+        end_of_turn_id: the token that ends a sampled reply on chat data; default the data module's
+            (:attr:`~distilkit.TextDataModule.end_of_turn_id`, read at setup), else the EOS id.
         loss: the divergence (default ``GeneralizedJSDLoss(beta=0.5)``, as GKD).
         student, teacher: as for :class:`~distilkit.DistillationModule`; a teacher is required.
         **kwargs: the other arguments of :class:`~distilkit.DistillationModule`.
@@ -151,6 +124,7 @@ class OnPolicyDistillationModule(DistillationModule):
         referee_top_k: int = 25,
         val_samples: int = 64,
         seed: int | None = None,
+        end_of_turn_id: int | None = None,
         loss: DistillationLoss | None = None,
         **kwargs: Any,
     ) -> None:
@@ -176,6 +150,7 @@ class OnPolicyDistillationModule(DistillationModule):
         eos = kwargs.get("eos_token_id")
         config = getattr(self.student, "config", None)
         self.eos_token_id: int | None = eos if eos is not None else getattr(config, "eos_token_id", None)
+        self.end_of_turn_id = end_of_turn_id
         self._clock: dict[str, float] = {}
         self._val: dict[str, Any] = {}
         self._table: list[list[Any]] = []
@@ -206,10 +181,29 @@ class OnPolicyDistillationModule(DistillationModule):
         generator = torch.Generator(device=self.device)
         return generator.manual_seed(stream_seed(self.run_seed(), *where, self.global_rank))
 
-    def sample(self, batch: Batch, generator: torch.Generator, sampler: Sampler | None = None) -> Sampled:
-        """Continue the first ``prompt_tokens`` of each block of ``batch`` with ``sampler`` (default the
-        module's): ``(B, P + N)`` tokens and masks (see :class:`~distilkit.models.generation.Sampled`)."""
-        ids, mask = prompts_of(batch, self.prompt_tokens)
+    def prompts(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """What sampling continues: on chat data the conversation before each reply (:func:`reply_prompts`),
+        else the first ``prompt_tokens`` of each block (:func:`prompts_of`); left-padded ``(R, P)``."""
+        if "assistant_mask" in batch:
+            return reply_prompts(batch, self.eos_token_id or 0)
+        return prompts_of(batch, self.prompt_tokens)
+
+    def stop_token_ids(self, batch: Batch) -> list[int]:
+        """The tokens that end a sampled row: EOS, and on chat data the end-of-turn token."""
+        ids = [self.end_of_turn_id] if "assistant_mask" in batch else []
+        return list(dict.fromkeys(i for i in [*ids, self.eos_token_id] if i is not None))
+
+    def sample(
+        self,
+        batch: Batch,
+        generator: torch.Generator,
+        sampler: Sampler | None = None,
+        limit: int | None = None,
+    ) -> Sampled:
+        """Continue the :meth:`prompts` of ``batch`` (the first ``limit`` of them) with ``sampler`` (default
+        the module's): ``(R, P + N)`` tokens and masks (see :class:`~distilkit.models.generation.Sampled`)."""
+        ids, mask = self.prompts(batch)
+        ids, mask = ids[:limit], mask[:limit]
         return sample_with(
             sampler or self.sampler,
             self.student,
@@ -220,14 +214,14 @@ class OnPolicyDistillationModule(DistillationModule):
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
-            eos_token_id=self.eos_token_id,
+            eos_token_id=self.stop_token_ids(batch),
             generator=generator,
         )
 
     # ------------------------------------------------------------------------------------------ training
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         """On a sampled step, train on :func:`training_batch` of the samples; else the parent's step."""
-        on_policy = self.is_on_policy(self.global_step)
+        on_policy = self.is_on_policy(self.global_step) and _has_prompts(batch)
         self.log("train/on_policy", float(on_policy), batch_size=batch["input_ids"].shape[0])
         if not on_policy:
             return super().training_step(batch, batch_idx)
@@ -262,14 +256,14 @@ class OnPolicyDistillationModule(DistillationModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
         wanted = self._val.get("wanted", 0)
-        if wanted > 0 and not self.trainer.sanity_checking:
-            rows = {key: value[:wanted] for key, value in batch.items()}
-            self._score_samples(rows, self.sampling_generator("validation", batch_idx))
-            self._val["wanted"] = wanted - rows["input_ids"].shape[0]
+        if wanted > 0 and not self.trainer.sanity_checking and _has_prompts(batch):
+            generator = self.sampling_generator("validation", batch_idx)
+            self._val["wanted"] = wanted - self._score_samples(batch, generator, wanted)
 
-    def _score_samples(self, batch: Batch, generator: torch.Generator) -> None:
-        """Sample with the student; add the teacher's NLL of the sampled tokens and their bigrams."""
-        sampled = training_batch(self.sample(batch, generator, sampler="student"))
+    def _score_samples(self, batch: Batch, generator: torch.Generator, limit: int) -> int:
+        """Sample the first ``limit`` prompts with the student; add the teacher's NLL of the sampled tokens
+        and their bigrams. Returns the number of prompts sampled."""
+        sampled = training_batch(self.sample(batch, generator, sampler="student", limit=limit))
         keep, targets = next_token_targets(sampled["labels"])  # (B, L-1), (N,)
         teaching = self.teacher_forward(sampled)
         assert teaching is not None  # on-policy needs a live teacher
@@ -286,6 +280,7 @@ class OnPolicyDistillationModule(DistillationModule):
             for ids, mask, labels in zip(*columns, strict=True):
                 prompt = [t for t, m, y in zip(ids, mask, labels, strict=True) if m and y == IGNORE_INDEX]
                 self._val["rows"].append((prompt, [y for y in labels if y != IGNORE_INDEX]))
+        return int(sampled["input_ids"].shape[0])
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val/sample_teacher_nll`` and ``val/sample_distinct2`` over every process's samples."""
@@ -324,6 +319,13 @@ class OnPolicyDistillationModule(DistillationModule):
             logger.log_table(key="on_policy_samples", columns=["step", "prompt", "sample"], data=self._table)
 
     # ------------------------------------------------------------------------------------------- hooks
+    def setup(self, stage: str) -> None:
+        """Take the end-of-turn token of chat data from the data module (unless one was given)."""
+        super().setup(stage)
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if self.end_of_turn_id is None and getattr(data, "chat_template", None) is not None:
+            self.end_of_turn_id = int(data.end_of_turn_id)  # type: ignore[union-attr]
+
     def configure_model(self) -> None:
         """Refuse FSDP2: each process stops sampling at its own EOS, which sharded forwards cannot do."""
         super().configure_model()
@@ -334,6 +336,11 @@ class OnPolicyDistillationModule(DistillationModule):
                 "cannot run on-policy sampling (the processes' sampling loops end at different steps)",
                 "use strategy: ddp",
             )
+
+
+def _has_prompts(batch: Batch) -> bool:
+    """Whether sampling has a prompt in ``batch``: always for plain text, one reply at least for chat."""
+    return "assistant_mask" not in batch or bool(batch["assistant_mask"].any())
 
 
 def _now(device: torch.device) -> float:

@@ -1,8 +1,10 @@
 """The teacher's side of a loss: one protocol (:class:`TeacherSource`) and one file per kind of teacher, a
 live model (:class:`LiveTeacher`), an offline teacher cache (:class:`CachedTeacher`), a mixture of models
 (:class:`PeerMixture`, what each peer of a cohort learns from), several teachers routed by the data or
-mixed (:class:`SeveralTeachers`)."""
+mixed (:class:`SeveralTeachers`), a model with another tokenizer than the student's
+(:class:`AlignedTeacher`)."""
 
+from distilkit.teachers.aligned import AlignedTeacher
 from distilkit.teachers.base import (
     Split,
     TargetKind,
@@ -15,9 +17,10 @@ from distilkit.teachers.cache import CachedTeacher
 from distilkit.teachers.live import LiveTeacher, model_identity
 from distilkit.teachers.mixture import PeerMixture
 from distilkit.teachers.several import SeveralTeachers, TeacherLoader
-from distilkit.teachers.spec import open_teacher
+from distilkit.teachers.spec import TeacherTokenizer, for_data, open_teacher
 
 __all__ = [
+    "AlignedTeacher",
     "CachedTeacher",
     "LiveTeacher",
     "PeerMixture",
@@ -26,8 +29,10 @@ __all__ = [
     "TargetKind",
     "TeacherLoader",
     "TeacherSource",
+    "TeacherTokenizer",
     "Teaching",
     "describe_teacher",
+    "for_data",
     "model_identity",
     "open_teacher",
     "same_teacher",

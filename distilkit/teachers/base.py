@@ -67,10 +67,13 @@ class TeacherSource(nn.Module):
         temperature: the temperature its targets were made at, when fixed (a cache); None when any works.
         vocab_size: the logit width it speaks.
         field: the config field it came from, named in errors (``model.teacher``).
+        logged_terms: terms its chunks add to the logged ones, at weight 0 (a teacher with another
+            tokenizer: ``compared_share``; see :func:`distilkit.losses.aligned.teacher_terms`).
     """
 
     targets: TargetKind = "logits"
     full_distribution: bool = True
+    logged_terms: tuple[str, ...] = ()
     temperature: float | None = None
     vocab_size: int
     field: str = "model.teacher"

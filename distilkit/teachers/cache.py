@@ -89,7 +89,6 @@ class CachedTeacher(TeacherSource):
 
     def check_run(self, trainer: Any, module: Any, stage: str) -> None:
         """Refuse, before any step, a cache this run cannot use (a ConfigError naming what differs)."""
-        super().check_run(trainer, module, stage)
         data: Any = getattr(trainer, "datamodule", None)
         identity = getattr(data, "identity", None)
         if not callable(identity):
@@ -100,6 +99,8 @@ class CachedTeacher(TeacherSource):
                 "train from a teacher cache with distilkit.TextDataModule",
             )
         run_identity = identity()
+        self.check_tokenizer(run_identity.get("tokenizer"))
+        super().check_run(trainer, module, stage)
         self.cache.check(
             run_identity,
             block_size=int(run_identity["block_size"]),
@@ -127,6 +128,24 @@ class CachedTeacher(TeacherSource):
                 "are not in the teacher cache (it holds the training and validation blocks)",
                 f"{stage} with --model.init_args.teacher_cache null (the student's metrics need no teacher)",
             )
+
+    def check_tokenizer(self, tokenizer_sha256: str | None) -> None:
+        """Refuse data tokenized otherwise than the cache's blocks: a student with another tokenizer than the
+        one the cache was made with is not taught from a cache (cross-tokenizer distillation needs the live
+        teacher)."""
+        made_with = self.cache.identity.get("tokenizer")
+        if tokenizer_sha256 is None or made_with is None or made_with == tokenizer_sha256:
+            return
+        raise ConfigError(
+            FIELD,
+            str(self.cache.directory),
+            "was made with another tokenizer than data.tokenizer, and a cache cannot teach a student with "
+            "another tokenizer: it holds the teacher's top-k or sampled targets at the positions of its own "
+            "blocks, while a student with another tokenizer has other blocks and its losses (ULDLoss, "
+            "GOLDLoss) need the teacher's whole distribution where the two tokenizations align",
+            "train with the live teacher (model.init_args.teacher, model.init_args.teacher_cache: null) and "
+            "a cross-tokenizer loss, or give the data the cache's tokenizer",
+        )
 
     def identity(self) -> dict[str, Any]:
         """The cache's directory, its targets (mode, K or S, temperature, seed) and what it records of the

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
 
 from distilkit.batch import Batch, model_inputs
 from distilkit.models.adapters import weights_sha256
@@ -58,14 +59,22 @@ class LiveTeacher(TeacherSource):
         spec: what it was loaded from (a directory, a config mapping, a module), for its identity and the
             tokenizer check.
         field: the config field it came from.
+        tokenizer: the teacher's own tokenizer when known (``model.teacher_tokenizer``, or saved with it): a
+            data tokenizer that is another one makes the run teach through an
+            :class:`~distilkit.teachers.aligned.AlignedTeacher` (:func:`~distilkit.teachers.spec.for_data`).
     """
 
     def __init__(
-        self, model: nn.Module, vocab_size: int, spec: Any = None, field: str = "model.teacher"
+        self,
+        model: nn.Module,
+        vocab_size: int,
+        spec: Any = None,
+        field: str = "model.teacher",
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
         super().__init__()
         self.teacher = model.requires_grad_(False).eval()
-        self.vocab_size, self.spec, self.field = vocab_size, spec, field
+        self.vocab_size, self.spec, self.field, self.tokenizer = vocab_size, spec, field, tokenizer
         self._identity: dict[str, Any] | None = None
 
     @property

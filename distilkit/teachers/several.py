@@ -40,6 +40,7 @@ from distilkit.data.sources import FILE_DOMAIN
 from distilkit.data.teacher_cache import SparseTargets
 from distilkit.errors import ConfigError
 from distilkit.losses import DistillationLoss
+from distilkit.losses.aligned import AlignedLogits
 from distilkit.losses.chunked import TeacherChunks
 from distilkit.losses.partial import PartialTargets
 from distilkit.models.loading import check_context, load_causal_lm, parse_dtype, shared_vocab_size
@@ -346,7 +347,9 @@ class RoutedChunks:
         low, high = np.searchsorted(self.alone, [start, stop])
         alone = self.alone[low:high] - start
         if not len(alone) and len(pieces) == 1:
-            return pieces[0][1](pieces[0][2], out=out)
+            whole = pieces[0][1](pieces[0][2], out=out)
+            assert not isinstance(whole, AlignedLogits)  # its teachers read the data's tokens (TeacherLoader)
+            return whole
         if not pieces:  # every row learns from its label (or there are none)
             return PartialTargets(torch.zeros(stop - start, dtype=torch.bool, device=self.device), None, 0)
         taught = np.sort(np.concatenate([local for local, _, _ in pieces]))

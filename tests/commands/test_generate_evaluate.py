@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from helpers import ROOT, TEACHER, run_cli, tiny_recipe
 
 from distilkit.commands.evaluate import evaluate
@@ -156,21 +157,42 @@ def test_evaluate_uses_the_block_size_a_checkpoint_was_trained_with_and_refuses_
     assert exit_info.value.code == 2 and "block_size=5000" in err and "positions" in err
 
 
-def test_evaluate_refuses_a_teacher_whose_tokenizer_differs(tmp_path, tiny_run, corpus, capsys):
-    from helpers import tiny_model_dir
+def test_evaluate_scores_models_with_different_tokenizers_side_by_side_in_bits_per_byte(
+    tmp_path, tiny_run, corpus, tokenizer_dir, cache_dir
+):
+    """Issue 23: a teacher with another tokenizer is scored on its own tokens of the same documents; bits per
+    byte count each tokenizer's own bytes; agreement and KL need one vocabulary and are left out."""
+    import math
 
+    from helpers import make_datamodule, tiny_model_dir
+    from transformers import AutoTokenizer
+
+    from distilkit.data.token_bytes import token_byte_lengths
     from distilkit.data.tokenizer import train_bpe
 
-    other = train_bpe(
-        ["completely different text " * 50, "zzz yyy xxx " * 40], vocab_size=300, show_progress=False
-    )
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    other = train_bpe(texts[::-1], vocab_size=300, show_progress=False)  # another, coarser BPE
     teacher = tiny_model_dir(tmp_path / "teacher", other)
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(
-            "evaluate", "--models", f"[{tiny_run}]", "--teacher", str(teacher), "--data_files", str(corpus)
-        )
-    err = " ".join(capsys.readouterr().err.split())
-    assert exit_info.value.code == 2 and "first differences:" in err and "teacher" in err
+    out = tmp_path / "eval.json"
+    rows = evaluate(
+        [str(tiny_run)], data_files=str(corpus), teacher=str(teacher), block_size=32, batch_size=4,
+        output_json=str(out), progress=False,
+    )  # fmt: skip
+    teacher_row, student_row = rows
+    assert json.loads(out.read_text()) == rows
+    assert teacher_row["tokenizer"].startswith(f"{len(other)} (") and student_row["tokenizer"].startswith(
+        "512 ("
+    )
+    assert "kl" not in student_row and "top1_agreement" not in student_row
+    for row, tokenizer in ((teacher_row, other), (student_row, AutoTokenizer.from_pretrained(tokenizer_dir))):
+        saved = tmp_path / f"tokenizer-{len(tokenizer)}"
+        tokenizer.save_pretrained(saved)
+        data = make_datamodule(corpus, saved, cache_dir)  # the same documents held out (seed 0, 10%)
+        labels = torch.cat([block["labels"][1:] for block in data.datasets["val"]])  # predicted tokens
+        labels = labels[labels >= 0]
+        predicted_bytes = int(torch.as_tensor(token_byte_lengths(tokenizer))[labels].sum())
+        assert row["bpb"] == pytest.approx(math.log2(row["ppl"]) * labels.numel() / predicted_bytes, rel=1e-4)
+        assert row["tokens"] == len(data.datasets["val"]) * 32
 
 
 def test_ctrl_c_during_generate_keeps_finished_batches_and_the_rerun_samples_only_the_rest(

