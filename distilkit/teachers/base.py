@@ -137,8 +137,9 @@ class TeacherSource(nn.Module):
         return super().train(False)
 
 
-#: Entries of an identity that say where a teacher is, not what it is (a moved teacher is the same one).
-_WHERE = ("directory", "name")
+#: Entries of an identity that say where a teacher is, not what it is (a moved teacher is the same one; so is
+#: a served model reached at another URL: its name, tokenizer and K are checked at the server).
+_WHERE = ("directory", "name", "url")
 
 
 def same_teacher(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:

@@ -21,6 +21,7 @@ from distilkit.data.teacher_cache import TeacherCache
 from distilkit.data.teacher_cache.codec import topk_targets
 from distilkit.errors import ConfigError
 from distilkit.teachers import open_teacher
+from distilkit.teachers.base import same_teacher
 from distilkit.teachers.served import ServedTeacherSource
 
 K = 5
@@ -280,3 +281,13 @@ def test_cache_from_a_server_resumes_and_trains_as_the_server(
         losses[name] = [float(row[column]) for row in rows[1:] if row[column]]
     assert len(losses["server"]) == 2
     assert losses["server"] == pytest.approx(losses["cache"], rel=2e-3), losses
+
+
+def test_a_served_teacher_at_another_url_is_the_same_teacher_for_a_resume():
+    """A resumed run may reach the same served model at another host or port; another model or K differs."""
+    a = ServedTeacherSource("http://127.0.0.1:8000", "teacher", top_k=20, vocab_size=64).identity()
+    moved = ServedTeacherSource("http://10.0.0.2:9000", "teacher", top_k=20, vocab_size=64).identity()
+    other = ServedTeacherSource("http://127.0.0.1:8000", "other", top_k=20, vocab_size=64).identity()
+    fewer = ServedTeacherSource("http://127.0.0.1:8000", "teacher", top_k=8, vocab_size=64).identity()
+    assert same_teacher(a, moved)
+    assert not same_teacher(a, other) and not same_teacher(a, fewer)
