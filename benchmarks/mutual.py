@@ -18,23 +18,39 @@ checkpoint is the one at step 400).
 The runs go ``--jobs`` at a time, each in its own process with ``cores / jobs`` threads, so step times
 compare only between runs made with the same ``--jobs``.
 
+``--corpus SOURCE`` trains and validates every run on another corpus (``TextDataModule``'s
+``train_files``, e.g. ``builtin:python-code``; the recipes' own is the prose of ``builtin:python-reference``),
+with the same tokenizer and split. ``--variant LABEL=ARGS`` (repeatable) adds a variant of ``mutual.yaml``
+(ARGS: its command-line settings) measured beside it, against the same ``kd_ratio: 0`` control;
+``--mutual-args`` goes to every ``mutual.yaml`` run, the control included (e.g. other peers). Besides the
+final perplexity, the table gives the step of each run's lowest validation perplexity (before the last
+step: the model overfits), and for a cohort its ``val/peer_agreement`` and, with ``kd_positions:
+peer_better``, each peer's ``val/peer{i}/kd_share`` (the share of positions where the others give the next
+token more probability), at the last validation. ``--out DIR`` keeps every run in DIR and reuses a run kept
+there with the same recipe text and arguments (so variants measured later share the control and the model
+alone; start a new DIR when the code changes).
+
 Run: ``python benchmarks/mutual.py`` (3 seeds, 2 jobs: about 45 minutes on 2 CPU cores;
 ``--steps 30 --seeds 0`` for a check; ``--runs alone-900 mutual mutual-kd0`` for a part;
-``--steps 300 --runs mutual mutual-kd0 --mutual-args="--model.init_args.kd_ratio 0.2"`` for a variant).
+``--steps 300 --runs mutual mutual-kd0 --mutual-args="--model.init_args.kd_ratio 0.2"`` for a variant;
+``--runs alone-900 mutual-kd0 mutual --corpus builtin:python-code --seeds 0 1
+--variant "peer_better=--model.init_args.kd_positions peer_better"`` for the code corpus).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -46,10 +62,10 @@ TEACHER_PRETRAIN_STEPS = 400  # recipes/teacher: the best checkpoint of teacher_
 
 @dataclass(frozen=True)
 class Run:
-    """One recipe run at every seed: the models it reports (label -> the metric of its final val ppl; a
-    label starting with "2x128" is the student's size), the run of the same model alone at the same number
-    of steps (``alone``), and the run that is its control (the same peers, initialisation, data and
-    dropout draws, with nothing to learn from each other)."""
+    """One recipe run at every seed: the models it reports (label -> the metric of its final val ppl), which
+    of them are of another size than the student (``others``: not compared with the student alone), the run
+    of the same model alone at the same number of steps (``alone``), and the run that is its control (the
+    same peers, initialisation, data and dropout draws, with nothing to learn from each other)."""
 
     recipe: str
     models: dict[str, str]
@@ -58,6 +74,7 @@ class Run:
     control: str | None = None
     steps: int | None = None  # None: the recipe's own max_steps
     val_check_interval: int | None = None  # with ``steps``: how often it validates
+    others: frozenset[str] = field(default_factory=frozenset)
 
     def recipe_config(self) -> dict:
         return yaml.safe_load((ROOT / "recipes" / self.recipe).read_text())
@@ -72,6 +89,7 @@ RUNS: dict[str, Run] = {
             "the pretrained 4x256 teacher itself": "val/teacher_ppl",
         },
         alone="alone",
+        others=frozenset({"the pretrained 4x256 teacher itself"}),
     ),
     "online": Run(
         "online_teacher.yaml",
@@ -80,6 +98,7 @@ RUNS: dict[str, Run] = {
             "its 4x256 online teacher": "val/peer0/ppl",
         },
         alone="alone",
+        others=frozenset({"its 4x256 online teacher"}),
     ),
     "alone-900": Run(
         "baseline.yaml",
@@ -90,23 +109,31 @@ RUNS: dict[str, Run] = {
     ),
     "mutual": Run(
         "mutual.yaml",
-        {
-            "2x128 mutual.yaml, peer 0": "val/peer0/ppl",
-            "2x128 mutual.yaml, peer 1": "val/peer1/ppl",
-        },
+        {"mutual.yaml, peer 0": "val/peer0/ppl", "mutual.yaml, peer 1": "val/peer1/ppl"},
         alone="alone-900",
         control="mutual-kd0",
     ),
     "mutual-kd0": Run(
         "mutual.yaml",
         {
-            "2x128 mutual.yaml at kd_ratio 0 (each peer alone), peer 0": "val/peer0/ppl",
-            "2x128 mutual.yaml at kd_ratio 0, peer 1": "val/peer1/ppl",
+            "mutual.yaml at kd_ratio 0 (each peer alone), peer 0": "val/peer0/ppl",
+            "mutual.yaml at kd_ratio 0, peer 1": "val/peer1/ppl",
         },
         extra=("--model.init_args.kd_ratio", "0"),
         alone="alone-900",
     ),
 }
+
+
+def variant(spec: str) -> tuple[str, Run]:
+    """``LABEL=ARGS`` -> (its run name, ``mutual.yaml`` with ARGS, against the ``mutual`` run's control)."""
+    label, sep, args = spec.partition("=")
+    if not sep or not label or not shlex.split(args):
+        raise SystemExit(
+            f"--variant {spec!r}: give LABEL=ARGS, e.g. 'pb=--model.init_args.kd_positions peer_better'"
+        )
+    models = {f"mutual.yaml + {label}, peer {i}": f"val/peer{i}/ppl" for i in (0, 1)}
+    return f"mutual+{label}", replace(RUNS["mutual"], models=models, extra=tuple(shlex.split(args)))
 
 
 def run_steps(run: Run, steps: int | None) -> int:
@@ -116,25 +143,23 @@ def run_steps(run: Run, steps: int | None) -> int:
 
 def run_arguments(run: Run, steps: int | None) -> list[str]:
     """``run``'s own arguments, at ``steps`` when given (then every run has that length and validates once
-    at its end), with its LR schedules (OneCycleLR over all of a run's steps) as long as the run."""
-    config = run.recipe_config()
+    at its end); its LR schedules follow the run's length."""
     length = run_steps(run, steps)
-    if length == config["trainer"]["max_steps"]:
+    if length == run.recipe_config()["trainer"]["max_steps"]:
         return list(run.extra)
     interval = length if steps else (run.val_check_interval or length)
-    extra = [*run.extra, "--trainer.max_steps", str(length), "--trainer.val_check_interval", str(interval)]
-    init_args = config["model"]["init_args"]
-    if "lr_scheduler" in init_args:
-        return [*extra, "--model.init_args.lr_scheduler.init_args.total_steps", str(length)]
-    schedules = [
-        s | {"init_args": s["init_args"] | {"total_steps": length}} for s in init_args["lr_schedulers"]
-    ]
-    return [*extra, "--model.init_args.lr_schedulers", json.dumps(schedules)]
+    return [*run.extra, "--trainer.max_steps", str(length), "--trainer.val_check_interval", str(interval)]
 
 
-def fit(recipe: str, run_dir: Path, threads: int, *extra: str) -> dict:
-    """Run ``recipe`` into ``run_dir`` in a process of its own with the compute meter; its last validation
-    row and compute."""
+def fit(recipe: str, runs_dir: Path, name: str, threads: int, *extra: str) -> dict:
+    """Run ``recipe`` with ``extra`` arguments in a process of its own with the compute meter, into a
+    directory of ``runs_dir`` named by ``name`` and a hash of the recipe's text and the arguments, unless a
+    finished run is kept there; its validation rows (``step``: the steps trained) and compute."""
+    key = hashlib.sha256(json.dumps([(ROOT / "recipes" / recipe).read_text(), extra]).encode()).hexdigest()
+    run_dir = runs_dir / f"{name}-{key[:12]}"
+    result_file = run_dir / "result.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
     meter = [{"class_path": "_common.StepCompute", "init_args": {"output": str(run_dir / "compute.json")}}]
     command = [sys.executable, "-m", "distilkit", "fit", "--config", f"recipes/{recipe}"]
     command += ["--trainer.default_root_dir", str(run_dir), *extra]
@@ -148,18 +173,39 @@ def fit(recipe: str, run_dir: Path, threads: int, *extra: str) -> dict:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{log.read_text()[-3000:]}")
     metrics = run_dir / "metrics.csv"  # absent when nothing was logged (a short run without validation)
     rows = [row for row in csv.DictReader(metrics.open()) if row.get("val/loss")] if metrics.is_file() else []
-    return {"val": rows[-1] if rows else {}, **json.loads((run_dir / "compute.json").read_text())}
+    vals = [
+        {k: v for k, v in row.items() if v} | {"step": int(row["step"]) + 1} for row in rows
+    ]  # logged at step - 1
+    result = {"command": command, "vals": vals, **json.loads((run_dir / "compute.json").read_text())}
+    result_file.write_text(json.dumps(result))
+    return result
+
+
+def final(result: dict, metric: str) -> float:
+    """``metric`` at a run's last validation."""
+    return float(result["vals"][-1][metric])
+
+
+def lowest_step(result: dict, metric: str) -> int:
+    """The step of a run's validation with the lowest ``metric``."""
+    return min(result["vals"], key=lambda row: float(row[metric]))["step"]
 
 
 def quality_rows(
     results: dict[tuple[str, int], dict], names: list[str], seeds: list[int], steps: dict[str, int]
 ) -> list[list[str]]:
-    """Per model: its final val ppl at each seed and their mean; for a 2 x 128 model, its mean against the
-    mean of the model alone at the same length, and at how many seeds it ends below the model alone at that
-    seed; for a run with a control, the mean over seeds of its ratio to the same peer of the control."""
+    """Per model: its final val ppl at each seed and their mean; for a model of the student's size, its mean
+    against the mean of the model alone at the same length, and at how many seeds it ends below the model
+    alone at that seed; for a run with a control, the mean over seeds of its ratio to the same peer of the
+    control; the step of its lowest val ppl at each seed; for a cohort, the means over seeds of the peers'
+    agreement and of each peer's kd_share at the last validation."""
 
     def ppl(name: str, metric: str) -> dict[int, float]:
-        return {seed: float(results[name, seed]["val"][metric]) for seed in seeds}
+        return {seed: final(results[name, seed], metric) for seed in seeds}
+
+    def mean_of(name: str, metric: str) -> str:
+        values = [row[metric] for s in seeds if metric in (row := results[name, s]["vals"][-1])]
+        return f"{statistics.mean(map(float, values)):.3f}" if values else ""
 
     rows = []
     for name in names:
@@ -173,8 +219,9 @@ def quality_rows(
                 " / ".join(f"{own[s]:.1f}" for s in seeds),
                 f"{mean:.1f}",
             ]
-            cells += ["", "", ""]
-            if label.startswith("2x128") and alone is not None and run.alone != name:
+            cells += ["", "", "", " / ".join(str(lowest_step(results[name, s], metric)) for s in seeds)]
+            cells += ["", ""]
+            if label not in run.others and alone is not None and run.alone != name:
                 cells[3] = f"{mean / statistics.mean(alone.values()):.3f}"
                 cells[4] = f"{sum(own[s] < alone[s] for s in seeds)} / {len(seeds)}"
             if run.control in names:
@@ -183,6 +230,9 @@ def quality_rows(
                 cells[5] = (
                     f"{statistics.mean(paired):.3f} ({sum(r < 1 for r in paired)} / {len(seeds)} below)"
                 )
+            if metric.startswith("val/peer"):
+                cells[7] = mean_of(name, "val/peer_agreement")
+                cells[8] = mean_of(name, metric.removesuffix("ppl") + "kd_share")
             rows.append(cells)
     return rows
 
@@ -227,41 +277,66 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each with cores/jobs threads")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="runs to make")
     parser.add_argument(
+        "--corpus", help="train_files of every run (default: each recipe's own, builtin:python-reference)"
+    )
+    parser.add_argument(
         "--mutual-args",
         default="",
         help="more arguments for the mutual runs and their control, to measure a variant of mutual.yaml "
         '(e.g. --mutual-args="--model.init_args.burn_in_steps 200")',
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=ARGS",
+        help="a variant of mutual.yaml measured beside it against the same control (repeatable)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="keep the runs here, reusing those kept with the same arguments"
+    )
     args = parser.parse_args()
+    names = list(args.runs)
+    for spec in args.variant:
+        name, run = variant(spec)
+        RUNS[name] = run
+        names.append(name)
+    corpus = ["--data.init_args.train_files", args.corpus] if args.corpus else []
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    steps = {name: run_steps(RUNS[name], args.steps) for name in args.runs}
+    steps = {name: run_steps(RUNS[name], args.steps) for name in names}
     print(f"load average at the start: {os.getloadavg()}; {args.jobs} jobs of {threads} threads")
+    print(f"corpus: {args.corpus or 'the recipes own'}; mutual.yaml runs with: {args.mutual_args or '-'}")
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
+        runs_dir = args.out or Path(tmp)
+        runs_dir.mkdir(parents=True, exist_ok=True)
         futures = {
             (name, seed): pool.submit(
                 fit,
                 RUNS[name].recipe,
-                Path(tmp) / f"{name}-{seed}",
+                runs_dir,
+                f"{name}-{seed}",
                 threads,
-                *(args.mutual_args.split() if RUNS[name].recipe == "mutual.yaml" else []),
+                *corpus,
+                *(shlex.split(args.mutual_args) if RUNS[name].recipe == "mutual.yaml" else []),
                 *run_arguments(RUNS[name], args.steps),
                 "--seed_everything",
                 str(seed),
             )
-            for name in reversed(args.runs)  # the costliest first: the runs finish closer together
+            for name in reversed(names)  # the costliest first: the runs finish closer together
             for seed in args.seeds
         }
         pretrain = None
-        if "quickstart" in args.runs:  # the shipped teacher's pretraining, for the compute table
+        if "quickstart" in names:  # the shipped teacher's pretraining, for the compute table
             pretrain_run = Run("teacher_pretrain.yaml", {}, steps=2)
             arguments = [*run_arguments(pretrain_run, None), "--trainer.limit_val_batches", "0"]
             pretrain = pool.submit(
-                fit, "teacher_pretrain.yaml", Path(tmp) / "teacher-pretrain", threads, *arguments
+                fit, "teacher_pretrain.yaml", runs_dir, "teacher-pretrain", threads, *arguments
             )
         results = {}
         for key, future in futures.items():
             results[key] = future.result()
-            ppl = {k: round(float(v), 1) for k, v in results[key]["val"].items() if k.endswith("ppl") and v}
+            last = results[key]["vals"][-1] if results[key]["vals"] else {}
+            ppl = {k: round(float(v), 1) for k, v in last.items() if k.endswith("ppl")}
             print(f"{key}: {ppl} load {os.getloadavg()}", flush=True)
         pretrain_result = None if pretrain is None else pretrain.result()
     print(f"load average at the end: {os.getloadavg()}\n")
@@ -273,11 +348,12 @@ def main() -> None:
         "mean",
         "mean vs 2x128 alone (same steps)",
     ]
-    headers += ["seeds below alone", "vs the same peer at kd_ratio 0"]
-    print_table(headers, quality_rows(results, args.runs, args.seeds, steps))
+    headers += ["seeds below alone", "vs the same peer at kd_ratio 0", "step of the lowest val ppl"]
+    headers += ["val/peer_agreement", "val kd_share"]
+    print_table(headers, quality_rows(results, names, args.seeds, steps))
     print()
     headers = ["run", "steps", "GFLOPs / step", "vs alone", "median s / step", "vs alone", "TFLOPs (run)"]
-    print_table(headers, compute_rows(results, args.runs, args.seeds[0], steps, pretrain_result))
+    print_table(headers, compute_rows(results, names, args.seeds[0], steps, pretrain_result))
 
 
 if __name__ == "__main__":
