@@ -1,6 +1,7 @@
 """``distilkit cache``: run a recipe's teacher once over its data and store its targets for later training.
 
     distilkit cache --config R.yaml --output_dir DIR --mode topk --top_k 64  (or --mode sample --samples 12)
+    distilkit cache --config R.yaml --output_dir DIR --mode topk --top_k 32 --tail_samples 32
     distilkit fit --config R.yaml --model.init_args.teacher null --model.init_args.teacher_cache DIR
 
 The recipe is parsed as ``distilkit fit`` parses it (``--trainer.*``, ``--data.*``, ``--model.*`` overrides
@@ -50,18 +51,23 @@ class CacheOptions:
         output_dir: the cache directory (created; an unfinished cache there with the same settings is
             completed, one with other settings refused).
         mode: ``topk`` (the K most likely tokens with their log-probabilities, plus the tail's mass) or
-            ``sample`` (S tokens drawn from the teacher's distribution: an unbiased estimate for forward KL).
+            ``sample`` (S tokens drawn from the teacher's distribution: unbiased estimates of forward KL, the
+            generalized JSD below β = 1 and the other losses with an estimate from draws).
         top_k: K, tokens kept per position in ``topk`` mode (3·K + 6 bytes per position).
+        tail_samples: S, tokens drawn from the teacher's tail (outside the top K) after them in ``topk`` mode
+            (3 bytes each; default 0). With them forward KL (and the other losses with an estimator from
+            draws) sees the tail's shape; the other losses use the top K and the tail's mass as without.
         samples: S, draws per position in ``sample`` mode (3·S + 4 bytes per position).
         temperature: the temperature the targets are made at (default: the recipe loss's); a student trains
             from the cache with a loss at this temperature.
-        seed: seeds the draws of ``sample`` mode (with each block's split and index).
+        seed: seeds the draws of ``sample`` mode and ``tail_samples`` (with each block's split and index).
         shard_blocks: blocks per shard file (default: about 128 MiB of targets).
     """
 
     output_dir: str
     mode: Literal["topk", "sample"] = "topk"
     top_k: int = 64
+    tail_samples: int = 0
     samples: int = 12
     temperature: float | None = None
     seed: int = 0
@@ -133,6 +139,7 @@ class TeacherPass(L.LightningModule):
             seed=self.options.seed,
             rank=self.global_rank,
             shard_blocks=self.options.shard_blocks,
+            tail_samples=self.options.tail_samples,
         )  # every process reads the directory here, before Lightning's post-setup barrier and any write
 
     def predict_dataloader(self) -> list[DataLoader]:
@@ -251,6 +258,8 @@ def run_cache(args: list[str]) -> None:
 def print_cache_summary(manifest: dict[str, Any], output_dir: str, console: Console) -> None:
     """What the cache holds, what it costs on disk, and how to train from it."""
     entries = f"K = {manifest['top_k']}" if manifest["mode"] == "topk" else f"S = {manifest['samples']}"
+    if manifest.get("tail_samples"):
+        entries += f" + S = {manifest['tail_samples']} tail draws"
     console.rule("distilkit cache")
     console.print(f"cache directory    {output_dir}", highlight=False)
     console.print(f"targets            {manifest['mode']}, {entries}, temperature {manifest['temperature']}")
