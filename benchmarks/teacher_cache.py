@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import statistics
 import time
 import warnings
@@ -116,9 +117,11 @@ def decode_errors(directory: Path, teacher: torch.nn.Module, data: TextDataModul
 def fit(
     variant: Variant, output: Path, steps: int, seed: int, caches: dict[str, tuple[Path, float]]
 ) -> float:
-    """The final ``val/ppl`` of a ``distilkit fit`` of the variant at ``seed`` (run once; then read back)."""
+    """The final ``val/ppl`` of a ``distilkit fit`` of the variant at ``seed`` (run once, then read back; a
+    run that did not finish is run again)."""
     run_dir = output / "runs" / variant.name.replace(", ", "-").replace(" ", "-") / f"seed{seed}"
-    if not (run_dir / "metrics.csv").is_file():
+    if _final_ppl(run_dir, steps) is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
         schedule = ["--model.init_args.lr_scheduler.init_args.total_steps", str(steps)]
         place = ["--trainer.default_root_dir", str(run_dir), "--trainer.max_steps", str(steps)]
         place += ["--trainer.val_check_interval", str(min(100, steps)), "--seed_everything", str(seed)]
@@ -128,9 +131,19 @@ def fit(
             path = str(caches[variant.cache][0])
             cached = ["--model.init_args.teacher", "null", "--model.init_args.teacher_cache", path]
         distilkit(["fit", "--config", str(variant.recipe), *place, *quiet, *schedule, *cached, *variant.loss])
+    final = _final_ppl(run_dir, steps)
+    assert final is not None, f"{run_dir} did not finish"
+    return final
+
+
+def _final_ppl(run_dir: Path, steps: int) -> float | None:
+    """The ``val/ppl`` of the validation after the last step, or None when the run has not reached it."""
+    if not (run_dir / "metrics.csv").is_file():
+        return None
     with open(run_dir / "metrics.csv", newline="") as file:
         rows = [row for row in csv.DictReader(file) if row.get("val/ppl")]
-    return float(rows[-1]["val/ppl"])
+    done = rows and int(rows[-1]["step"]) >= steps - 1
+    return float(rows[-1]["val/ppl"]) if done else None
 
 
 def step_timings(data: TextDataModule, caches: dict[str, Path], repeats: int) -> dict[str, float]:
@@ -171,11 +184,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds")
     parser.add_argument("--threads", type=int, default=1, help="torch threads while timing steps")
     parser.add_argument("--phase", choices=["all", "fit", "report"], default="all")
+    parser.add_argument(
+        "--variants", nargs="+", default=[v.name for v in VARIANTS], help="the rows, in the order they train"
+    )
     args = parser.parse_args()
+    unknown = set(args.variants) - {v.name for v in VARIANTS}
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {[v.name for v in VARIANTS]}")
+    chosen = {v.name: v for v in VARIANTS}
+    variants = [chosen[name] for name in args.variants]
+    for needed in {"baseline", *(v.live for v in variants if v.live != "-")} - set(args.variants):
+        variants.insert(0, chosen[needed])  # the rows a gain is measured against
     warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
     output = Path(args.output_dir)
     caches = make_caches(output)
-    ppl = {(v.name, seed): fit(v, output, args.steps, seed, caches) for seed in args.seeds for v in VARIANTS}
+    ppl = {(v.name, seed): fit(v, output, args.steps, seed, caches) for v in variants for seed in args.seeds}
     if args.phase == "fit":
         return
     data = TextDataModule(
@@ -187,7 +210,8 @@ def main() -> None:
     teacher = AutoModelForCausalLM.from_pretrained(TEACHER, dtype=torch.float32).eval()
     errors = {name: decode_errors(path, teacher, data) for name, (path, _) in caches.items()}
     torch.set_num_threads(args.threads)
-    medians = step_timings(data, {name: path for name, (path, _) in caches.items()}, args.repeats)
+    timed = {v.cache: caches[v.cache][0] for v in variants if v.cache is not None and not v.loss}
+    medians = step_timings(data, timed, args.repeats)
     tokens = 16 * 128
     print(
         f"\nquickstart: teacher {TEACHER.name} (V = {data.vocab_size}), student 2 x 128, {args.steps} steps, "
@@ -195,7 +219,7 @@ def main() -> None:
         f"{torch.get_num_threads()} thread(s)"
     )
     rows = []
-    for variant in VARIANTS:
+    for variant in [v for v in VARIANTS if v in variants]:  # in the table's order
         name = variant.name
         mean = statistics.mean(ppl[name, seed] for seed in args.seeds)
         kept = "-"
@@ -213,9 +237,9 @@ def main() -> None:
             error = f"{largest:.4f} ({over} of {count:,} > 0.02)"
             tail = "-" if tail_mass != tail_mass else f"{100 * tail_mass:.0f}%"
             build = f"{manifest['positions'] / caches[variant.cache][1]:,.0f}"
-        timed = medians.get(name if variant.loss == () else "")
-        speed = "-" if timed is None else f"{tokens / timed:,.0f}"
-        ratio = "-" if timed is None else f"{timed / medians['baseline']:.2f}"
+        step = medians.get(name if variant.loss == () else "")
+        speed = "-" if step is None else f"{tokens / step:,.0f}"
+        ratio = "-" if step is None else f"{step / medians['baseline']:.2f}"
         rows.append([name, f"{mean:.1f}", kept, on_disk, error, tail, build, speed, ratio])
     print_table(
         ["variant", "val ppl", "gain kept (per seed)", "bytes/token", "max decode error (nats)", "tail mass",
