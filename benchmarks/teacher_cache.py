@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import cycle
 from pathlib import Path
+from typing import Any
 
 import torch
 from _common import interleaved_medians, print_table
@@ -148,7 +149,11 @@ def _final_ppl(run_dir: Path, steps: int) -> float | None:
 
 def step_timings(data: TextDataModule, caches: dict[str, Path], repeats: int) -> dict[str, float]:
     """Median seconds of one training step of each variant, interleaved, on the same training batches."""
-    sizes = {"vocab_size": data.vocab_size, "block_size": data.block_size, "eos_token_id": data.eos_token_id}
+    sizes: dict[str, Any] = {
+        "vocab_size": data.vocab_size,
+        "block_size": data.block_size,
+        "eos_token_id": data.eos_token_id,
+    }
     batches = []
     for batch in data.train_dataloader():
         batches.append(batch)
@@ -168,7 +173,7 @@ def step_timings(data: TextDataModule, caches: dict[str, Path], repeats: int) ->
 
         return run
 
-    variants = {}
+    variants: dict[str, Callable[[], object]] = {}
     for name, spec in specs.items():
         torch.manual_seed(0)
         module = DistillationModule(student=STUDENT, loss=ForwardKLLoss(1.0), kd_ratio=0.5, **spec, **sizes)
@@ -218,7 +223,7 @@ def main() -> None:
         f"seeds {args.seeds}, batch 16 x 128; step timings: median of {args.repeats} interleaved rounds, "
         f"{torch.get_num_threads()} thread(s)"
     )
-    rows = []
+    rows: list[list[object]] = []
     for variant in [v for v in VARIANTS if v in variants]:  # in the table's order
         name = variant.name
         mean = statistics.mean(ppl[name, seed] for seed in args.seeds)
