@@ -13,7 +13,8 @@ optimizer; the cache's read by block index included) timed interleaved on the sa
 second and the ratio to the baseline step. Run:
 ``python benchmarks/teacher_cache.py [--steps 300] [--seeds 0 1] [--output_dir runs/bench-teacher-cache]``
 (``--phase fit`` only trains, so that two seeds can train in two processes; ``--phase report`` then reads
-the runs back, times the steps and prints the table).
+the runs back, times the steps and prints the table; ``--phase time`` only times the steps; ``--variants``
+picks the rows, the baseline and live rows their gains are measured against added).
 """
 
 from __future__ import annotations
@@ -181,6 +182,37 @@ def step_timings(data: TextDataModule, caches: dict[str, Path], repeats: int) ->
     return interleaved_medians(variants, repeats, warmup=2)
 
 
+def quickstart_data() -> TextDataModule:
+    """The quickstart's data (as the recipes read it), set up."""
+    data = TextDataModule(
+        "builtin:python-reference", tokenizer=str(TEACHER), block_size=128, batch_size=16, val_fraction=0.1
+    )
+    data.setup()
+    return data
+
+
+def time_steps(
+    variants: list[Variant], caches: dict[str, tuple[Path, float]], repeats: int, threads: int
+) -> None:
+    """``--phase time``: only the step timings of the forward-KL variants (no training), as a table."""
+    data = quickstart_data()
+    torch.set_num_threads(threads)
+    timed = {v.cache: caches[v.cache][0] for v in variants if v.cache is not None and not v.loss}
+    medians = step_timings(data, timed, repeats)
+    print(
+        f"\nquickstart step timings: batch 16 x 128, median of {repeats} interleaved rounds, "
+        f"{torch.get_num_threads()} thread(s)"
+    )
+    rows: list[list[object]] = []
+    for variant in [v for v in VARIANTS if v in variants and v.name in medians and not v.loss]:
+        step = medians[variant.name]
+        on_disk = (
+            "-" if variant.cache is None else f"{_manifest(caches[variant.cache][0])['bytes_per_token']:.1f}"
+        )
+        rows.append([variant.name, on_disk, f"{16 * 128 / step:,.0f}", f"{step / medians['baseline']:.2f}"])
+    print_table(["variant", "bytes/token", "train tok/s", "step ÷ baseline"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -188,7 +220,7 @@ def main() -> None:
     parser.add_argument("--output_dir", default="runs/bench-teacher-cache")
     parser.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds")
     parser.add_argument("--threads", type=int, default=1, help="torch threads while timing steps")
-    parser.add_argument("--phase", choices=["all", "fit", "report"], default="all")
+    parser.add_argument("--phase", choices=["all", "fit", "report", "time"], default="all")
     parser.add_argument(
         "--variants", nargs="+", default=[v.name for v in VARIANTS], help="the rows, in the order they train"
     )
@@ -203,13 +235,12 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
     output = Path(args.output_dir)
     caches = make_caches(output)
+    if args.phase == "time":
+        return time_steps(variants, caches, args.repeats, args.threads)
     ppl = {(v.name, seed): fit(v, output, args.steps, seed, caches) for v in variants for seed in args.seeds}
     if args.phase == "fit":
         return
-    data = TextDataModule(
-        "builtin:python-reference", tokenizer=str(TEACHER), block_size=128, batch_size=16, val_fraction=0.1
-    )
-    data.setup()
+    data = quickstart_data()
     from transformers import AutoModelForCausalLM
 
     teacher = AutoModelForCausalLM.from_pretrained(TEACHER, dtype=torch.float32).eval()
