@@ -38,6 +38,7 @@ from _common import interleaved_medians, print_table
 from distilkit import DistillationModule, ForwardKLLoss, TextDataModule
 from distilkit.cli import main as distilkit
 from distilkit.data.teacher_cache import TeacherCache
+from distilkit.losses import DistillationLoss, SparseTargets
 
 ROOT = Path(__file__).parents[1]
 QUICKSTART, BASELINE = ROOT / "recipes" / "quickstart.yaml", ROOT / "recipes" / "baseline.yaml"
@@ -148,8 +149,22 @@ def _final_ppl(run_dir: Path, steps: int) -> float | None:
     return float(rows[-1]["val/ppl"]) if done else None
 
 
-def step_timings(data: TextDataModule, caches: dict[str, Path], repeats: int) -> dict[str, float]:
-    """Median seconds of one training step of each variant, interleaved, on the same training batches."""
+class AutogradForwardKL(ForwardKLLoss):
+    """Forward KL through autograd on sparse targets (the chunked path before the closed form), for timing."""
+
+    def kd_and_ce(
+        self, student_logits: torch.Tensor, teacher: torch.Tensor | SparseTargets, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(teacher, SparseTargets):
+            return DistillationLoss.kd_and_ce(self, student_logits, teacher, labels)
+        return super().kd_and_ce(student_logits, teacher, labels)
+
+
+def step_timings(
+    data: TextDataModule, caches: dict[str, Path], repeats: int, autograd: bool = False
+) -> dict[str, float]:
+    """Median seconds of one training step of each variant, interleaved, on the same training batches;
+    ``autograd``: each cache's step also with the sparse loss through autograd (``"<name> (autograd)"``)."""
     sizes: dict[str, Any] = {
         "vocab_size": data.vocab_size,
         "block_size": data.block_size,
@@ -162,6 +177,15 @@ def step_timings(data: TextDataModule, caches: dict[str, Path], repeats: int) ->
             break
     specs: dict[str, dict] = {"baseline": {"teacher": None}, "live KD": {"teacher": str(TEACHER)}}
     specs |= {name: {"teacher": None, "teacher_cache": str(path)} for name, path in caches.items()}
+    if autograd:
+        specs |= {
+            f"{name} (autograd)": {
+                "teacher": None,
+                "teacher_cache": str(path),
+                "loss": AutogradForwardKL(1.0),
+            }
+            for name, path in caches.items()
+        }
 
     def step(module: DistillationModule) -> Callable[[], None]:
         optimizer = torch.optim.AdamW(module.student.parameters(), lr=2e-3)
@@ -177,7 +201,8 @@ def step_timings(data: TextDataModule, caches: dict[str, Path], repeats: int) ->
     variants: dict[str, Callable[[], object]] = {}
     for name, spec in specs.items():
         torch.manual_seed(0)
-        module = DistillationModule(student=STUDENT, loss=ForwardKLLoss(1.0), kd_ratio=0.5, **spec, **sizes)
+        spec = {"loss": ForwardKLLoss(1.0)} | spec
+        module = DistillationModule(student=STUDENT, kd_ratio=0.5, **spec, **sizes)
         variants[name] = step(module.train())
     return interleaved_medians(variants, repeats, warmup=2)
 
@@ -198,7 +223,7 @@ def time_steps(
     data = quickstart_data()
     torch.set_num_threads(threads)
     timed = {v.cache: caches[v.cache][0] for v in variants if v.cache is not None and not v.loss}
-    medians = step_timings(data, timed, repeats)
+    medians = step_timings(data, timed, repeats, autograd=True)
     print(
         f"\nquickstart step timings: batch 16 x 128, median of {repeats} interleaved rounds, "
         f"{torch.get_num_threads()} thread(s)"
@@ -210,6 +235,12 @@ def time_steps(
             "-" if variant.cache is None else f"{_manifest(caches[variant.cache][0])['bytes_per_token']:.1f}"
         )
         rows.append([variant.name, on_disk, f"{16 * 128 / step:,.0f}", f"{step / medians['baseline']:.2f}"])
+        reference = medians.get(f"{variant.name} (autograd)")
+        if reference is not None:
+            ratio = f"{reference / medians['baseline']:.2f}"
+            rows.append(
+                [f"{variant.name}, loss through autograd", on_disk, f"{16 * 128 / reference:,.0f}", ratio]
+            )
     print_table(["variant", "bytes/token", "train tok/s", "step ÷ baseline"], rows)
 
 
