@@ -6,8 +6,9 @@ the others are functions whose signatures and docstrings jsonargparse turns into
 
 from __future__ import annotations
 
+import signal
 import sys
-import warnings
+import threading
 from argparse import ArgumentError
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from distilkit.commands.cache import run_cache
 from distilkit.commands.evaluate import evaluate_command
@@ -26,8 +27,10 @@ from distilkit.commands.export import export
 from distilkit.commands.generate import generate
 from distilkit.commands.plot import plot
 from distilkit.commands.prune import prune
+from distilkit.commands.quiet import quiet_third_party
 from distilkit.commands.trainer import run_lightning
 from distilkit.errors import ConfigError, RunInterrupted, TrainingStopped
+from distilkit.run.signals import stop_at_once
 
 
 @dataclass(frozen=True)
@@ -87,10 +90,9 @@ def command_parser() -> ArgumentParser:
 
 def run(args: list[str]) -> None:
     """Run the command ``args`` names (``args`` as on the command line, without the program name)."""
+    quiet_third_party()
     if args and args[0] in COMMANDS and COMMANDS[args[0]].function is None:
         torch.set_float32_matmul_precision("high")
-        # The frozen teacher is in eval mode on purpose; Lightning warns about every such module.
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         COMMANDS[args[0]].lightning(args)
         return
     parsed = command_parser().parse_args(args)
@@ -104,38 +106,51 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of the ``distilkit`` script; ``args`` defaults to ``sys.argv[1:]``.
 
     A :class:`~distilkit.errors.ConfigError` (a mistake the user can fix) and a bad argument end with one
-    line on stderr and exit status 2, with no traceback; a run stopped on purpose exits 1; SIGTERM 143.
+    line on stderr and exit status 2, with no traceback; a run stopped on purpose exits 1; Ctrl-C 130 (the
+    long commands keep what they computed: :class:`~distilkit.run.signals.GracefulStop`); SIGTERM 143.
+    Messages print as written: no console markup or emoji codes are read in them.
     """
     argv = list(sys.argv[1:] if args is None else args)
+    previous = _on_ctrl_c(stop_at_once)
     try:
         run(argv)
     except SIGTERMException:
-        _say("[bold]stopped by SIGTERM:[/] last.ckpt written; resume with --ckpt_path last")
+        _say("stopped by SIGTERM:", "last.ckpt written; resume with --ckpt_path last")
         sys.exit(143)
-    except RunInterrupted as err:
-        _say(f"[bold]stopped:[/] {escape(str(err))}")
+    except (RunInterrupted, KeyboardInterrupt) as err:
+        _say("stopped:", str(err) or "Ctrl-C: stopped at once")
         sys.exit(130)
     except TrainingStopped as err:
-        _say(f"[bold red]stopped:[/] {escape(str(err))}")
+        _say("stopped:", str(err), "bold red")
         sys.exit(1)
     except ArgumentError as err:
         command = argv[0] if argv and argv[0] in COMMANDS else ""
-        _say(f"[bold red]error:[/] {escape(str(err))}\nSee `distilkit {command} --help`.".replace("  ", " "))
+        _say("error:", f"{err}\nSee `distilkit {command} --help`.".replace("  ", " "), "bold red")
         sys.exit(2)
     except Exception as err:
         user_error = find_config_error(err)
         if user_error is None:
             raise
-        _say(f"[bold red]error:[/] {escape(str(user_error))}")
+        _say("error:", str(user_error), "bold red")
         sys.exit(2)
+    finally:
+        _on_ctrl_c(previous)
 
 
-def _say(markup: str) -> None:
-    """Print one message to stderr, from the first process only (under DDP every process fails alike).
-    Messages are escaped where they are formed: brackets in them are text (``pip install 'distilkit[gguf]'``),
-    not markup."""
+def _on_ctrl_c(handler: Any) -> Any:
+    """Install ``handler`` for SIGINT (main thread only; None leaves it); the previous handler."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, handler)
+
+
+def _say(label: str, message: str, style: str = "bold") -> None:
+    """Print ``label message`` to stderr, the label styled and the message exactly as written (no markup,
+    no emoji codes: ``pip install 'distilkit[gguf]'`` and ``data/:memo:/x`` stay as they are), from the first
+    process only (under DDP every process fails alike)."""
     if rank_zero_only.rank == 0:  # type: ignore[attr-defined]
-        Console(stderr=True).print(markup, highlight=False, soft_wrap=True)
+        text = Text.assemble((label, style), " ", message)
+        Console(stderr=True, emoji=False).print(text, highlight=False, soft_wrap=True)
 
 
 def find_config_error(err: BaseException | None) -> ConfigError | None:

@@ -6,6 +6,8 @@ names the field, the value that was given and what to do instead.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -19,6 +21,27 @@ class ConfigError(ValueError):
     def __init__(self, field: str, value: Any, problem: str, fix: str) -> None:
         self.field, self.value, self.problem, self.fix = field, value, problem, fix
         super().__init__(f"{field}={value!r}: {problem}; {fix}.")
+
+
+@contextmanager
+def fields_as_typed(names: Mapping[str, str]) -> Iterator[None]:
+    """Errors raised inside about a field of ``names`` (or one below it) name what the user typed instead:
+    ``{"data.train_files": "data_files"}`` turns ``data.train_files='x.txt': is empty`` into
+    ``data_files='x.txt': is empty`` where a command builds the data module from its own ``--data_files``."""
+    try:
+        yield
+    except ConfigError as err:
+        given = next((g for g in names if err.field == g or err.field.startswith(_below(g))), None)
+        if given is None:
+            raise
+        problem, fix = err.problem, err.fix
+        for other, typed in names.items():
+            problem, fix = problem.replace(other, typed), fix.replace(other, typed)
+        raise ConfigError(names[given] + err.field[len(given) :], err.value, problem, fix) from err
+
+
+def _below(field: str) -> tuple[str, ...]:
+    return (f"{field}.", f"{field}[", f"{field} ", f"{field}:")
 
 
 def check_range(field: str, value: float, low: float, high: float, *, open_low: bool = False) -> float:

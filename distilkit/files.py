@@ -109,8 +109,13 @@ def _normal_permissions(directory: Path) -> None:
 
 
 def refuse_existing(path: Path, *, overwrite: bool, field: str) -> None:
-    """Refuse to write over an existing file or non-empty directory unless ``overwrite``."""
-    exists = path.is_file() or (path.is_dir() and any(path.iterdir()))
+    """Refuse to write a directory over an existing non-empty one unless ``overwrite``, and over anything that
+    is not a directory (a file given as an output directory) at all."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            field, str(path), "is a file, not a directory", "give a directory path (it is created)"
+        )
+    exists = path.is_dir() and any(path.iterdir())
     if exists and not overwrite:
         raise ConfigError(field, str(path), "already exists", "choose a new path or pass --overwrite true")
 
@@ -128,6 +133,14 @@ def check_writable(path: str | os.PathLike[str], field: str) -> None:
             f"cannot be written ({existing} is not a writable directory)",
             "choose a path in a directory you can write to",
         )
+
+
+def check_output_file(path: str | os.PathLike[str], field: str) -> None:
+    """Refuse an output file path that is a directory, or whose directory cannot be written (before any
+    work is done)."""
+    if Path(path).is_dir():
+        raise ConfigError(field, str(path), "is a directory", "give a file path")
+    check_writable(path, field)
 
 
 def sha256_file(path: str | os.PathLike[str], chunk_bytes: int = 2**20) -> str:

@@ -15,6 +15,7 @@ from torchmetrics import Metric
 
 from distilkit.data.teacher_cache.targets import SparseTargets
 from distilkit.losses.base import kl_from_log_probs
+from distilkit.losses.partial import PartialTargets
 
 
 class TokenPerplexity(Metric):
@@ -155,13 +156,18 @@ class EvaluationMetrics(nn.Module):
 
     def observe(self, rows: slice, student: Tensor, teacher: Any, labels: Tensor) -> None:
         """Update from one chunk: logits ``(n, V)`` of the student and (when it is a tensor) of the teacher,
-        targets ``(n,)``."""
+        targets ``(n,)``. Rows a teacher leaves untaught (:class:`PartialTargets`) count for the student's
+        metrics only."""
         nll = F.cross_entropy(student.float(), labels, reduction="none")  # (n,)
         self.ppl.update(nll)
         counted = self.token_bytes.numel() > 0
         sizes = self.token_bytes[labels] if counted else None  # (n,)
         if sizes is not None:
             self.bpb.update(nll, sizes)
+        if isinstance(teacher, PartialTargets):
+            taught = teacher.taught
+            student, labels, sizes = student[taught], labels[taught], None if sizes is None else sizes[taught]
+            teacher = teacher.targets
         if isinstance(teacher, Tensor):
             teacher_nll = F.cross_entropy(teacher.float(), labels, reduction="none")
             self.teacher_ppl.update(teacher_nll)
@@ -202,8 +208,15 @@ class NextTokenNLL:
 
     def observe(self, rows: slice, student: Tensor, teacher: Any, labels: Tensor) -> None:
         self.flat[self.name][rows] = F.cross_entropy(student.float(), labels, reduction="none")
-        if isinstance(teacher, Tensor) and "teacher" in self.flat:
+        if "teacher" not in self.flat:
+            return
+        if isinstance(teacher, Tensor):
             self.flat["teacher"][rows] = F.cross_entropy(teacher.float(), labels, reduction="none")
+        elif isinstance(teacher, PartialTargets) and isinstance(
+            teacher.targets, Tensor
+        ):  # NaN where untaught
+            nll = F.cross_entropy(teacher.targets.float(), labels[teacher.taught], reduction="none")
+            self.flat["teacher"][rows][teacher.taught] = nll
 
     def result(self) -> dict[str, Tensor]:
         """``{model: (B, T-1)}`` NLLs, NaN where no token is predicted."""

@@ -10,6 +10,7 @@ import signal
 import struct
 import subprocess
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -168,6 +169,18 @@ def resume_run(recipe: Path, run_dir: Path, max_steps: int, *overrides: str) -> 
     fit_run(recipe, run_dir, *overrides, "--trainer.max_steps", str(max_steps), "--ckpt_path", "last")
 
 
+def flip_tensor_byte(checkpoint: Path, offset: int = 100) -> None:
+    """Change one byte of the largest tensor stored in a ``torch.save`` file, keeping its size: the file still
+    loads (torch does not check the zip's CRCs), with one value changed."""
+    with zipfile.ZipFile(checkpoint) as archive:
+        entry = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(checkpoint.read_bytes())
+    start = entry.header_offset
+    name_length, extra_length = struct.unpack("<HH", data[start + 26 : start + 30])  # the local file header
+    data[start + 30 + name_length + extra_length + offset] ^= 0xFF
+    checkpoint.write_bytes(bytes(data))
+
+
 # ------------------------------------------------------------------------------------------- interrupts
 def kill_when_checkpointed(process: subprocess.Popen, last: Path, at_step: int, timeout: float = 240) -> int:
     """SIGKILL ``process`` once its ``last`` checkpoint holds step ``at_step`` or later (or it has ended, or
@@ -305,11 +318,21 @@ def rewound_history(files: list[Path]) -> list[dict[str, object]]:
 
 # ------------------------------------------------------------------------------------ subprocess callbacks
 class SlowSteps(Callback):
+    """Sleeps after every training step (or predict batch), and touches ``marker`` once step (or batch)
+    ``at_step`` is reached: a test sends its signal then."""
+
     def __init__(self, marker: str, at_step: int, seconds: float = 0.3) -> None:
         self.marker, self.at_step, self.seconds = Path(marker), at_step, seconds
+        self.predicted = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.at_step:
+            self.marker.touch()
+        time.sleep(self.seconds)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.predicted += 1
+        if self.predicted >= self.at_step:
             self.marker.touch()
         time.sleep(self.seconds)
 
@@ -436,3 +459,18 @@ def chat_tokenizer(kind: str, directory: Path):
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     return path
+
+
+#: The domains of :func:`write_sourced_corpus`'s documents, repeating: runs of one domain, then alternating.
+SOURCES = ["prose"] * 6 + ["code"] * 6 + ["prose", "code"] * 4
+
+
+def write_sourced_corpus(path: Path, corpus: Path, documents: int = 70) -> Path:
+    """Short documents (about 15 to 40 tokens) of the test corpus whose ``source`` names their domain
+    (:data:`SOURCES`): blocks of 32 tokens hold one domain or two. For several teachers routed by source."""
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    rows = [
+        {"text": texts[i % len(texts)][(i * 7) % 200 :][: 60 + (i * 13) % 90], "source": SOURCES[i % 20]}
+        for i in range(documents)
+    ]
+    return write_jsonl(path, rows)

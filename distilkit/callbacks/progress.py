@@ -54,6 +54,14 @@ class DistilProgressBar(RichProgressBar):
         self._tokens.clear()
         super().on_validation_start(trainer, pl_module)
 
+    def _get_train_description(self, current_epoch: int) -> str:
+        """``Epoch 6/9`` when the run has a number of epochs, ``Epoch 6`` when it has none (Lightning writes
+        ``Epoch 6/-2`` for ``max_epochs: -1``). Private in Lightning: see
+        :data:`distilkit.run.lightning_internals.RICH_TRAIN_DESCRIPTION`."""
+        epochs = self.trainer.max_epochs
+        text = f"Epoch {current_epoch}" + (f"/{epochs - 1}" if epochs is not None and epochs > 0 else "")
+        return f"{text:{len(self.validation_description)}}"
+
     def get_metrics(
         self, trainer: L.Trainer, pl_module: L.LightningModule
     ) -> dict[str, int | str | float | dict[str, float]]:

@@ -12,19 +12,41 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from distilkit.commands.harness import Harness
+from distilkit.commands.kept_rows import KeptRows, identity_of
 from distilkit.data import TextDataModule
 from distilkit.data.tokenizer import check_same_vocabulary
-from distilkit.errors import ConfigError
-from distilkit.files import check_writable, write_text
-from distilkit.models.checkpoint import load_model_and_tokenizer, trained_block_size
+from distilkit.errors import ConfigError, RunInterrupted, fields_as_typed
+from distilkit.files import check_output_file, write_text
+from distilkit.models.checkpoint import (
+    checkpoint_tokenizer,
+    load_model_and_tokenizer,
+    model_from_checkpoint,
+    model_prefix,
+    peer_names,
+    read_checkpoint,
+    trained_block_size,
+)
 from distilkit.modules import DistillationModule
+from distilkit.run.signals import GracefulStop
+
+#: The data module's fields as ``evaluate`` takes them on its command line.
+DATA_FIELDS = {
+    "data.train_files": "data_files",
+    "data.block_size": "block_size",
+    "data.batch_size": "batch_size",
+    "data.val_fraction": "val_fraction",
+    "data.seed": "seed",
+}
 
 
 def evaluate(
@@ -40,11 +62,16 @@ def evaluate(
     lm_eval_tasks: list[str] | None = None,
     lm_eval_limit: int | None = None,
     progress: bool = True,
+    peer: int | str | None = None,
 ) -> list[dict[str, Any]]:
     """Score each model; returns one row per model (and one for the teacher), also written as JSON.
 
+    Each row is kept by content as soon as it is scored (:class:`~distilkit.commands.kept_rows.KeptRows`):
+    a rerun after Ctrl-C, or with one more model, scores only the models it has no row for.
+
     Args:
-        models: distilkit checkpoints (``.ckpt``) or Hugging Face model directories.
+        models: distilkit checkpoints (``.ckpt``) or Hugging Face model directories. A cohort's checkpoint
+            gives a row per peer (``peer`` picks one).
         data_files: text to score on, as for ``TextDataModule.train_files``.
         teacher: a model to compare against (agreement, KL); its tokenizer is used when given.
         block_size: tokens per scored block; default: the block size the checkpoints were trained with
@@ -56,25 +83,29 @@ def evaluate(
             ``lm_eval: {task: {metric: value}}``.
         lm_eval_limit: documents per harness task (None: all).
         progress: show progress bars.
+        peer: the peer of a cohort checkpoint to score, by index or name (default: every peer).
+
+    Raises:
+        RunInterrupted: Ctrl-C; the rows of the models scored so far are kept.
     """
     if not models:
         raise ConfigError("models", models, "is empty", "give at least one checkpoint or model directory")
     if output_json:
-        check_writable(output_json, "output_json")
+        check_output_file(output_json, "output_json")
     harness = Harness(lm_eval_tasks, limit=lm_eval_limit, batch_size=batch_size) if lm_eval_tasks else None
     teacher_model, tokenizer = load_model_and_tokenizer(teacher, "teacher") if teacher else (None, None)
-    loaded = [(name, *load_model_and_tokenizer(name, "models")) for name in models]
-    tokenizer = tokenizer or next((t for _, _, t in loaded if t is not None), None)
+    loaded = [entry for index, name in enumerate(models) for entry in _load(name, index, peer)]
+    tokenizer = tokenizer or next((entry.tokenizer for entry in loaded if entry.tokenizer is not None), None)
     if tokenizer is None:
         raise ConfigError("models", models, "carry no tokenizer", "export them with distilkit export first")
     reference = f"teacher ({teacher})" if teacher else f"models[0] ({models[0]})"
-    for index, (name, _, own) in enumerate(loaded):
-        if own is not None:
-            check_same_vocabulary(tokenizer, reference, own, f"models[{index}] ({name})")
+    for entry in loaded:
+        if entry.tokenizer is not None:
+            check_same_vocabulary(tokenizer, reference, entry.tokenizer, f"{entry.field} ({entry.name})")
     if block_size is None:
         trained = [size for size in map(trained_block_size, models) if size is not None]
         block_size = min(trained) if trained else 128
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, fields_as_typed(DATA_FIELDS):
         tokenizer.save_pretrained(tmp)
         data = TextDataModule(
             data_files,
@@ -87,33 +118,145 @@ def evaluate(
         data.setup()
     blocks = len(data.datasets["val"]) + (len(data.datasets["train"]) if split == "all" else 0)
     loader = data.val_dataloader() if split == "val" else _all_blocks(data)
-    rows = []
-    for name, model, _ in loaded:
-        module = DistillationModule(
-            student=model, teacher=teacher_model, vocab_size=data.vocab_size, block_size=block_size
-        )
-        trainer = L.Trainer(
-            logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress
-        )
-        metrics = trainer.validate(module, dataloaders=loader, verbose=False)[0]
-        row: dict[str, Any] = {"model": name, "ppl": metrics["val/ppl"]}
-        if teacher_model is not None:
-            row.update(top1_agreement=metrics["val/top1_agreement"], kl=metrics["val/kl"])
-            teacher_row = {"model": f"{teacher} (teacher)", "ppl": metrics["val/teacher_ppl"]}
-        rows.append(row)
-    if teacher_model is not None:
-        rows.insert(0, teacher_row)
+    kept = KeptRows("evaluate")
+    settings = {
+        "data": data.identity(),
+        "split": split,
+        "batch_size": batch_size,
+        "teacher": identity_of(teacher),
+    }
+    stop = GracefulStop("this batch; the rows of the models scored so far are kept", "those rows are kept")
+    rows: list[dict[str, Any]] = []
+    with stop:
+        for number, entry in enumerate(loaded):
+            key = kept.key(kind="validation", model=identity_of(entry.name), prefix=entry.prefix, **settings)
+            row = kept.get(key)
+            if row is None:
+                if stop.requested:
+                    raise _interrupted(number, len(loaded))
+                row = _score(
+                    entry, teacher_model, data, loader, block_size, progress, stop, number, len(loaded)
+                )
+                kept.put(key, row)
+            rows.append({**row, "model": entry.label})
+    teacher_row = {"model": f"{teacher} (teacher)", "ppl": rows[0].get("teacher_ppl")} if teacher else None
+    for row in rows:
+        row.pop("teacher_ppl", None)
+    rows = ([teacher_row] if teacher_row else []) + rows
     for row in rows:
         row["tokens"] = blocks * block_size
     if harness is not None:
-        scored = ([(teacher_model, tokenizer)] if teacher_model is not None else []) + [
-            (model, own_tokenizer or tokenizer) for _, model, own_tokenizer in loaded
+        scored = ([(teacher, None, teacher_model, tokenizer)] if teacher_model is not None else []) + [
+            (entry.name, entry.prefix, entry.model, entry.tokenizer or tokenizer) for entry in loaded
         ]
-        for row, (model, model_tokenizer) in zip(rows, scored, strict=True):
-            row["lm_eval"] = harness.scores(model, model_tokenizer)
+        tasks = {"tasks": [identity_of(t) for t in lm_eval_tasks or []], "limit": lm_eval_limit}
+        tasks["batch_size"] = batch_size
+        with stop:
+            for number, (row, (name, prefix, model, model_tokenizer)) in enumerate(
+                zip(rows, scored, strict=True)
+            ):
+                key = kept.key(kind="lm_eval", model=identity_of(name), prefix=prefix, **tasks)
+                scores = kept.get(key)
+                if scores is None:
+                    if stop.requested:
+                        raise _interrupted(number, len(scored), "models on the harness tasks")
+                    scores = harness.scores(model, model_tokenizer)
+                    kept.put(key, scores)
+                row["lm_eval"] = scores
     if output_json:
         write_text(output_json, json.dumps(rows, indent=2) + "\n")
     return rows
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A model ``evaluate`` scores: where it came from (``models[i]``, the file, the state-dict prefix), the
+    label of its row, the model and its own tokenizer (None without one)."""
+
+    field: str
+    name: str
+    prefix: str | None
+    label: str
+    model: Any
+    tokenizer: Any
+
+
+def _load(name: str, index: int, peer: int | str | None) -> list[Scored]:
+    """The models ``models[index]`` names: one, or each peer of a cohort checkpoint (or just ``peer``)."""
+    field = f"models[{index}]"
+    if Path(name).suffix == ".ckpt" and Path(name).is_file():
+        checkpoint = read_checkpoint(name, field)
+        peers = peer_names(checkpoint)
+        prefixes = [model_prefix(checkpoint, peer)] if peer is not None or not peers else list(peers)
+        tokenizer = checkpoint_tokenizer(checkpoint)
+        return [
+            Scored(
+                field,
+                name,
+                prefix,
+                f"{name} (peer {peers[prefix]})" if prefix in peers else name,
+                model_from_checkpoint(checkpoint, prefix, where=field),
+                tokenizer,
+            )  # fmt: skip
+            for prefix in prefixes
+        ]
+    model, tokenizer = load_model_and_tokenizer(name, field)
+    return [Scored(field, name, None, name, model, tokenizer)]
+
+
+def _score(
+    entry: Scored,
+    teacher: Any,
+    data: TextDataModule,
+    loader: Any,
+    block_size: int,
+    progress: bool,
+    stop: GracefulStop,
+    number: int,
+    count: int,
+) -> dict[str, Any]:
+    """One model's row: ``ppl`` (and with a teacher ``top1_agreement``, ``kl``, ``teacher_ppl``)."""
+    with fields_as_typed({"model.student": entry.field, "model.teacher": "teacher", **DATA_FIELDS}):
+        module = DistillationModule(
+            student=entry.model, teacher=teacher, vocab_size=data.vocab_size, block_size=block_size
+        )
+    trainer = L.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        callbacks=[StopWhenAsked(stop)],
+    )
+    try:
+        metrics = trainer.validate(module, dataloaders=loader, verbose=False)[0]
+    except RunInterrupted as err:
+        raise _interrupted(number, count) from err
+    row: dict[str, Any] = {"ppl": metrics["val/ppl"]}
+    if teacher is not None:
+        row.update(
+            top1_agreement=metrics["val/top1_agreement"],
+            kl=metrics["val/kl"],
+            teacher_ppl=metrics["val/teacher_ppl"],
+        )
+    return row
+
+
+class StopWhenAsked(L.Callback):
+    """Stops a validation at the end of the batch during which Ctrl-C came (:class:`GracefulStop`)."""
+
+    def __init__(self, stop: GracefulStop) -> None:
+        self.stop = stop
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if self.stop.requested:
+            raise RunInterrupted("Ctrl-C")
+
+
+def _interrupted(scored: int, count: int, what: str = "models") -> RunInterrupted:
+    return RunInterrupted(
+        f"Ctrl-C: {scored} of {count} {what} scored (their rows are kept); "
+        "run the same command again to score only the rest"
+    )
 
 
 def _all_blocks(data: TextDataModule) -> Any:
@@ -131,7 +274,7 @@ def print_rows(rows: list[dict[str, Any]], console: Console) -> None:
     for row in rows:
         agreement = f"{row['top1_agreement']:.3f}" if "top1_agreement" in row else "-"
         kl = f"{row['kl']:.3f}" if "kl" in row else "-"
-        table.add_row(row["model"], f"{row['ppl']:.2f}", agreement, kl)
+        table.add_row(Text(row["model"]), f"{row['ppl']:.2f}", agreement, kl)  # Text: printed as written
     console.print(table)
     if any("lm_eval" in row for row in rows):
         print_harness_rows(rows, console)
@@ -143,13 +286,14 @@ def print_harness_rows(rows: list[dict[str, Any]], console: Console) -> None:
     table.add_column("task")
     table.add_column("metric")
     for row in rows:
-        table.add_column(row["model"], justify="right", overflow="fold")
+        table.add_column(Text(row["model"]), justify="right", overflow="fold")
     pairs = dict.fromkeys(
         (task, metric) for row in rows for task in row["lm_eval"] for metric in row["lm_eval"][task]
     )
     for task, metric in pairs:
         values = [row["lm_eval"].get(task, {}).get(metric) for row in rows]
-        table.add_row(task, metric, *("-" if value is None else f"{value:.4g}" for value in values))
+        cells = ("-" if value is None else f"{value:.4g}" for value in values)
+        table.add_row(Text(task), Text(metric), *cells)
     console.print(table)
 
 
@@ -166,6 +310,7 @@ def evaluate_command(
     lm_eval_tasks: list[str] | None = None,
     lm_eval_limit: int | None = None,
     progress: bool = True,
+    peer: int | str | None = None,
 ) -> None:
     """Score checkpoints or model directories: perplexity, agreement and KL with a teacher, harness tasks.
 
@@ -182,11 +327,12 @@ def evaluate_command(
         lm_eval_tasks: lm-evaluation-harness tasks to run on every model (names or task YAML files).
         lm_eval_limit: documents per harness task (None: all).
         progress: show progress bars.
+        peer: the peer of a cohort checkpoint to score, by index or name (default: a row for every peer).
     """
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banner per model
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # no notes on defaults and passed-in models
     if output_json:
-        check_writable(output_json, "output_json")
+        check_output_file(output_json, "output_json")
     rows = evaluate(
         models,
         data_files,
@@ -199,6 +345,7 @@ def evaluate_command(
         lm_eval_tasks=lm_eval_tasks,
         lm_eval_limit=lm_eval_limit,
         progress=progress,
+        peer=peer,
     )
     print_rows(rows, Console())  # printed before the file is written: nothing is lost if that fails
     if output_json:

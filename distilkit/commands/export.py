@@ -6,12 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from distilkit.errors import ConfigError
+from distilkit.data.progress import LONG_LOAD_BYTES, bars_if
+from distilkit.data.verified import as_command, remember_manifest, shared_memo, write_manifest
 from distilkit.files import atomic_directory, refuse_existing
 from distilkit.models.checkpoint import (
     checkpoint_tokenizer,
-    model_configs,
     model_from_checkpoint,
+    model_prefix,
     read_checkpoint,
 )
 from distilkit.models.loading import parse_dtype
@@ -38,35 +39,17 @@ def export_student(
     refuse_existing(out, overwrite=overwrite, field="output_dir")
     torch_dtype = parse_dtype("dtype", dtype)
     checkpoint = read_checkpoint(ckpt_path)
-    if peer is not None:
-        model = peer_prefix(checkpoint, peer)
+    model = model_prefix(checkpoint, peer, model)
     lm: Any = model_from_checkpoint(checkpoint, model, where="model")
     tokenizer = checkpoint_tokenizer(checkpoint)
-    with atomic_directory(out, overwrite=overwrite) as staging:
+    command = as_command("export", ckpt_path=ckpt_path, output_dir=out, dtype=dtype, peer=peer)
+    with atomic_directory(out, overwrite=overwrite) as staging, bars_if(_bytes(lm) >= LONG_LOAD_BYTES):
         lm.to(torch_dtype).save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        manifest = write_manifest(staging, command=command, overwrite=True)
+    remember_manifest(out, manifest, shared_memo())  # read back by distilkit: checked by its hashes
     return out
-
-
-def peer_prefix(checkpoint: dict[str, Any], peer: int | str) -> str:
-    """The state-dict prefix (``peers.N``) of a cohort's peer given by index or by name (the module's
-    ``names``, kept in the checkpoint's hyperparameters)."""
-    names = list((checkpoint.get("hyper_parameters") or {}).get("names") or [])
-    index = names.index(peer) if isinstance(peer, str) and peer in names else peer
-    if isinstance(index, str) and index.isdigit():
-        index = int(index)
-    prefix = f"peers.{index}"
-    if isinstance(index, int) and prefix in model_configs(checkpoint):
-        return prefix
-    peers = sorted(int(p.split(".")[1]) for p in model_configs(checkpoint) if p.startswith("peers."))
-    choices = f"an index in {peers}" + (f" or a name in {names}" if names else "")
-    raise ConfigError(
-        "peer",
-        peer,
-        "names no peer of this checkpoint" + ("" if peers else " (it holds no cohort)"),
-        f"use {choices}" if peers else "leave --peer out to export its student",
-    )
 
 
 def export(
@@ -91,3 +74,8 @@ def export(
     """
     out = export_student(ckpt_path, output_dir, dtype, overwrite, model, peer)
     print(f"exported {model if peer is None else f'peer {peer}'} to {out}")
+
+
+def _bytes(model: Any) -> int:
+    """Bytes of a model's parameters (a save shows progress only when it is large)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())

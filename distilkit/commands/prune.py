@@ -9,6 +9,7 @@ override the recipe's. The cut itself is :class:`~distilkit.models.from_teacher.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,7 +17,9 @@ import lightning as L
 import yaml
 from jsonargparse import ArgumentParser
 
-from distilkit.errors import ConfigError
+from distilkit.data.progress import LONG_LOAD_BYTES, bars_if
+from distilkit.data.verified import as_command, remember_manifest, shared_memo, write_manifest
+from distilkit.errors import ConfigError, RunInterrupted, fields_as_typed
 from distilkit.files import atomic_directory, refuse_existing
 from distilkit.models.from_teacher import KEY, StudentCut, calibration_data
 from distilkit.models.loading import load_student_and_teacher, parse_dtype, tokenizer_of
@@ -33,8 +36,8 @@ def prune_student(
     importance: str | None = None,
     calibration_batches: int | None = None,
     data_files: str | list[str] | None = None,
-    block_size: int = 128,
-    batch_size: int = 16,
+    block_size: int | None = None,
+    batch_size: int | None = None,
     dtype: str = "float32",
     overwrite: bool = False,
 ) -> tuple[Path, PruneReport]:
@@ -46,6 +49,14 @@ def prune_student(
     out = Path(output_dir)
     refuse_existing(out, overwrite=overwrite, field="output_dir")
     torch_dtype = parse_dtype("dtype", dtype)
+    options: dict[str, Any] = {"config": config, "teacher": teacher, "targets": targets, "layers": layers}
+    options |= {"layer_ranking": layer_ranking, "importance": importance, "data_files": data_files}
+    options |= {
+        "calibration_batches": calibration_batches,
+        "block_size": block_size,
+        "batch_size": batch_size,
+    }
+    command = as_command("prune", output_dir=output_dir, **options)
     recipe = _read_recipe(config) if config is not None else {}
     model_args = (recipe.get("model") or {}).get("init_args") or {}
     teacher_spec = teacher if teacher is not None else model_args.get("teacher")
@@ -57,34 +68,41 @@ def prune_student(
     explicit["calibration_batches"] = calibration_batches
     body = {**_recipe_cut(model_args, config, targets), **(targets or {})}
     body |= {k: v for k, v in explicit.items() if v is not None}
-    cut = StudentCut.parse({KEY: body})
+    given = {"teacher": teacher, "targets": targets, **explicit, "data_files": data_files}
+    typed = _typed({**given, "block_size": block_size, "batch_size": batch_size})
+    with fields_as_typed(typed):
+        cut = StudentCut.parse({KEY: body})
     assert cut is not None
     if isinstance(recipe.get("seed_everything"), int):  # a config-mapping teacher, built as fit builds it
         L.seed_everything(recipe["seed_everything"], verbose=False)
-    datamodule = _datamodule(recipe, teacher_spec, data_files, block_size, batch_size)
-    sizes = {} if datamodule is None else {"vocab_size": datamodule.vocab_size}
-    if datamodule is not None:
-        sizes |= {"block_size": datamodule.block_size, "eos_token_id": datamodule.eos_token_id}
-    student: Any
-    student, teacher_model, _ = load_student_and_teacher(
-        cut, teacher_spec, teacher_dtype=model_args.get("teacher_dtype", "float32"), **sizes
-    )
-    if cut.pending:
-        if datamodule is None:
-            raise ConfigError(
-                "data_files",
-                None,
-                "this cut ranks blocks or width on calibration data, and none was given",
-                "give --data_files (e.g. builtin:python-reference), or --layers with --importance magnitude",
-            )
-        datamodule.setup("fit")
-        student = cut.finish(teacher_model, calibration_data(datamodule, cut.calibration_batches, cut.field))
+    with fields_as_typed(typed):  # errors name the options the user typed, not a recipe's fields
+        datamodule = _datamodule(recipe, teacher_spec, data_files, block_size, batch_size)
+        sizes = {} if datamodule is None else {"vocab_size": datamodule.vocab_size}
+        if datamodule is not None:
+            sizes |= {"block_size": datamodule.block_size, "eos_token_id": datamodule.eos_token_id}
+        student: Any
+        student, teacher_model, _ = load_student_and_teacher(
+            cut, teacher_spec, teacher_dtype=model_args.get("teacher_dtype", "float32"), **sizes
+        )
+        if cut.pending:
+            if datamodule is None:
+                raise ConfigError(
+                    "data_files",
+                    None,
+                    "this cut ranks blocks or width on calibration data, and none was given",
+                    "give --data_files (e.g. builtin:python-reference), or --layers, --importance magnitude",
+                )
+            datamodule.setup("fit")
+            batches = calibration_data(datamodule, cut.calibration_batches, cut.field)
+            student = cut.finish(teacher_model, batches)
     assert cut.report is not None
     tokenizer = datamodule.tokenizer if datamodule is not None else tokenizer_of(teacher_spec, "teacher")
-    with atomic_directory(out, overwrite=overwrite) as staging:
+    with atomic_directory(out, overwrite=overwrite) as staging, bars_if(_bytes(student) >= LONG_LOAD_BYTES):
         student.to(torch_dtype).eval().save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        manifest = write_manifest(staging, command=command, overwrite=True)
+    remember_manifest(out, manifest, shared_memo())  # read back by distilkit: checked by its hashes
     return out, cut.report
 
 
@@ -98,8 +116,8 @@ def prune(
     importance: Literal["activation", "magnitude"] | None = None,
     calibration_batches: int | None = None,
     data_files: str | list[str] | None = None,
-    block_size: int = 128,
-    batch_size: int = 16,
+    block_size: int | None = None,
+    batch_size: int | None = None,
     dtype: str = "float32",
     overwrite: bool = False,
 ) -> None:
@@ -121,17 +139,39 @@ def prune(
         calibration_batches: how many training batches importance is measured on (default 8).
         data_files: calibration text (paths or ``builtin:python-reference``), tokenized with the teacher's
             tokenizer; with ``--config`` it replaces the recipe's ``train_files``.
-        block_size: tokens per calibration example (without ``--config``).
-        batch_size: examples per calibration batch (without ``--config``).
+        block_size: tokens per calibration example (default 128; with ``--config``, the recipe's).
+        batch_size: examples per calibration batch (default 16; with ``--config``, the recipe's, which a fit
+            of the recipe calibrates on: another batch size ranks on other blocks, said in one line).
         dtype: dtype of the saved weights: ``float32``, ``bfloat16`` or ``float16``.
         overwrite: replace an existing ``output_dir``.
     """
-    out, report = prune_student(
-        output_dir, config, teacher, targets, layers, layer_ranking, importance, calibration_batches,
-        data_files, block_size, batch_size, dtype, overwrite,
-    )  # fmt: skip
+    try:
+        out, report = prune_student(
+            output_dir, config, teacher, targets, layers, layer_ranking, importance, calibration_batches,
+            data_files, block_size, batch_size, dtype, overwrite,
+        )  # fmt: skip
+    except RunInterrupted as err:
+        raise RunInterrupted(f"{err}; nothing was written (a cut is one job: run it again)") from err
     print("\n".join(report.lines()))
     print(f"wrote {out}; train it as a recipe's student: model.init_args.student: {out}")
+
+
+#: Where ``prune``'s options land, by the field an error would name otherwise (the most specific first).
+_OPTIONS = {
+    **{f"model.student.{KEY}.{name}": name for name in ("layers", "layer_ranking", "importance")},
+    f"model.student.{KEY}.calibration_batches": "calibration_batches",
+    f"model.student.{KEY}": "targets",
+    "model.teacher": "teacher",
+    "data.train_files": "data_files",
+    "data.block_size": "block_size",
+    "data.batch_size": "batch_size",
+}
+
+
+def _typed(given: dict[str, Any]) -> dict[str, str]:
+    """The fields an error may name, renamed to the options of ``given`` (prune's arguments) that were
+    typed."""
+    return {field: option for field, option in _OPTIONS.items() if given.get(option) is not None}
 
 
 def _read_recipe(path: str | Path) -> dict[str, Any]:
@@ -163,15 +203,23 @@ def _datamodule(
     recipe: dict[str, Any],
     teacher: Any,
     data_files: str | list[str] | None,
-    block_size: int,
-    batch_size: int,
+    block_size: int | None,
+    batch_size: int | None,
 ) -> Any:
-    """The recipe's data module (``data_files`` replacing its training files), a text data module of
-    ``data_files`` with the teacher's tokenizer, or None without either."""
+    """The recipe's data module (``data_files``, ``block_size`` and ``batch_size`` replacing its own when
+    given), a text data module of ``data_files`` with the teacher's tokenizer, or None without either."""
+    given = {"train_files": data_files, "block_size": block_size, "batch_size": batch_size}
+    given = {key: value for key, value in given.items() if value is not None}
     if recipe.get("data"):
         data = dict(recipe["data"])
-        if data_files is not None:
-            data["init_args"] = {**(data.get("init_args") or {}), "train_files": data_files}
+        own = dict(data.get("init_args") or {})
+        if "batch_size" in given and given["batch_size"] != own.get("batch_size", given["batch_size"]):
+            warnings.warn(
+                f"batch_size={given['batch_size']}: the recipe's fit calibrates on batches of "
+                f"{own['batch_size']} (data.batch_size), so this cut may keep other blocks than its fit's",
+                stacklevel=2,
+            )
+        data["init_args"] = {**own, **given}
         parser = ArgumentParser(exit_on_error=False)
         parser.add_subclass_arguments(L.LightningDataModule, "data", required=True)
         return parser.instantiate_classes(parser.parse_object({"data": data}))["data"]
@@ -179,4 +227,11 @@ def _datamodule(
         return None
     from distilkit.data import TextDataModule
 
-    return TextDataModule(data_files, tokenizer=str(teacher), block_size=block_size, batch_size=batch_size)
+    return TextDataModule(
+        data_files, tokenizer=str(teacher), block_size=block_size or 128, batch_size=batch_size or 16
+    )
+
+
+def _bytes(model: Any) -> int:
+    """Bytes of a model's parameters (a save shows progress only when it is large)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())

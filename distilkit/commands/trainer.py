@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
@@ -16,9 +17,11 @@ from rich.console import Console
 from distilkit.callbacks.learning_curve import LearningCurve
 from distilkit.callbacks.predictions import PredictionWriter
 from distilkit.callbacks.progress import DistilProgressBar
+from distilkit.commands.quiet import RESUMABLE_DATA_WARNING
 from distilkit.data import TextDataModule
 from distilkit.errors import ConfigError, TrainingStopped
 from distilkit.modules import MutualDistillationModule
+from distilkit.run import RunState
 from distilkit.run.checkpoint_io import AtomicCheckpointIO
 from distilkit.run.directory import (
     SaveRunConfig,
@@ -32,7 +35,14 @@ from distilkit.run.directory import (
     undo_failed_start,
 )
 from distilkit.run.loggers import CSVLogger, wandb_loggers
-from distilkit.run.signals import CheckpointAtEnd, CheckpointOnInterrupt, CheckpointOnSigterm
+from distilkit.run.signals import (
+    CheckpointAtEnd,
+    CheckpointOnInterrupt,
+    CheckpointOnSigterm,
+    CheckpointOnTeacherUnavailable,
+)
+from distilkit.run.state import teacher_identity
+from distilkit.teachers import describe_teacher
 
 PREDICTIONS_FILE = "predictions.jsonl"
 #: What the CPU allocator says when it runs out (CUDA raises ``torch.OutOfMemoryError``).
@@ -69,6 +79,18 @@ class DistilCLI(LightningCLI):
             }
         )
         parser.add_class_arguments(DistilProgressBar, "progress_bar", instantiate=False)
+        parser.add_argument(
+            "--allow_teacher_change",
+            type=bool,
+            default=False,
+            help="resume a fit with another teacher than its checkpoint's, on purpose (refused otherwise); "
+            "the checkpoint records both",
+        )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse ``args``, the command line distilkit passes (LightningCLI's own warns, with the whole
+        argument list, whenever ``args`` is given and ``sys.argv`` is not empty: always, here)."""
+        self.config = parser.parse_args(args)
 
     def _parse_ckpt_path(self) -> None:
         """Keep the config as given. LightningCLI would overwrite the model's config with the checkpoint's
@@ -80,6 +102,10 @@ class DistilCLI(LightningCLI):
         subcommand = str(self.subcommand)
         config = self.config[subcommand]
         root = config.trainer.get("default_root_dir") or "runs/default"
+        if Path(root).exists() and not Path(root).is_dir():
+            raise ConfigError(
+                "trainer.default_root_dir", root, "is a file, not a directory", "give a directory for the run"
+            )
         config.trainer.default_root_dir = root
         asked = config.get("ckpt_path")
         config.ckpt_path = resolve_checkpoint(root, asked, subcommand)
@@ -103,7 +129,7 @@ class DistilCLI(LightningCLI):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
         given = config.trainer.get("callbacks") or []
         callbacks = [*(given if isinstance(given, list) else [given]), CheckpointOnSigterm()]
-        callbacks.append(CheckpointOnInterrupt())
+        callbacks += [CheckpointOnInterrupt(), CheckpointOnTeacherUnavailable()]
         if config.trainer.get("enable_progress_bar") is not False:
             callbacks.append(DistilProgressBar(**config.progress_bar))
         if self.subcommand == "fit":
@@ -114,20 +140,34 @@ class DistilCLI(LightningCLI):
 
     # LightningCLI runs a method named after the subcommand when the CLI has one.
     def fit(self, model: Any, **kwargs: Any) -> None:
-        with self._guarded():
-            self.trainer.fit(model, **kwargs)
+        model.allow_teacher_change = bool(self.config["fit"].get("allow_teacher_change"))
+        with self._guarded(), warnings.catch_warnings():
+            data = kwargs.get("datamodule")
+            if data is not None and type(data).state_dict is not LightningDataModule.state_dict:
+                # it keeps its place in the data itself (TextDataModule): Lightning's warning is wrong here
+                warnings.filterwarnings("ignore", message=RESUMABLE_DATA_WARNING)
+            self.trainer.fit(model, **self._known_checkpoint(kwargs))
 
     def validate(self, model: Any, **kwargs: Any) -> None:
         with self._guarded():
-            self.trainer.validate(model, **kwargs)
+            self.trainer.validate(model, **self._known_checkpoint(kwargs))
 
     def test(self, model: Any, **kwargs: Any) -> None:
         with self._guarded():
-            self.trainer.test(model, **kwargs)
+            self.trainer.test(model, **self._known_checkpoint(kwargs))
 
     def predict(self, model: Any, **kwargs: Any) -> None:
         with self._guarded():
-            self.trainer.predict(model, **kwargs)
+            self.trainer.predict(model, **self._known_checkpoint(kwargs))
+
+    def _known_checkpoint(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``kwargs`` without ``ckpt_path``, which is set on the trainer instead (``trainer.ckpt_path``): so
+        the module's ``setup`` knows a checkpoint will replace its weights (Lightning sets it only after
+        ``setup`` otherwise), and a resumed ``from_teacher`` student is not calibrated again."""
+        ckpt_path = kwargs.pop("ckpt_path", None)
+        if ckpt_path is not None:
+            self.trainer.ckpt_path = ckpt_path
+        return kwargs
 
     @contextmanager
     def _guarded(self) -> Iterator[None]:
@@ -210,7 +250,7 @@ def print_summary(trainer: Trainer, console: Console) -> None:
     root = Path(trainer.default_root_dir)
     checkpoint: Any = trainer.checkpoint_callback
     last = getattr(checkpoint, "last_model_path", "") or ""
-    lines = [f"run directory      {root}"]
+    lines = [f"run directory      {root}", f"teacher            {run_teacher(trainer)}"]
     for key, label in (
         ("val/teacher_ppl", "teacher val ppl"),
         ("val/ppl", "student val ppl"),
@@ -218,16 +258,38 @@ def print_summary(trainer: Trainer, console: Console) -> None:
     ):
         if key in metrics:
             lines.append(f"{label:<18} {float(metrics[key]):.2f}")
-    peers = [key.split("/")[1] for key in metrics if key.startswith("val/peer") and key.endswith("/ppl")]
-    lines += [f"{peer + ' val ppl':<18} {float(metrics[f'val/{peer}/ppl']):.2f}" for peer in sorted(peers)]
+    peers = sorted(k.split("/")[1] for k in metrics if k.startswith("val/peer") and k.endswith("/ppl"))
+    names = list(getattr(trainer.lightning_module, "names", None) or [])
+    for peer in peers:
+        index = int(peer.removeprefix("peer")) if peer.removeprefix("peer").isdigit() else -1
+        label = names[index] if 0 <= index < len(names) else peer
+        lines.append(f"{label + ' val ppl':<18} {float(metrics[f'val/{peer}/ppl']):.2f}")
     console.rule("distilkit")
     for line in lines:
-        console.print(line, highlight=False)
-    if last:  # printed whole (never wrapped), so it can be copied and run
-        what, option = ("a peer", " --peer N") if peers else ("the student", "")
-        print(
-            f"export {what}: distilkit export --ckpt_path '{last}' --output_dir '{root / 'export'}'{option}"
-        )
+        console.print(line, markup=False, emoji=False, highlight=False)  # as written: paths, names
+    if not last:
+        return
+    # printed whole (never wrapped), so it can be copied and run; a cohort's export needs --peer (whether or
+    # not a validation ran), one command per peer
+    command = f"distilkit export --ckpt_path '{last}'"
+    if isinstance(trainer.lightning_module, MutualDistillationModule):
+        for name in map(str, trainer.lightning_module.names):
+            print(f"export peer {name}: {command} --output_dir '{root / ('export-' + name)}' --peer {name}")
+    else:
+        print(f"export the student: {command} --output_dir '{root / 'export'}'")
+
+
+def run_teacher(trainer: Trainer) -> str:
+    """What taught the run, in one line: the teacher (or cache) of its last checkpoint, and the earlier ones
+    when it was changed on a resume; the peers of a cohort."""
+    module = trainer.lightning_module
+    if isinstance(module, MutualDistillationModule):
+        return f"none: the peers teach each other ({', '.join(map(str, module.names))})"
+    text = describe_teacher(teacher_identity(module))
+    state = next((c for c in trainer.callbacks if isinstance(c, RunState)), None)  # type: ignore[attr-defined]
+    for earlier in reversed(state.earlier_teachers if state is not None else []):
+        text += f"; until step {earlier['until_step']}: {describe_teacher(earlier['teacher'])}"
+    return text
 
 
 def refuse_manual_optimization_settings(config: Any) -> None:

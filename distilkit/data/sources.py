@@ -16,11 +16,15 @@ from typing import Any
 import datasets
 
 from distilkit.data.corpus import BUILTIN_PREFIX, builtin_corpus_path
+from distilkit.data.progress import LONG_DOCUMENTS, LONG_TEXT_BYTES, bars_if
 from distilkit.errors import ConfigError
 from distilkit.files import sha256_file
 
 #: File suffix -> ``datasets`` builder.
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+#: ``data.domains`` / ``model.route_by``: a document's domain is the data file it came from.
+FILE_DOMAIN = "file"
 
 
 def resolve_sources(field: str, files: str | Sequence[str], cache_dir: Path) -> list[str]:
@@ -58,29 +62,107 @@ def resolve_sources(field: str, files: str | Sequence[str], cache_dir: Path) -> 
 
 
 def load_documents(
-    sources: list[str], field: str, text_field: str, cache_dir: Path, skip_missing_text: bool = False
+    sources: list[str],
+    field: str,
+    text_field: str,
+    cache_dir: Path,
+    skip_missing_text: bool = False,
+    also: str | None = None,
 ) -> datasets.Dataset:
-    """All non-empty documents of ``sources`` as a Dataset with the one column ``text_field``.
+    """All non-empty documents of ``sources`` as a Dataset with the one column ``text_field`` (and ``also``).
 
     A row whose ``text_field`` is not text (a number, a list ...) is refused naming its file and line; rows
     without it (missing or null) are counted and refused unless ``skip_missing_text``, then skipped with a
-    warning. Empty strings are empty documents and are dropped.
+    warning. Empty strings are empty documents and are dropped. ``also``: a second column kept beside the
+    text, as strings (numbers are written out; None where a row or a file has no such field).
     """
-    by_builder: dict[str, list[str]] = {}
-    for source in sources:
-        by_builder.setdefault(BUILDERS.get(Path(source).suffix, ""), []).append(source)
-    parts = [_load(builder, files, field, cache_dir) for builder, files in by_builder.items()]
-    parts = [part.select_columns([text_field]) if text_field in part.column_names else part for part in parts]
+    columns = [text_field] if also is None or also == text_field else [text_field, also]
+    groups = _by_builder(sources)
+    with bars_if(_text_bytes(sources) >= LONG_TEXT_BYTES):  # progress only where loading takes a while
+        parts = [
+            _columns(_load(builder, files, field, cache_dir), columns, files)
+            for builder, files in groups.items()
+        ]
     docs = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if text_field not in docs.column_names:
         raise ConfigError(
             "data.text_field", text_field, f"is not a column of {field}", f"use one of {docs.column_names}"
         )
     _check_text_column(docs, sources, field, text_field, skip_missing_text)
-    docs = docs.select_columns([text_field]).filter(lambda row: bool(row[text_field]))
+    with bars_if(docs.num_rows >= LONG_DOCUMENTS):
+        docs = docs.select_columns(columns).filter(lambda row: bool(row[text_field]))
     if len(docs) == 0:
         raise ConfigError(field, sources, "holds no text", "give files with at least one non-empty document")
     return docs
+
+
+def document_domains(
+    sources: list[str],
+    field: str,
+    text_field: str,
+    domains: str,
+    cache_dir: Path,
+    skip_missing_text: bool = False,
+    names: dict[str, str] | None = None,
+) -> list[str | None]:
+    """The domain of every document :func:`load_documents` gives for ``sources``, in its order.
+
+    Args:
+        sources: resolved sources (:func:`resolve_sources`).
+        field: the config field they came from, named in errors.
+        text_field: the text column.
+        domains: a row field, whose value (as text; None where a row has none) is the document's domain, or
+            :data:`FILE_DOMAIN`: the data file a document came from, by its name in ``names``.
+        cache_dir: distilkit's cache directory.
+        skip_missing_text: as :func:`load_documents`.
+        names: ``{source: name}`` for :data:`FILE_DOMAIN` (default: each file's stem).
+    """
+    if domains != FILE_DOMAIN:
+        docs = load_documents(sources, field, text_field, cache_dir, skip_missing_text, also=domains)
+        return list(docs[domains])
+    values: list[str | None] = []
+    for files in _by_builder(sources).values():  # load_documents' order: by builder, then as given
+        for source in files:
+            count = len(load_documents([source], field, text_field, cache_dir, skip_missing_text))
+            values += [(names or {}).get(source, Path(source).stem)] * count
+    return values
+
+
+def source_name(name: str) -> str:
+    """What a data file is called as a domain: a built-in corpus by its name (``python-code``), a file by
+    its stem (``data/code.jsonl`` -> ``code``), a ``datasets`` name as it is."""
+    if name.startswith(BUILTIN_PREFIX):
+        return name[len(BUILTIN_PREFIX) :]
+    path = Path(name)
+    return path.stem if path.suffix in BUILDERS else name
+
+
+def row_naming(
+    sources: list[str], domains: str, value: str | None, names: dict[str, str] | None = None
+) -> str:
+    """Where the first row whose domain is ``value`` is, for an error message to name it: ``file:line``
+    (jsonl), or the file (a :data:`FILE_DOMAIN`, named as in ``names``; a file of another format)."""
+    if domains == FILE_DOMAIN:
+        named = (s for s in sources if (names or {}).get(s, Path(s).stem) == value)
+        return next(named, str(sources))
+    found = lambda v: (None if v is None else str(v)) == value  # noqa: E731
+    where, _ = _first_row(sources, domains, found)
+    others = [s for s in sources if Path(s).suffix not in (".jsonl", ".json")]
+    return where or (f"a row of {others}" if others else str(sources))
+
+
+def _text_bytes(sources: Sequence[str]) -> float:
+    """Bytes of the local files among ``sources`` (a ``datasets`` name counts as large: size unknown)."""
+    total = 0.0
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_file():
+            total += path.stat().st_size
+        elif path.is_dir():
+            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        else:
+            total = float("inf")
+    return total
 
 
 def fingerprint(sources: Sequence[str], text_field: str) -> str:
@@ -181,6 +263,35 @@ def _first_row(sources: list[str], text_field: str, bad: Any) -> tuple[str | Non
                 if bad(value):
                     return f"{source}:{number}", value
     return None, None
+
+
+def _by_builder(sources: list[str]) -> dict[str, list[str]]:
+    """The sources by the ``datasets`` builder that reads them, builders in order of first appearance."""
+    by_builder: dict[str, list[str]] = {}
+    for source in sources:
+        by_builder.setdefault(BUILDERS.get(Path(source).suffix, ""), []).append(source)
+    return by_builder
+
+
+def _columns(part: datasets.Dataset, columns: list[str], files: list[str]) -> datasets.Dataset:
+    """``part`` with only ``columns``: the text (refused later when missing) and a domain field, as strings,
+    added as None where the files have no such field."""
+    if columns[0] not in part.column_names:
+        return part
+    for name in columns[1:]:
+        if name not in part.column_names:
+            part = part.add_column(name, [None] * len(part))
+        feature = part.features[name]
+        if not isinstance(feature, datasets.Value):
+            raise ConfigError(
+                "data.domains",
+                name,
+                f"holds {feature} values in {files}, not a name",
+                "name each row's domain with a string or a number",
+            )
+        if feature.dtype not in ("string", "large_string"):
+            part = part.cast_column(name, datasets.Value("string"))
+    return part.select_columns(columns)
 
 
 def _load(builder: str, files: list[str], field: str, cache_dir: Path) -> datasets.Dataset:

@@ -18,8 +18,15 @@ from distilkit.batch import IGNORE_INDEX
 from distilkit.data import chat
 from distilkit.data.chat_blocks import ChatBlocks, PackingReport
 from distilkit.data.chat_rows import TrainOn, check_chat_settings, conversation_texts
+from distilkit.data.domains import DocumentDomains, domain_ids, requested_domains
 from distilkit.data.sampler import ResumableSampler
-from distilkit.data.sources import fingerprint, load_documents, resolve_sources
+from distilkit.data.sources import (
+    FILE_DOMAIN,
+    document_domains,
+    fingerprint,
+    load_documents,
+    resolve_sources,
+)
 from distilkit.data.token_cache import cached_map
 from distilkit.data.tokenizer import resolve_tokenizer, tokenizer_hash
 from distilkit.errors import ConfigError
@@ -39,16 +46,24 @@ class PackedBlocks(Dataset):
     Item ``i`` is ``{"input_ids": (T,), "attention_mask": (T,), "labels": (T,), "block_index": ()}`` with
     labels equal to the inputs; the tail of the last, partial block is padding (mask 0, label -100).
     ``block_index`` is ``i`` itself (a batch carries ``(B,)`` of them): what a teacher cache is read by.
+    With ``doc_domains``, items also carry ``domain`` ``(T,)``: the domain id of each token's document (the
+    EOS that ends a document is the document's), -1 at padding.
 
     Args:
         stream: ``(tokens,)`` the documents' token ids, each document followed by EOS.
         block_size: T.
         pad_id: the id written into padding.
         doc_starts: ``(documents,)`` the stream offset where each document begins (for per-document scores).
+        doc_domains: ``(documents,)`` each document's domain id (:mod:`distilkit.data.domains`).
     """
 
     def __init__(
-        self, stream: np.ndarray, block_size: int, pad_id: int, doc_starts: np.ndarray | None = None
+        self,
+        stream: np.ndarray,
+        block_size: int,
+        pad_id: int,
+        doc_starts: np.ndarray | None = None,
+        doc_domains: np.ndarray | None = None,
     ) -> None:
         self.block_size = block_size
         blocks = -(-len(stream) // block_size)  # ceil
@@ -57,18 +72,26 @@ class PackedBlocks(Dataset):
         self.tokens = torch.from_numpy(padded).view(blocks, block_size)  # (n_blocks, T)
         self.valid = torch.arange(blocks * block_size).view(blocks, block_size) < len(stream)  # (n_blocks, T)
         self.doc_starts = np.zeros(1, dtype=np.int64) if doc_starts is None else doc_starts
+        self.domains: torch.Tensor | None = None  # (n_blocks, T) int32
+        if doc_domains is not None:
+            per_token = np.full(blocks * block_size, -1, dtype=np.int32)
+            per_token[: len(stream)] = doc_domains[self.document_of(np.arange(len(stream)))]
+            self.domains = torch.from_numpy(per_token).view(blocks, block_size)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         ids, valid = self.tokens[index], self.valid[index]
-        return {
+        item = {
             "input_ids": ids,
             "attention_mask": valid.long(),
             "labels": torch.where(valid, ids, torch.full_like(ids, IGNORE_INDEX)),
             "block_index": torch.tensor(index, dtype=torch.long),
         }
+        if self.domains is not None:
+            item["domain"] = self.domains[index].long()
+        return item
 
     def document_of(self, positions: np.ndarray) -> np.ndarray:
         """The document index of each stream position (``block * T + t``)."""
@@ -93,6 +116,12 @@ class TextDataModule(L.LightningDataModule):
     (:class:`~distilkit.data.chat_blocks.ChatBlocks`; batches add ``position_ids`` and ``assistant_mask``).
     A conversation longer than ``block_size`` is truncated, and what that drops is reported at setup.
 
+    Plain-text documents can carry a domain (``domains``, :mod:`distilkit.data.domains`): batches then hold
+    ``domain`` ``(B, T)``, each token's document's id in :attr:`domain_names` (-1 at padding), by which
+    several teachers are routed and validation logs ``val/<domain>/ppl``. A data module given no
+    ``domains`` carries what the module it trains asks for (its ``domains``: a ``DistillationModule``'s
+    ``route_by``). Blocks, token caches and :meth:`identity` are the same with or without domains.
+
     Args:
         train_files: paths, ``builtin:python-reference`` (prose), ``builtin:python-code`` (the standard
             library's source), or one ``datasets`` name/path.
@@ -116,6 +145,12 @@ class TextDataModule(L.LightningDataModule):
             and exports carry it).
         train_on: chat rows only: ``assistant`` (the default: loss on the assistant's tokens, every turn)
             or ``all`` (every token).
+        domains: plain text only: the row field that names each document's domain (its value as text), or
+            ``file``: the data file it came from (a built-in corpus by its name, ``python-code``; a file by
+            its stem). Default: what the trained module asks for, else none.
+        split_per_file: plain text without ``val_files``: hold out ``val_fraction`` of each training file's
+            documents on its own (seeded as a run on that file alone would), so teachers trained on one file
+            each hold out the same documents as a student trained on them all.
     """
 
     def __init__(
@@ -135,6 +170,8 @@ class TextDataModule(L.LightningDataModule):
         skip_missing_text: bool = False,
         chat_template: str | None = None,
         train_on: TrainOn | None = None,
+        domains: str | None = None,
+        split_per_file: bool = False,
     ) -> None:
         super().__init__()
         for name, value, low in (("block_size", block_size, 2), ("batch_size", batch_size, 1)):
@@ -166,6 +203,21 @@ class TextDataModule(L.LightningDataModule):
             self.tokenizer.chat_template = self.chat_template
         self.datasets: dict[str, PackedBlocks | ChatBlocks] = {}
         self.packing_reports: dict[str, PackingReport] = {}
+        if domains is not None and (self.chat or not domains):
+            problem = "is for plain text (chat rows carry no domain)" if self.chat else "is empty"
+            raise ConfigError("data.domains", domains, problem, "drop data.domains, or name a row field")
+        self.domains = domains
+        if split_per_file and self.chat:
+            raise ConfigError("data.split_per_file", True, "is for plain text", "drop it for chat rows")
+        self.split_per_file = split_per_file and self.val_sources is None and len(self.train_sources) > 1
+        self.document_domains: DocumentDomains | None = None  # what the blocks carry, set at setup
+        self._given = {
+            key: (files, sources)
+            for key, files, sources in (
+                ("train", train_files, self.train_sources), ("val", val_files, self.val_sources),
+                ("test", test_files, self.test_sources), ("predict", predict_files, self.predict_sources),
+            )
+        }  # fmt: skip
         self._resume_position: tuple[int, int] | None = None
 
     @property
@@ -190,6 +242,7 @@ class TextDataModule(L.LightningDataModule):
         two data modules with equal identities give the same blocks in the same splits. A teacher cache
         compares it with the identity it was built from."""
         split = {"val_fraction": self.val_fraction, "seed": self.seed} if self.val_sources is None else {}
+        split |= {"split_per_file": True} if self.split_per_file else {}
         field = CHAT_FIELD if self.chat else self.text_field
         packing = (
             {"chat_template": chat.template_hash(self.chat_template), "packing": chat.ENCODING_VERSION}
@@ -206,7 +259,21 @@ class TextDataModule(L.LightningDataModule):
         }
 
     # ------------------------------------------------------------------------------------------------ setup
+    @property
+    def domain_field(self) -> str | None:
+        """The row field (or ``file``) the blocks' ``domain`` ids come from; None when they carry none."""
+        return None if self.document_domains is None else self.document_domains.field
+
+    @property
+    def domain_names(self) -> list[str | None]:
+        """Domain id -> name (None: rows without the field); empty without domains."""
+        return [] if self.document_domains is None else self.document_domains.names
+
     def setup(self, stage: str | None = None) -> None:
+        field = self.domains if self.domains is not None or self.chat else requested_domains(self.trainer)
+        if field != self.domain_field:  # blocks made before a module asked for domains are made again
+            self.datasets = {}
+            self.document_domains = None if field is None else DocumentDomains(field, self._given)
         if not self.datasets:
             train_docs = self._tokenized(self.train_sources, "data.train_files")
             if self.val_sources is not None:
@@ -310,7 +377,7 @@ class TextDataModule(L.LightningDataModule):
         pad = int(self.tokenizer.pad_token_id)
         if not self.chat:
             stream, starts = _stream(docs)
-            return PackedBlocks(stream, self.block_size, pad, starts)
+            return PackedBlocks(stream, self.block_size, pad, starts, domain_ids(docs))
         ids, offsets = _lists(docs, "input_ids")
         assistant, _ = _lists(docs, "assistant")
         blocks = ChatBlocks(ids, assistant, offsets, self.block_size, pad, self.train_on, split)
@@ -340,7 +407,11 @@ class TextDataModule(L.LightningDataModule):
             return {"input_ids": [doc + [eos] for doc in ids]}
 
         docs = self._documents(sources, field)
-        return cached_map(docs, encode, self.cache_dir / f"tokens-{key}.arrow", key, [text_field])
+        tokens = cached_map(docs, encode, self.cache_dir / f"tokens-{key}.arrow", key, [text_field])
+        if self.document_domains is None:
+            return tokens
+        loading = {"cache_dir": self.cache_dir, "skip_missing_text": self.skip_missing_text}
+        return self.document_domains.column(tokens, sources, field, text_field=text_field, **loading)
 
     def _split(self, docs: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset]:
         """Seeded document-level split; one document is split at its last ``val_fraction`` of tokens
@@ -360,10 +431,18 @@ class TextDataModule(L.LightningDataModule):
                     "is too short to hold out a validation block",
                     "give more text, a smaller block_size, or val_files",
                 )
-            head = datasets.Dataset.from_dict({"input_ids": [ids[:cut]]})
-            tail = datasets.Dataset.from_dict({"input_ids": [ids[cut:]]})
+            domain = {"domain": docs["domain"]} if "domain" in docs.column_names else {}
+            head = datasets.Dataset.from_dict({"input_ids": [ids[:cut]], **domain})
+            tail = datasets.Dataset.from_dict({"input_ids": [ids[cut:]], **domain})
             return head, tail
-        train_idx, val_idx = held_out_split(len(docs), self.val_fraction, self.seed)
+        if self.split_per_file:
+            files = document_domains(
+                self.train_sources, "data.train_files", self.text_field, FILE_DOMAIN, self.cache_dir,
+                self.skip_missing_text, names={source: source for source in self.train_sources},
+            )  # fmt: skip
+            train_idx, val_idx = held_out_per_group(files, self.val_fraction, self.seed)
+        else:
+            train_idx, val_idx = held_out_split(len(docs), self.val_fraction, self.seed)
         return docs.select(train_idx), docs.select(val_idx)
 
 
@@ -373,6 +452,24 @@ def held_out_split(n_docs: int, val_fraction: float, seed: int) -> tuple[np.ndar
     order = np.random.default_rng(seed).permutation(n_docs)
     n_val = max(1, round(n_docs * val_fraction))
     return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def held_out_per_group(groups: list[Any], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ``(train, val)`` document indices: :func:`held_out_split` of each group's documents on its own
+    (``groups``: each document's group, e.g. its file)."""
+    labels = np.asarray([str(group) for group in groups])
+    train, val = [], []
+    for group in dict.fromkeys(labels):
+        members = np.flatnonzero(labels == group)
+        if len(members) < 2:
+            raise ConfigError(
+                "data.split_per_file", group, "has one document: none can be held out on its own",
+                "give it more documents, or drop split_per_file",
+            )  # fmt: skip
+        own_train, own_val = held_out_split(len(members), val_fraction, seed)
+        train.append(members[own_train])
+        val.append(members[own_val])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
 def _world_size_and_rank(trainer: Any) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from typing import Any
 import datasets
 from lightning.pytorch.utilities import rank_zero_warn
 
+from distilkit.data.progress import LONG_DOCUMENTS, bars_if
 from distilkit.files import sha256_file, write_text
 
 
@@ -50,15 +51,16 @@ def cached_map(
         features: the result's column types (default: inferred).
     """
     check(cache_file)
-    mapped = docs.map(
-        function,
-        batched=True,
-        remove_columns=remove_columns,
-        cache_file_name=str(cache_file),
-        new_fingerprint=key,
-        desc=desc,
-        features=features,
-    )
+    with bars_if(docs.num_rows >= LONG_DOCUMENTS):
+        mapped = docs.map(
+            function,
+            batched=True,
+            remove_columns=remove_columns,
+            cache_file_name=str(cache_file),
+            new_fingerprint=key,
+            desc=desc,
+            features=features,
+        )
     if not record_path(cache_file).exists():
         _record(cache_file, sha256_file(cache_file))
     return mapped

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from distilkit.data.gguf import gguf_tokenizer, is_gguf
+from distilkit.data.verified import MANIFEST, HashMemo, remember_manifest, verify_directory, write_manifest
 from distilkit.errors import ConfigError
 from distilkit.files import atomic_directory
 
@@ -79,9 +80,21 @@ def resolve_tokenizer(
             )
         key = hashlib.sha256(json.dumps([fingerprint, settings], sort_keys=True).encode()).hexdigest()[:16]
         path = cache_dir / f"tokenizer-{key}"
+        memo = HashMemo(cache_dir / "hashes.json")
         if not (path / "tokenizer.json").exists():
             with atomic_directory(path, overwrite=True, field="data.tokenizer") as staging:
                 train_bpe(texts(), **settings).save_pretrained(staging)
+                manifest = write_manifest(staging, settings=settings)
+            remember_manifest(path, manifest, memo)
+        elif (path / MANIFEST).exists():  # (one trained before manifests were kept is read as it is)
+            verify_directory(
+                path,
+                memo,
+                what="its trained tokenizer",
+                field="data.tokenizer",
+                value=json.dumps(dict(spec)),
+                fix=f"delete it (rm -r {path}): it is trained again",
+            )
         return _with_eos(AutoTokenizer.from_pretrained(path), str(path))
     if is_gguf(spec):
         return _with_eos(gguf_tokenizer(spec, field="data.tokenizer", cache_dir=cache_dir), str(spec))

@@ -14,8 +14,11 @@ call can set back), so an edited or truncated file is hashed again and caught; a
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,26 +61,73 @@ class HashMemo:
         except (OSError, ValueError, TypeError):
             self.entries = {}
 
-    def sha256(self, path: Path, on_hash: Callable[[Path], None] | None = None) -> str:
+    def sha256(self, path: Path, on_hash: Callable[[Path], None] | None = None, *, save: bool = True) -> str:
         """The file's digest: remembered when its stamp is unchanged, else hashed now and remembered.
 
-        ``on_hash(path)`` is called before a file is read whole (to show progress).
+        ``on_hash(path)`` is called before a file is read whole (to show progress). ``save=False`` keeps a
+        new entry in memory only (:meth:`save` writes them all at once: many files, one write).
         """
-        key, now = str(path.resolve()), stamp(path)
-        entry = self.entries.get(key)
-        if entry is not None and tuple(entry[:-1]) == now:
-            return str(entry[-1])
+        remembered = self.lookup(path)
+        if remembered is not None:
+            return remembered
         if on_hash is not None:
             on_hash(path)
         digest = sha256_file(path)
-        self.remember(path, digest)
+        self.remember(path, digest, save=save)
         return digest
 
-    def remember(self, path: Path, digest: str) -> None:
-        """Record that ``path``, as it is now, hashes to ``digest``."""
+    def lookup(self, path: Path) -> str | None:
+        """The digest remembered for ``path`` as it is now (its stamp unchanged), or None."""
+        entry = self.entries.get(str(path.resolve()))
+        return str(entry[-1]) if entry is not None and tuple(entry[:-1]) == stamp(path) else None
+
+    def remember(self, path: Path, digest: str, *, save: bool = True) -> None:
+        """Record that ``path``, as it is now, hashes to ``digest`` (``save=False``: in memory only)."""
         self.entries[str(path.resolve())] = [*stamp(path), digest]
+        if save:
+            self.save()
+
+    def save(self) -> None:
+        """Write the memo (entries of files that no longer exist are dropped). A memo that cannot be written
+        (a read-only cache directory) only costs hashing again next time."""
         self.entries = {k: v for k, v in self.entries.items() if os.path.exists(k)}
-        write_text(self.file, json.dumps(self.entries, indent=0, sort_keys=True) + "\n")
+        with contextlib.suppress(OSError):
+            write_text(self.file, json.dumps(self.entries, indent=0, sort_keys=True) + "\n")
+
+
+def as_command(name: str, **options: Any) -> str:
+    """``distilkit NAME --option value ...`` for the options that are not None, quoted for a shell: the
+    command a manifest records, which writes the directory again."""
+    words = ["distilkit", name]
+    for option, value in options.items():
+        if value is not None:
+            text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            words += [f"--{option}", text]
+    return shlex.join(words)
+
+
+def cache_root() -> Path:
+    """``$DISTILKIT_CACHE``, else ``~/.cache/distilkit``: where distilkit keeps what it derives."""
+    return Path(os.environ.get("DISTILKIT_CACHE", Path.home() / ".cache" / "distilkit")).expanduser()
+
+
+def content_sha256(path: Path, memo: HashMemo | None = None) -> str:
+    """SHA-256 of a file's content, or of a directory's (every file's relative path and hash, in order),
+    with each file's hash remembered in ``memo`` (default :func:`shared_memo`): what identifies a model or a
+    data file whatever its path."""
+    memo = memo if memo is not None else shared_memo()
+    if path.is_file():
+        return memo.sha256(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    entries = [[p.relative_to(path).as_posix(), memo.sha256(p, save=False)] for p in files]
+    memo.save()
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def shared_memo() -> HashMemo:
+    """The memo of the hashes of files distilkit wrote and reads back (teacher-cache shards, checkpoints,
+    exported models, trained tokenizers): ``$DISTILKIT_CACHE/hashes.json``."""
+    return HashMemo(cache_root() / "hashes.json")
 
 
 def _files(directory: Path) -> list[Path]:
@@ -114,6 +164,8 @@ def verify_directory(
     value: str,
     fix: str,
     on_hash: Callable[[Path], None] | None = None,
+    what: str = "its converted copy",
+    extra_files: bool = False,
 ) -> dict[str, Any]:
     """Check ``directory`` against its manifest; the first difference is a one-line :class:`ConfigError`.
 
@@ -123,6 +175,8 @@ def verify_directory(
         field / value: what the error names (``model.teacher``, the file the directory was made from).
         fix: the command that repairs it.
         on_hash: called before a file is hashed whole.
+        what: the directory as the message names it (``its converted copy``, ``its trained tokenizer``).
+        extra_files: accept files the directory was not written with (a README added to an export).
 
     Returns:
         The manifest.
@@ -135,19 +189,17 @@ def verify_directory(
         manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
         expected: dict[str, dict[str, Any]] = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise refuse(
-            f"its converted copy {directory} has no readable {MANIFEST} ({type(err).__name__})"
-        ) from err
+        raise refuse(f"{what} {directory} has no readable {MANIFEST} ({type(err).__name__})") from err
     for name, entry in expected.items():
         path = directory / name
         if not path.is_file():
-            raise refuse(f"its converted copy's {path} is missing")
+            raise refuse(f"{what}'s {path} is missing")
         size = path.stat().st_size
         if size != entry["bytes"]:
-            raise refuse(f"its converted copy's {path} is {size} bytes, not the {entry['bytes']} written")
+            raise refuse(f"{what}'s {path} is {size} bytes, not the {entry['bytes']} written")
         if memo.sha256(path, on_hash) != entry["sha256"]:
-            raise refuse(f"its converted copy's {path} does not match the SHA-256 written with it")
+            raise refuse(f"{what}'s {path} does not match the SHA-256 written with it")
     extra = [p for p in _files(directory) if p.relative_to(directory).as_posix() not in expected]
-    if extra:
-        raise refuse(f"its converted copy holds {extra[0]}, which it was not written with")
+    if extra and not extra_files:
+        raise refuse(f"{what} holds {extra[0]}, which it was not written with")
     return dict(manifest)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from distilkit.batch import IGNORE_INDEX
 from distilkit.errors import ConfigError
+from distilkit.losses.partial import PartialTargets
 from distilkit.losses.sparse import (
     SparseTargets,
     check_sparse_mode,
@@ -123,20 +124,24 @@ class DistillationLoss(nn.Module):
         raise NotImplementedError
 
     def kd_and_ce(
-        self, student_logits: Tensor, teacher: Tensor | SparseTargets, labels: Tensor
+        self, student_logits: Tensor, teacher: Tensor | SparseTargets | PartialTargets, labels: Tensor
     ) -> tuple[Tensor, Tensor]:
         """KD against the teacher's logits or sparse targets, and the student's cross-entropy on ``labels``:
         the module's two terms, from one call (a loss may compute both from one softmax).
 
         Args:
             student_logits: ``(n, V)`` logits of the student.
-            teacher: the teacher's ``(n, V)`` logits, or its :class:`SparseTargets` at the same positions.
+            teacher: the teacher's ``(n, V)`` logits, or its :class:`SparseTargets` at the same positions, or
+                :class:`~distilkit.losses.partial.PartialTargets` (rows without a teacher learn from their
+                labels alone).
             labels: ``(n,)`` next-token targets, every one a token (the chunked loss has removed the masked
                 positions: checking here would cost a device sync per chunk).
 
         Returns:
             ``(kd, ce)``, float32 means over the n positions (CE at temperature 1).
         """
+        if isinstance(teacher, PartialTargets):
+            return teacher.kd_and_ce(self, student_logits, labels)
         if isinstance(teacher, SparseTargets):
             return self.sparse_forward_and_ce(student_logits, teacher, labels)
         return self(student_logits, teacher), cross_entropy(student_logits, labels, self.ignore_index)

@@ -29,12 +29,14 @@ from torch import Tensor
 
 from distilkit.data.teacher_cache.targets import SparseTargets
 from distilkit.errors import ConfigError
+from distilkit.losses.partial import PartialTargets
 from distilkit.losses.workspace import Workspace
 from distilkit.models.heads import OutputHead
 
 #: What a chunk of student logits is compared with: the teacher's ``(n, V)`` logits (a live teacher, a
-#: mixture of models ...) or its :class:`SparseTargets` (a teacher cache ...), or None without a teacher.
-TeacherChunk = Tensor | SparseTargets | None
+#: mixture of models ...) or its :class:`SparseTargets` (a teacher cache ...), either at some rows only
+#: (:class:`PartialTargets`: several teachers that leave rows untaught), or None without a teacher.
+TeacherChunk = Tensor | SparseTargets | PartialTargets | None
 
 #: ``(student_logits (n, V), teacher chunk, labels (n,)) -> {name: mean over the chunk}``
 TermsFn = Callable[[Tensor, TeacherChunk, Tensor], dict[str, Tensor]]
@@ -45,7 +47,7 @@ class TeacherChunks(Protocol):
     into it). ``out``: an ``(n, V)`` float32 buffer a dense source may write its logits into and return; a
     sparse source ignores it."""
 
-    def __call__(self, rows: slice, out: Tensor | None = None) -> Tensor | SparseTargets: ...
+    def __call__(self, rows: slice, out: Tensor | None = None) -> Tensor | SparseTargets | PartialTargets: ...
 
 
 #: Bytes the chunked path may spend on one chunk's float32 ``(n, V)`` temporaries.

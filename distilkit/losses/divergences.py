@@ -16,6 +16,7 @@ from distilkit.errors import check_range
 from distilkit.losses.base import DistillationLoss, kl_from_log_probs, log_mixture
 from distilkit.losses.closed_form import cross_entropy_and_forward_kl
 from distilkit.losses.draws import forward_mixture_draws, reverse_mixture_draws, total_variation_draws
+from distilkit.losses.partial import PartialTargets
 from distilkit.losses.sparse import SparseTargets
 from distilkit.losses.sparse_closed_form import cross_entropy_and_sparse_forward_kl
 from distilkit.losses.workspace import in_chunk_loop
@@ -62,7 +63,7 @@ class ForwardKLLoss(DistillationLoss):
     sparse_modes: ClassVar[tuple[str, ...]] = ("topk", "sample")
 
     def kd_and_ce(
-        self, student_logits: Tensor, teacher: Tensor | SparseTargets, labels: Tensor
+        self, student_logits: Tensor, teacher: Tensor | SparseTargets | PartialTargets, labels: Tensor
     ) -> tuple[Tensor, Tensor]:
         """KD and CE as :meth:`DistillationLoss.kd_and_ce`. Inside the chunked loss, when this is the plain
         forward KL (:meth:`has_closed_form`), from one softmax of the student with the gradient in closed

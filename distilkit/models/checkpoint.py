@@ -13,7 +13,10 @@ never the teacher, plus one entry written by :class:`distilkit.run.RunState`:
         "rng": {"torch": ..., "python": [...], "cuda": [...]}, # random state, for an exact resume
         "wandb_run_id": "abc123",                # present when the run logged to W&B
         "adapters": {"student": {...}},          # LoRA students only: base, base_sha256, settings
+        "teacher": {"kind": "live", ...},        # what taught the run: TeacherSource.identity(), or None
+        "earlier_teachers": [{"until_step": 300, "teacher": {...}}],  # changed on purpose on a resume
     }
+    checkpoint["distilkit_seal"] = {"sha256": "...", "scheme": 1}   # the digest of all the rest
 
 A LoRA student's ``state_dict`` entries are its adapters only (:mod:`distilkit.models.adapters`).
 
@@ -22,6 +25,8 @@ Checkpoints written before the models map (distilkit 0.1) hold ``student_config`
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -31,10 +36,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from distilkit.data.gguf import is_gguf
 from distilkit.data.tokenizer import tokenizer_from_files
+from distilkit.data.verified import HashMemo, shared_memo
 from distilkit.errors import ConfigError
 from distilkit.models.adapters import checkpoint_adapters, merged_from_checkpoint
 from distilkit.models.gguf import load_gguf
 from distilkit.models.loading import load_causal_lm
+
+#: The key of a checkpoint's seal: ``{"sha256": digest of the rest, "scheme": 1}`` (:func:`seal`).
+SEAL = "distilkit_seal"
 
 
 class CheckpointExtras(TypedDict, total=False):
@@ -46,13 +55,17 @@ class CheckpointExtras(TypedDict, total=False):
     rng: dict[str, Any]
     wandb_run_id: str
     adapters: dict[str, dict[str, Any]]
+    teacher: dict[str, Any] | None
+    earlier_teachers: list[dict[str, Any]]
 
 
 def read_checkpoint(path: str | Path, field: str = "ckpt_path") -> dict[str, Any]:
-    """A distilkit checkpoint, loaded on the CPU with ``weights_only=True``; a clear error for all else."""
+    """A distilkit checkpoint, loaded on the CPU with ``weights_only=True`` and checked against its seal
+    (:func:`check_seal`); a clear error for all else."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(field, str(path), "does not exist", "give a .ckpt file from a run's checkpoints/")
+        problem = "is a directory, not a checkpoint file" if file.is_dir() else "does not exist"
+        raise ConfigError(field, str(path), problem, "give a .ckpt file from a run's checkpoints/")
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, not a torch file, unpickling refused ...
@@ -62,6 +75,7 @@ def read_checkpoint(path: str | Path, field: str = "ckpt_path") -> dict[str, Any
             f"could not be read as a checkpoint ({_first_line(err)})",
             "give a complete .ckpt file written by distilkit fit",
         ) from err
+    check_seal(checkpoint, file, field)
     if not isinstance(checkpoint, dict) or not model_configs(checkpoint):
         raise ConfigError(
             field,
@@ -72,6 +86,73 @@ def read_checkpoint(path: str | Path, field: str = "ckpt_path") -> dict[str, Any
     return checkpoint
 
 
+def content_digest(value: Any) -> str:
+    """SHA-256 of a checkpoint's contents as loaded: every key, value and tensor (dtype, shape and bytes),
+    walked in order. ``torch.load`` of a file ``torch.save`` wrote gives back the same digest; a changed byte
+    in a tensor, or a changed value anywhere, gives another one."""
+    digest = hashlib.sha256()
+    _feed(digest, value)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+        if tensor.numel():
+            flat = tensor.reshape(-1).cpu().contiguous()  # (n,)
+            digest.update(flat.view(torch.uint8).numpy())
+    elif isinstance(value, Mapping):
+        digest.update(f"D{len(value)}".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"L{len(value)}".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        text = value if isinstance(value, (str, bytes)) else repr(value)
+        data = text.encode() if isinstance(text, str) else text
+        digest.update(f"{type(value).__name__}{len(data)}:".encode())
+        digest.update(data)
+
+
+def seal(checkpoint: dict[str, Any]) -> str:
+    """Record the digest of ``checkpoint``'s contents in it (``checkpoint["distilkit_seal"]``, left out of the
+    digest); the digest. :class:`distilkit.run.AtomicCheckpointIO` seals every checkpoint it writes."""
+    checkpoint.pop(SEAL, None)
+    digest = content_digest(checkpoint)
+    checkpoint[SEAL] = {"sha256": digest, "scheme": 1}
+    return digest
+
+
+def check_seal(checkpoint: Any, path: Path, field: str, memo: HashMemo | None = None) -> None:
+    """Refuse a checkpoint whose contents differ from its seal (changed after it was written), in one line
+    naming the file and the other checkpoints beside it. A checkpoint without a seal (written by an earlier
+    distilkit, or by a trainer without distilkit's checkpoint writer) is read as it is. The check is
+    remembered with the file's stat stamp (``memo``, default the shared one): a file read again unchanged
+    is not hashed again."""
+    sealed = checkpoint.get(SEAL) if isinstance(checkpoint, dict) else None
+    if not isinstance(sealed, dict) or "sha256" not in sealed:
+        return
+    memo = memo if memo is not None else shared_memo()
+    if memo.lookup(path) == sealed["sha256"]:
+        return
+    contents = {k: v for k, v in checkpoint.items() if k != SEAL}
+    if content_digest(contents) != sealed["sha256"]:
+        others = sorted(p.name for p in path.parent.glob("*.ckpt") if p.name != path.name)[:3]
+        raise ConfigError(
+            field,
+            str(path),
+            "has other contents than were written (they no longer match the digest saved in it)",
+            f"use another checkpoint of the run ({', '.join(others)} in {path.parent})"
+            if others
+            else "it cannot be used; train again",
+        )
+    memo.remember(path, sealed["sha256"])
+
+
 def model_configs(checkpoint: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """``{state_dict prefix: config dict}`` of the exportable models of a checkpoint."""
     extras = checkpoint.get("distilkit") or {}
@@ -80,6 +161,40 @@ def model_configs(checkpoint: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if "student_config" in extras:  # written by distilkit 0.1
         return {"student": extras["student_config"]}
     return {}
+
+
+def peer_names(checkpoint: dict[str, Any]) -> dict[str, str]:
+    """``{prefix: name}`` of a cohort checkpoint's peers (``peers.0`` ...; the module's ``names`` when it
+    had them, else ``peer0`` ...); empty for any other checkpoint."""
+    indices = sorted(int(p.split(".")[1]) for p in model_configs(checkpoint) if p.startswith("peers."))
+    names = list((checkpoint.get("hyper_parameters") or {}).get("names") or [])
+    return {f"peers.{i}": str(names[i]) if i < len(names) else f"peer{i}" for i in indices}
+
+
+def model_prefix(checkpoint: dict[str, Any], peer: int | str | None = None, model: str = "student") -> str:
+    """The state-dict prefix of the model to read: ``model`` (the student), or the cohort's peer ``peer``
+    given by index or name. A cohort checkpoint read without ``peer`` is refused, naming ``--peer`` and
+    the peers it holds."""
+    peers = peer_names(checkpoint)
+    choices = ", ".join(f"{prefix.split('.')[1]} ({name})" for prefix, name in peers.items())
+    if peer is None:
+        if model in model_configs(checkpoint) or not peers:
+            return model
+        raise ConfigError(
+            "peer",
+            None,
+            f"is needed: the checkpoint holds a cohort of {len(peers)} peers, {choices}",
+            "choose one with --peer 0 (an index) or --peer NAME",
+        )
+    for prefix, name in peers.items():
+        if str(peer) in (name, prefix.split(".")[1]):
+            return prefix
+    raise ConfigError(
+        "peer",
+        peer,
+        "names no peer of this checkpoint" + (f" (it holds {choices})" if peers else " (it holds no cohort)"),
+        "use one of those indices or names" if peers else "leave --peer out to read its student",
+    )
 
 
 def model_from_checkpoint(
@@ -121,16 +236,25 @@ def checkpoint_tokenizer(checkpoint: dict[str, Any]) -> PreTrainedTokenizerBase 
 
 
 def load_model_and_tokenizer(
-    name: str | Path, field: str = "model", prefix: str = "student"
+    name: str | Path, field: str = "model", prefix: str = "student", peer: int | str | None = None
 ) -> tuple[nn.Module, PreTrainedTokenizerBase | None]:
     """A causal LM (float32, eval mode) and its tokenizer from a distilkit checkpoint (``.ckpt``: the model
-    under ``prefix``), a Hugging Face model directory (its tokenizer when it has one) or a GGUF file."""
+    under ``prefix``, or the cohort's peer ``peer``), a Hugging Face model directory (its tokenizer when it
+    has one) or a GGUF file."""
     path = Path(name)
     if is_gguf(name):
         return load_gguf(name, field=field)
     if path.suffix == ".ckpt":
         checkpoint = read_checkpoint(path, field)
+        prefix = model_prefix(checkpoint, peer, prefix)
         return model_from_checkpoint(checkpoint, prefix, where=field), checkpoint_tokenizer(checkpoint)
+    if path.is_file():
+        raise ConfigError(
+            field,
+            str(name),
+            "is a file but neither a .ckpt nor a .gguf file",
+            "give a checkpoint, a model directory or a GGUF file",
+        )
     if not (path / "config.json").is_file():
         raise ConfigError(
             field,

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -147,15 +147,17 @@ class StudentCut:
 
     def finish(self, teacher: Any, calibration: Iterable[Batch]) -> nn.Module:
         """The real cut, with importance measured on ``calibration`` batches (float32, train mode)."""
+        batches = list(calibration)
         model, self.report = cut_from_teacher(
             teacher,
             self.targets,
             layers=self.layers,
             importance=self.importance,
-            calibration=calibration,
+            calibration=batches,
             layer_ranking=self.layer_ranking,
             field=self.field,
         )
+        self.report.calibration = describe_calibration(batches)
         self.pending = False
         return _trainable(model)
 
@@ -166,6 +168,12 @@ class StudentCut:
         On one device or under DDP the teacher first moves where training puts it anyway (a GPU measures
         faster); a sharded teacher is measured where it is."""
         batches = calibration_data(getattr(trainer, "datamodule", None), self.calibration_batches, self.field)
+        if trainer.world_size > 1:
+            rank_zero_warn(
+                f"{self.field}: calibrating on rank 0's share of the first {len(batches)} batches "
+                f"({describe_calibration(batches)}); distilkit prune, on one process, ranks on whole "
+                "batches, so its cut may differ"
+            )
         if isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
             teacher.to(trainer.strategy.root_device)
         model = self.finish(teacher, trainer.strategy.broadcast(batches))
@@ -183,6 +191,17 @@ class StudentCut:
         fields = dict(stored)
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
         return _trainable(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
+
+
+def describe_calibration(batches: list[Batch]) -> str:
+    """``8 batches x 16 blocks x 128 tokens (16,384 tokens), the first of the training data``: what a cut
+    ranked on. The same recipe with the same batch size on one process ranks on the same blocks."""
+    shape = tuple(batches[0]["input_ids"].shape) if batches else (0, 0)
+    tokens = sum(int(batch["input_ids"].numel()) for batch in batches)
+    return (
+        f"{len(batches)} batches x {shape[0]} blocks x {shape[1]} tokens ({tokens:,} tokens), "
+        "the first of the training data: a different batch size ranks on other blocks"
+    )
 
 
 def calibration_data(datamodule: Any, count: int, field: str) -> list[Batch]:

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -34,7 +37,9 @@ from transformers import (
 )
 
 from distilkit.data.gguf import gguf_tokenizer, is_gguf
+from distilkit.data.progress import LONG_LOAD_BYTES, bars_if
 from distilkit.data.tokenizer import check_same_vocabulary
+from distilkit.data.verified import MANIFEST, shared_memo, verify_directory
 from distilkit.errors import ConfigError
 from distilkit.models.from_teacher import StudentCut
 from distilkit.models.gguf import load_gguf_model
@@ -86,28 +91,100 @@ def _from_pretrained(name: str, *, field: str, dtype: torch.dtype) -> nn.Module:
     """A directory, or a hub name (``org/model``: from the local Hugging Face cache when offline, as
     transformers resolves it). Unreadable weights (truncated, not safetensors) are a one-line error."""
     path = Path(name).expanduser()
-    looks_local = path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1
+    looks_local = looks_like_a_path(name)
     if looks_local:
+        if not path.exists():
+            raise ConfigError(
+                field, name, "does not exist", "give a Hugging Face model directory (with config.json)"
+            )
         if not path.is_dir():
             raise ConfigError(
-                field, name, "is not a directory", "give a Hugging Face model directory (with config.json)"
+                field, name, "is a file, not a model directory", "give the directory holding config.json"
             )
         if not (path / "config.json").is_file():
             raise ConfigError(
                 field, name, "has no config.json", "point at a directory written by save_pretrained or export"
             )
+        check_written_directory(path, field, name)
+    elif not _in_hub_cache(name):
+        _refuse_unreachable_hub(field, name)
+    long = not looks_local or _weights_bytes(path) >= LONG_LOAD_BYTES
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path) if looks_local else name, dtype=dtype).eval()
+        with bars_if(long):
+            model = AutoModelForCausalLM.from_pretrained(str(path) if looks_local else name, dtype=dtype)
+        return model.eval()
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        if not looks_local and offline:
-            problem, fix = "is neither a directory nor in the local Hugging Face cache", "download it once"
-        else:
-            problem, fix = (
-                f"could not be loaded ({_first_line(err)})",
-                "check the name, or save the model again",
-            )
-        raise ConfigError(field, name, problem, fix) from err
+        problem = f"could not be loaded ({_first_line(err)})"
+        raise ConfigError(field, name, problem, "check the name, or save the model again") from err
+
+
+def check_written_directory(path: Path, field: str, name: str) -> None:
+    """A model directory distilkit wrote (``export``, ``prune``: it holds ``distilkit-manifest.json``) must
+    hold the files it was written with, byte for byte (hashes remembered by stat stamp: a ``stat`` per file
+    once checked); the first difference is one line naming the file and the command that writes it again.
+    Files added since (a README) are fine; a directory without a manifest is read as it is."""
+    if not (path / MANIFEST).is_file():
+        return
+    try:
+        command = json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("command")
+    except (OSError, ValueError, AttributeError):
+        command = None
+    again = f"write it again ({command})" if command else "write it again"
+    verify_directory(
+        path,
+        shared_memo(),
+        field=field,
+        value=name,
+        fix=f"{again}, or delete its {MANIFEST} if you changed it on purpose",
+        what="the model directory",
+        extra_files=True,
+    )
+
+
+def looks_like_a_path(name: str) -> bool:
+    """Whether a model name is a local path rather than a hub name (``org/model``): it exists, starts with
+    ``.``, ``/`` or ``~``, has no slash or more than one, or its first part is a local directory
+    (``runs/pruned-student`` where ``runs/`` exists: a student not written yet, not a hub model)."""
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        return True
+    return Path(name.split("/")[0]).is_dir()
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the hub model ``name`` is in the local Hugging Face cache (its config, at least)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an invalid repository name: not in the cache
+        return False
+
+
+def _refuse_unreachable_hub(field: str, name: str) -> None:
+    """A hub model that is not cached needs the hub: refused at once when offline (``HF_HUB_OFFLINE``) or when
+    the hub does not answer within seconds, instead of minutes of retries."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    fix = "give a model directory (is the path right?), or download the model once where there is network"
+    if offline:
+        raise ConfigError(field, name, "is neither a directory nor in the local Hugging Face cache", fix)
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=5).close()
+    except OSError as err:
+        raise ConfigError(
+            field,
+            name,
+            f"is neither a directory nor in the local Hugging Face cache, and {endpoint.hostname} cannot be "
+            f"reached ({_first_line(err)})",
+            fix,
+        ) from err
+
+
+def _weights_bytes(directory: Path) -> int:
+    """Bytes of the weight files in a model directory."""
+    return sum(p.stat().st_size for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
 
 
 def _first_line(err: BaseException) -> str:
@@ -140,6 +217,13 @@ def config_from_mapping(
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"see {type(config).__name__} for valid fields"
             raise ConfigError(f"{field}.{key}", fields[key], f"is not a {model_type} config field", hint)
+    padded, size = fields.get("vocab_size"), defaults.get("vocab_size")
+    if isinstance(padded, int) and isinstance(size, int) and padded > size:
+        rank_zero_warn(
+            f"{field}.vocab_size={padded} is above the tokenizer's {size}: its last {padded - size} rows are "
+            f"padding no token uses, never trained (losses compare the first {size}) yet exported; leave "
+            "vocab_size out unless you pad on purpose"
+        )
     given = set(fields) | {config.attribute_map.get(k, k) for k in fields}
     given |= {alias for alias, target in config.attribute_map.items() if target in given}
     filled = {k: v for k, v in defaults.items() if v is not None and k not in given}
@@ -248,6 +332,11 @@ def load_student_and_teacher(
         teacher_model = load_causal_lm(teacher, field="model.teacher", dtype=dtype, defaults=defaults)
         teacher_model.requires_grad_(False).eval()
     if cut is not None:
+        if isinstance(teacher, Mapping):
+            rank_zero_warn(
+                f"{cut.field}: the teacher is a config mapping, so its weights are random: the student is "
+                "cut from an untrained model, ranked on noise (give a trained teacher's directory instead)"
+            )
         student_model = cut.build(teacher_model)
     for field, model in (("model.student", student_model), ("model.teacher", teacher_model)):
         check_context(field, model, block_size)

@@ -6,7 +6,8 @@ names the models it trains and scores (:meth:`DistillationBase.scorers`: the stu
 cohort), and the base does the rest the same way for all:
 
 - **evaluation and predict** through the training loss's own chunk loop, with an observer that updates each
-  scored model's torchmetrics (``val/ppl`` ...) or collects its per-position NLL;
+  scored model's torchmetrics (``val/ppl`` ...; ``val/<domain>/ppl`` when the data carries domains,
+  :mod:`distilkit.modules.domains`) or collects its per-position NLL;
 - **knobs** a curriculum stage may set: the module's :attr:`knobs` and the loss's;
 - **optimizers and schedulers** built from the factories a recipe gives, a schedule's length filled in from
   the run when left out (:mod:`distilkit.modules.schedules`);
@@ -31,6 +32,7 @@ from distilkit.errors import ConfigError
 from distilkit.losses import DistillationLoss
 from distilkit.losses.chunked import ChunkObserver
 from distilkit.metrics import EvaluationMetrics, NextTokenNLL
+from distilkit.modules.domains import DomainMetrics
 from distilkit.modules.guards import NonFiniteGuard, ScheduleLengthCheck
 from distilkit.modules.schedules import build_scheduler
 from distilkit.run import RunState, TokenizerCheck
@@ -49,6 +51,9 @@ class DistillationBase(L.LightningModule):
 
     #: Settings of the module a curriculum stage may change (the loss declares its own: ``loss.knobs``).
     knobs: ClassVar[tuple[str, ...]] = ()
+    #: A resumed fit may go on with another teacher than its checkpoint's (``--allow_teacher_change true``;
+    #: refused otherwise: :meth:`distilkit.run.RunState.check_teacher`).
+    allow_teacher_change: bool = False
 
     loss: DistillationLoss
     chunk_size: int | None
@@ -61,6 +66,7 @@ class DistillationBase(L.LightningModule):
             {stage: nn.ModuleList([EvaluationMetrics() for _ in range(scored)]) for stage in ("val", "test")}
         )
         self._heads_checked = False
+        self.domain_metrics: nn.ModuleDict | None = None  # per evaluation stage, once the data has domains
 
     # ------------------------------------------------------------------------------------------ scoring
     def scorers(self, batch: Batch) -> dict[str, Scorer]:
@@ -92,7 +98,10 @@ class DistillationBase(L.LightningModule):
         for index, (name, score) in enumerate(scorers.items()):
             stage_metrics: Any = self.eval_metrics[stage]
             metrics: EvaluationMetrics = stage_metrics[index]
-            losses = score(self.observer(stage, index, metrics))
+            observer = self.observer(stage, index, metrics)
+            if single and self.domain_metrics is not None and "domain" in batch:
+                observer = self._domains(stage).observer(batch, observer)
+            losses = score(observer)
             prefix = f"{stage}/" if single else f"{stage}/{name}/"
             total = losses["loss"]
             self.log(f"{prefix}loss", total, prog_bar=single, batch_size=size, sync_dist=True)
@@ -104,6 +113,20 @@ class DistillationBase(L.LightningModule):
             results[name] = losses
         self.evaluated(stage, results, size)
         return results
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/<domain>/ppl`` ... when the data carries domains."""
+        if self.domain_metrics is not None:
+            self._domains("val").log(self, "val")
+
+    def on_test_epoch_end(self) -> None:
+        if self.domain_metrics is not None:
+            self._domains("test").log(self, "test")
+
+    def _domains(self, stage: str) -> DomainMetrics:
+        assert self.domain_metrics is not None
+        metrics: Any = self.domain_metrics[stage]
+        return metrics
 
     def observer(self, stage: str, index: int, metrics: EvaluationMetrics) -> ChunkObserver:
         """What sees the chunks of scored model ``index`` in evaluation: its metrics."""
@@ -185,7 +208,12 @@ class DistillationBase(L.LightningModule):
         if not self._heads_checked and self.chunk_size is not None:
             self.check_heads()
             self._heads_checked = True
-        tokenizer = getattr(getattr(self._trainer, "datamodule", None), "tokenizer", None)
+        data = getattr(self._trainer, "datamodule", None)
+        names = list(getattr(data, "domain_names", None) or [])
+        if names and (self.domain_metrics is None or self._domains("val").names != names):
+            stages = {stage: DomainMetrics(names) for stage in ("val", "test")}
+            self.domain_metrics = nn.ModuleDict(stages).to(self.device)
+        tokenizer = getattr(data, "tokenizer", None)
         if tokenizer is not None:
             lengths = torch.as_tensor(token_byte_lengths(tokenizer))
             for metrics in self.eval_metrics.modules():

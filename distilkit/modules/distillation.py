@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
+import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -22,7 +23,9 @@ from distilkit.models.sharding import ShardedTraining
 from distilkit.models.student_hooks import StudentHooks
 from distilkit.modules.base import DistillationBase, Scorer
 from distilkit.modules.guards import NonFiniteGuard
-from distilkit.teachers import Split, TeacherSource, Teaching, open_teacher
+from distilkit.teachers import Split, TeacherLoader, TeacherSource, Teaching, open_teacher
+from distilkit.teachers.served import is_served
+from distilkit.teachers.several import Unrouted
 
 
 class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # type: ignore[misc]
@@ -47,8 +50,9 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
     Args:
         student: a Hugging Face model directory or hub name, a config mapping (random init), a module, or
             ``{from_teacher: {...}}``: cut from the teacher (:mod:`distilkit.models.from_teacher`).
-        teacher: the same forms, a :class:`~distilkit.teachers.TeacherSource`, or None for training without
-            a teacher (or from ``teacher_cache``).
+        teacher: the same forms, a :class:`~distilkit.teachers.TeacherSource`, ``{server: URL, model: NAME,
+            top_k: K}`` for a teacher behind a vLLM server (:mod:`distilkit.teachers.served`), or None for
+            training without a teacher (or from ``teacher_cache``).
         teacher_cache: a directory written by ``distilkit cache``, to train from instead of a teacher.
         loss: the KD divergence (default ``ForwardKLLoss(temperature=1.0)``).
         hidden_loss: optional intermediate-layer loss, added as ``hidden_loss.weight · term``; its
@@ -72,6 +76,13 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
         eos_token_id: fills the bos/eos ids of config mappings. Linked from the data module.
         student_adapter: train a pretrained student through LoRA adapters, ``{r, alpha, target_modules,
             dropout}`` (:mod:`distilkit.models.adapters`): only they train and are checkpointed.
+        teachers: several teachers by name, ``{NAME: spec}`` (each as ``teacher`` takes one, or ``{cache:
+            DIR}``), in place of ``teacher`` (:mod:`distilkit.teachers.several`).
+        route_by: with ``teachers``: the row field naming each document's teacher (default ``teacher``), or
+            ``file`` (the data file it came from). Validation logs ``val/<domain>/ppl`` per value.
+        mix: with ``teachers``, instead of routing: ``{NAME: weight}``, every position learns from the
+            weighted mixture of the teachers' distributions; knobs ``mix.NAME``.
+        unrouted: routing: rows naming no teacher are an ``error``, or learn from their ``labels`` alone.
     """
 
     knobs: ClassVar[tuple[str, ...]] = ("kd_ratio",)
@@ -96,20 +107,30 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
         block_size: int | None = None,
         eos_token_id: int | None = None,
         student_adapter: dict[str, Any] | None = None,
+        teachers: Mapping[str, ModelSpec | None] | None = None,
+        route_by: str | None = None,
+        mix: dict[str, float] | None = None,
+        unrouted: Unrouted = "error",
     ) -> None:
         super().__init__()
         modules = [
             name for name, spec in (("student", student), ("teacher", teacher)) if isinstance(spec, nn.Module)
-        ]
+        ] + (["teachers"] if any(isinstance(t, nn.Module) for t in (teachers or {}).values()) else [])
         self.save_hyperparameters(ignore=["loss", "hidden_loss", "optimizer", "lr_scheduler", *modules])
         self.kd_ratio = kd_ratio
         self.guard = NonFiniteGuard(nonfinite, max_nonfinite_skips)
         given = teacher if isinstance(teacher, TeacherSource) else None
+        no_model = given is not None or is_served(teacher)  # a source given, or a teacher behind a server
         teacher_model = self.load_models(
-            student, None if given is not None else teacher, student_adapter, teacher_dtype=teacher_dtype,
+            student, None if no_model else teacher, student_adapter, teacher_dtype=teacher_dtype,
             vocab_size=vocab_size, block_size=block_size, eos_token_id=eos_token_id,
         )  # fmt: skip
-        self.teacher_source = given or open_teacher(teacher, teacher_model, teacher_cache, self.vocab_size)
+        self.teacher_source = given or open_teacher(
+            teacher, teacher_model, teacher_cache, self.vocab_size, teachers=teachers, route_by=route_by,
+            mix=mix, unrouted=unrouted, load=TeacherLoader(
+                self.student, self.vocab_size, teacher_dtype, vocab_size, block_size, eos_token_id
+            ),
+        )  # fmt: skip
         self.chunk_size = chunked.resolve_chunk_size(chunk_size, self.vocab_size)
         self.loss = loss if loss is not None else ForwardKLLoss()
         self.hidden_loss = hidden_loss
@@ -127,6 +148,12 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
     @kd_ratio.setter
     def kd_ratio(self, value: float) -> None:
         self._kd_ratio = check_range("model.kd_ratio", value, 0.0, 1.0)
+
+    @property
+    def domains(self) -> str | None:
+        """What the data must carry for each token (its document's domain, :mod:`distilkit.data.domains`):
+        what the teacher source asks for (several teachers: the field they are routed by), else None."""
+        return None if self.teacher_source is None else self.teacher_source.domains
 
     @property
     def teacher(self) -> nn.Module | None:  # type: ignore[override]
@@ -201,6 +228,7 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
             chunk_size=self.chunk_size, observer=observer, workspace=self.workspace,
         )  # fmt: skip
         losses = chunked.head_losses(student.last[:, :-1][keep], plan)  # (N, H_s) through the head
+        losses |= getattr(teacher, "logged", {})  # e.g. several teachers' labels_only_share
         if self.hidden_loss is not None and teacher is not None:
             mask = batch.get("attention_mask")
             hidden = self.hidden_loss(
@@ -209,6 +237,14 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
             losses["hidden_loss"] = hidden.detach()
             losses["loss"] = losses["loss"] + self.hidden_loss.weight * hidden
         return losses
+
+    def knob_names(self) -> set[str]:
+        """The module's and the loss's knobs, and the teacher source's (mixed teachers' ``mix.NAME``)."""
+        return super().knob_names() | set(() if self.teacher_source is None else self.teacher_source.knobs)
+
+    def set_knob(self, name: str, value: float) -> bool:
+        source = self.teacher_source
+        return super().set_knob(name, value) or (source is not None and source.set_knob(name, value))
 
     def scorers(self, batch: Batch) -> dict[str, Scorer]:
         return {"student": lambda observer: self.compute_loss(batch, observer)}
@@ -272,6 +308,11 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
         if self.teacher_source is not None and self._trainer is not None:
             self.teacher_source.check_run(self.trainer, self, stage)
         super().setup(stage)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The base's, and what the teacher source needs in the run (a served teacher's look-ahead)."""
+        source = self.teacher_source
+        return [*super().configure_callbacks(), *(source.callbacks() if source is not None else [])]
 
     def models_to_shard(self) -> dict[str, nn.Module]:
         teacher = self.teacher

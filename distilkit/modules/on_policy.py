@@ -289,6 +289,7 @@ class OnPolicyDistillationModule(DistillationModule):
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val/sample_teacher_nll`` and ``val/sample_distinct2`` over every process's samples."""
+        super().on_validation_epoch_end()  # val/<domain>/ppl
         if self.trainer.sanity_checking or not self._val or self.val_samples == 0:
             return  # the same answer on every process: what follows are collectives
         reduce = self.trainer.strategy.reduce

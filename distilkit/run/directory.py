@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from distilkit.errors import ConfigError
+from distilkit.models.checkpoint import check_seal
 from distilkit.run.loggers import CSVLogger, WandbLogger, rewind_point, wandb_loggers
 
 _RUN_MARKERS = ("config.yaml", "metrics.csv", "checkpoints")
@@ -76,9 +77,10 @@ def resolve_checkpoint(root: str, ckpt_path: str | None, subcommand: str) -> str
 
 
 def readable_checkpoint(path: str) -> str:
-    """``path``, after checking that it opens as a checkpoint (a truncated or foreign file is refused)."""
+    """``path``, after checking that it opens as a checkpoint (a truncated or foreign file is refused) and
+    that its contents are the ones written (:func:`~distilkit.models.checkpoint.check_seal`)."""
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(
@@ -87,6 +89,7 @@ def readable_checkpoint(path: str) -> str:
             f"could not be read as a checkpoint ({reason})",
             "give a complete checkpoint written by distilkit fit (an interrupted save never replaces one)",
         ) from err
+    check_seal(checkpoint, Path(path), "ckpt_path")
     return path
 
 

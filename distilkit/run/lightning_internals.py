@@ -32,6 +32,12 @@ def log_pending_step(trainer: Any) -> None:
 CLI_PARSE_CKPT_PATH = "_parse_ckpt_path"
 
 
+#: ``RichProgressBar._get_train_description``: overridden by :class:`distilkit.callbacks.DistilProgressBar`,
+#: which shows ``Epoch 6`` where Lightning shows ``Epoch 6/-2`` (a run of ``max_epochs: -1``); the bar's
+#: description has no public setting.
+RICH_TRAIN_DESCRIPTION = "_get_train_description"
+
+
 def validation_skipped_by_resume(trainer: Any) -> bool:
     """Whether this fit resumed from a checkpoint written at the end of a training batch whose validation was
     due: the checkpoint comes before that validation (``every_n_train_steps``, the end-of-run checkpoint), and

@@ -85,15 +85,29 @@ class CSVLogger(Logger):
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float | Tensor], step: int | None = None) -> None:
-        """Buffer one row; a row repeated at the same step (:class:`~distilkit.run.RunState`) is kept once."""
+        """Buffer one row. A row logged again at the same step with the same metrics (the step's row written
+        before a checkpoint, :class:`~distilkit.run.RunState`, then by Lightning) is kept once: the later one,
+        which may hold values logged after the checkpoint (a module's own ``on_train_batch_end``)."""
         row = {f"{self._prefix}-{k}" if self._prefix else k: _plain(v) for k, v in metrics.items()}
-        if (step, row) == self._last_row:
-            return
+        last = self._last_row
+        if last is not None and last[0] == step and step is not None and last[1].keys() == row.keys():
+            if last[1] == row:
+                return
+            self._drop_last_row()
         self._last_row = (step, dict(row))
         row["step"] = step if step is not None else len(self._pending)
         self._pending.append(row)
         if len(self._pending) >= self._flush_every:
             self.save()
+
+    def _drop_last_row(self) -> None:
+        """Forget the last row logged, still buffered or already in the file."""
+        if self._pending:
+            self._pending.pop()
+            return
+        rows = self._read_rows()
+        if rows:
+            self._rewrite(self._header(), rows[:-1])
 
     @rank_zero_only
     def save(self) -> None:

@@ -14,9 +14,10 @@ from typing import Any, Protocol
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 
 from distilkit.data.tokenizer import tokenizer_files
-from distilkit.errors import TrainingStopped
+from distilkit.errors import ConfigError, TrainingStopped
 from distilkit.models.adapters import adapter_record
 from distilkit.models.checkpoint import CheckpointExtras
 from distilkit.models.sharding import all_finite
@@ -26,6 +27,7 @@ from distilkit.run.lightning_internals import (
     validation_skipped_by_resume,
 )
 from distilkit.run.loggers import rewind_csv_loggers, wandb_loggers
+from distilkit.teachers import TeacherSource, describe_teacher, same_teacher
 
 KEY = "distilkit"
 
@@ -50,6 +52,7 @@ class RunState(Callback):
 
     def __init__(self) -> None:
         self._tokenizer_files: tuple[Any, dict[str, str]] | None = None  # serialised once per run
+        self.earlier_teachers: list[dict[str, Any]] = []  # teachers changed on purpose: until_step, teacher
 
     @property
     def state_key(self) -> str:
@@ -71,6 +74,9 @@ class RunState(Callback):
         }
         if adapters:
             extras["adapters"] = adapters  # LoRA students: what rebuilds and checks their frozen base
+        extras["teacher"] = teacher_identity(module)  # what taught the run (None: no teacher)
+        if self.earlier_teachers:
+            extras["earlier_teachers"] = self.earlier_teachers
         files = self._tokenizer(trainer)
         if files:
             extras["tokenizer_files"] = files
@@ -97,11 +103,38 @@ class RunState(Callback):
             run_validation_now(trainer)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        extras = checkpoint.get(KEY) or {}
         if trainer.state.fn == "fit":
+            self.check_teacher(pl_module, extras, int(checkpoint.get("global_step", 0)))
             rewind_csv_loggers(trainer, int(checkpoint.get("global_step", 0)))
-        rng = (checkpoint.get(KEY) or {}).get("rng")
+        rng = extras.get("rng")
         if rng:
             restore_random_state(rng)
+
+    def check_teacher(self, pl_module: Any, extras: dict[str, Any], step: int) -> None:
+        """A resumed fit goes on with the teacher the checkpoint was trained by: another one (other weights,
+        another cache's targets, one where there was none) is refused in one line, unless the module's
+        ``allow_teacher_change`` is set (``--allow_teacher_change true``); then the change is said and
+        recorded (``earlier_teachers``). Checkpoints written before teachers were recorded are not checked."""
+        self.earlier_teachers = list(extras.get("earlier_teachers") or [])
+        if "teacher" not in extras:
+            return
+        recorded, current = extras["teacher"], teacher_identity(pl_module)
+        if same_teacher(recorded, current):
+            return
+        source = getattr(pl_module, "teacher_source", None)
+        field = getattr(source, "field", "model.teacher")
+        if not getattr(pl_module, "allow_teacher_change", False):
+            raise ConfigError(
+                field,
+                describe_teacher(current),
+                f"is not the teacher this run was trained by up to step {step}: {describe_teacher(recorded)}",
+                "resume with that teacher, or pass --allow_teacher_change true to change teacher on purpose",
+            )
+        rank_zero_info(
+            f"teacher changed at step {step}: {describe_teacher(recorded)} -> {describe_teacher(current)}"
+        )
+        self.earlier_teachers.append({"until_step": step, "teacher": recorded})
 
     def _tokenizer(self, trainer: L.Trainer) -> dict[str, str]:
         tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
@@ -110,6 +143,13 @@ class RunState(Callback):
         if self._tokenizer_files is None or self._tokenizer_files[0] is not tokenizer:
             self._tokenizer_files = (tokenizer, tokenizer_files(tokenizer))
         return self._tokenizer_files[1]
+
+
+def teacher_identity(module: Any) -> dict[str, Any] | None:
+    """What teaches ``module``: its teacher source's identity, or None (no teacher; a cohort's peers, which
+    teach each other, are in the checkpoint themselves)."""
+    source = getattr(module, "teacher_source", None)
+    return source.identity() if isinstance(source, TeacherSource) else None
 
 
 def random_state() -> dict[str, Any]:

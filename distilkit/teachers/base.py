@@ -14,12 +14,16 @@ A source also says what it can feed (:attr:`TeacherSource.targets`: dense logits
 targets, at a fixed :attr:`TeacherSource.temperature` or any), so a loss it cannot feed is refused before the
 first step (:meth:`TeacherSource.check_loss`), and it checks itself against the run when the trainer sets up
 (:meth:`TeacherSource.check_run`: tokenizer identity, a cache's data identity). The losses and the chunk loop
-see targets, never teacher types; the modules see only this protocol.
+see targets, never teacher types; the modules see only this protocol. A teaching may also carry ``logged``,
+``{name: scalar}`` values the module logs beside its loss terms (several teachers: the share of positions that
+learn from their labels alone).
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
 from torch import Tensor, nn
@@ -70,6 +74,11 @@ class TeacherSource(nn.Module):
     temperature: float | None = None
     vocab_size: int
     field: str = "model.teacher"
+    #: Settings of this source a curriculum stage may change between steps (several teachers' ``mix.NAME``).
+    knobs: tuple[str, ...] = ()
+    #: What the data must carry for each token (``batch["domain"]``, :mod:`distilkit.data.domains`): a row
+    #: field, or ``file``; None for nothing.
+    domains: str | None = None
 
     def teach(self, batch: Batch, split: Split, hidden: bool = False) -> Teaching:
         """The teaching of ``batch`` (from the ``split`` its blocks come from); its hidden states too when
@@ -102,6 +111,10 @@ class TeacherSource(nn.Module):
                 "drop temperature from the stage's knobs, or use targets made at that temperature",
             )
 
+    def set_knob(self, name: str, value: float) -> bool:
+        """Set one of :attr:`knobs` (validated where it lands); False when ``name`` is not one."""
+        return False
+
     def check_run(self, trainer: Any, module: Any, stage: str) -> None:
         """Refuse, before any step, a run this source cannot teach: a loss it cannot feed (here), another
         tokenizer, other data ... (a subclass's additions). ``module``: the distillation module (its ``loss``
@@ -112,6 +125,59 @@ class TeacherSource(nn.Module):
         """What this teacher is, as a checkpoint records it (so a resume can tell another teacher)."""
         return {"kind": type(self).__name__}
 
+    def callbacks(self) -> list[Any]:
+        """Lightning callbacks this source needs in the run (a served teacher's look-ahead); none here."""
+        return []
+
     def train(self, mode: bool = True) -> TeacherSource:
         """A teacher stays in eval mode whatever the module's mode."""
         return super().train(False)
+
+
+#: Entries of an identity that say where a teacher is, not what it is (a moved teacher is the same one).
+_WHERE = ("directory", "name")
+
+
+def same_teacher(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
+    """Whether two identities (:meth:`TeacherSource.identity`, None for no teacher) are the same teacher:
+    equal once where they lie (``directory``, ``name``) is left out, at any depth."""
+    return _what(a) == _what(b)
+
+
+def _what(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _what(v) for k, v in value.items() if k not in _WHERE}
+    return value
+
+
+def describe_teacher(identity: Mapping[str, Any] | None) -> str:
+    """One line naming a teacher from its identity: ``recipes/teacher (weights sha256 1a2b3c4d5e6f)``,
+    ``teacher cache runs/c (sample, S = 12, temperature 1.0) of recipes/teacher (...)``, ``none``."""
+    if identity is None:
+        return "none (plain language-model training)"
+    kind = identity.get("kind")
+    if kind == "cache":
+        targets = dict(identity.get("targets") or {})
+        mode = targets.get("mode")
+        entries = f"K = {targets.get('top_k')}" if mode == "topk" else f"S = {targets.get('samples')}"
+        made = f"{mode}, {entries}, temperature {targets.get('temperature')}"
+        teacher = describe_teacher(identity.get("teacher"))
+        return f"teacher cache {identity.get('directory')} ({made}) of {teacher}"
+    weights = str(identity.get("weights_sha256") or "")
+    name = str(identity.get("name") or kind or "a teacher")
+    if name.startswith("{"):  # a config mapping: random weights
+        model_type = json.loads(name).get("model_type", "model") if _is_json(name) else "model"
+        name = f"a random-init {model_type} config mapping"
+    dtype = identity.get("dtype")
+    details = ([str(dtype)] if dtype and dtype != "float32" else []) + (
+        [f"weights sha256 {weights[:12]}"] if weights else []
+    )
+    return f"{name} ({', '.join(details)})" if details else name
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True

@@ -55,14 +55,15 @@ class CachedTeacher(TeacherSource):
 
     Args:
         directory: the cache directory (``distilkit cache --output_dir``).
+        field: the config field it came from, named in errors.
     """
 
     full_distribution = False
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, field: str = FIELD) -> None:
         super().__init__()
-        self.cache = TeacherCache(directory, field=FIELD)
-        self.field, self.targets = FIELD, self.cache.mode  # type: ignore[assignment]  # "topk" or "sample"
+        self.cache = TeacherCache(directory, field=field)
+        self.field, self.targets = field, self.cache.mode  # type: ignore[assignment]  # "topk" or "sample"
         self.temperature = self.cache.temperature
         self.vocab_size = self.cache.vocab_size
 
@@ -109,7 +110,7 @@ class CachedTeacher(TeacherSource):
         for split in ("train", "val"):
             if split in datasets and len(datasets[split]) != self.cache.num_blocks(split):
                 raise ConfigError(
-                    f"{FIELD}: {split} blocks",
+                    f"{self.field}: {split} blocks",
                     len(datasets[split]),
                     f"the cache in {self.cache.directory} holds {self.cache.num_blocks(split)}",
                     "make a cache for this run with `distilkit cache`, or point to a matching one",
@@ -128,5 +129,16 @@ class CachedTeacher(TeacherSource):
             )
 
     def identity(self) -> dict[str, Any]:
-        """The cache's directory and what it records of the teacher and the data."""
-        return {"kind": "cache", "directory": str(self.cache.directory), **self.cache.identity}
+        """The cache's directory, its targets (mode, K or S, temperature, seed) and what it records of the
+        teacher that made them and of the data: a cache rebuilt elsewhere from the same teacher with the
+        same settings is the same teacher; one from another teacher, or with other targets, is not."""
+        manifest = self.cache.manifest
+        targets = {key: manifest[key] for key in ("mode", "top_k", "samples", "seed") if key in manifest}
+        recorded = dict(self.cache.identity)
+        return {
+            "kind": "cache",
+            "directory": str(self.cache.directory),
+            "teacher": recorded.pop("teacher", None),
+            "targets": {**targets, "temperature": self.cache.temperature},
+            "data": recorded,
+        }

@@ -13,8 +13,10 @@ retries with exponential backoff once the server has answered.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import socket
 import threading
 import time
 import urllib.parse
@@ -139,6 +141,9 @@ class JsonClient:
         self._closing.set()
         with self._lock:
             for connection in self._connections:
+                if connection.sock is not None:  # wakes a thread blocked reading an answer
+                    with contextlib.suppress(OSError):
+                        connection.sock.shutdown(socket.SHUT_RDWR)
                 connection.close()
             self._connections.clear()
 

@@ -91,12 +91,14 @@ class LiveTeacher(TeacherSource):
         tokenizer = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
         if tokenizer is not None:
             check_model_tokenizer(self.field, self.spec, tokenizer)
+        self.identity()  # hashed now, while the teacher is whole (before any sharding), once per run
 
     def identity(self) -> dict[str, Any]:
         """``kind``, ``name`` (the directory or hub name, the config mapping as JSON, or the module's class),
-        ``config_sha256`` and ``weights_sha256`` (hashed once: the teacher is frozen)."""
+        ``config_sha256``, ``weights_sha256`` (hashed once: the teacher is frozen) and ``dtype``."""
         if self._identity is None:
-            self._identity = {"kind": "live", **model_identity(self.spec, self.teacher)}
+            dtype = str(next(self.teacher.parameters()).dtype).removeprefix("torch.")
+            self._identity = {"kind": "live", **model_identity(self.spec, self.teacher), "dtype": dtype}
         return self._identity
 
 

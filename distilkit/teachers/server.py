@@ -100,6 +100,11 @@ class PendingScores:
     def done(self) -> bool:
         return all(future.done() for future in self._futures)
 
+    def cancel(self) -> None:
+        """Drop the requests that have not started (an answer nobody will read)."""
+        for future in self._futures:
+            future.cancel()
+
     def result(self) -> ServedScores:
         try:
             blocks = [future.result() for future in self._futures]
@@ -192,7 +197,9 @@ class ServedTeacher:
                 "data.block_size",
                 block_size,
                 f"needs a server context of {block_size + 1} tokens, and {self.url} serves {max_len}",
-                f"start the server with --max-model-len {block_size + 1} or more, or shorten the blocks",
+                f"start the server with --max-model-len {block_size + 1} or more (and "
+                "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 when that is one more than the model's own context: the one "
+                "generated token is never fed back), or shorten the blocks",
             )
         probe = _probe_text(tokenizer)
         served = self._request("POST", "/tokenize", {"model": self.model, "prompt": probe, **_NO_SPECIAL})
@@ -208,12 +215,20 @@ class ServedTeacher:
         """The top-k targets of ``blocks`` ``(B, T)``: ids/log_probs ``(B, T, K)``, tail ``(B, T)``."""
         return self.submit(blocks, top_k).result().targets
 
-    def submit(self, blocks: Tensor | Sequence[Sequence[int]], top_k: int | None = None) -> PendingScores:
+    def submit(
+        self,
+        blocks: Tensor | Sequence[Sequence[int]],
+        top_k: int | None = None,
+        wait_for_slots: bool = True,
+    ) -> PendingScores:
         """Send one request per block now (waiting only for free slots) and return the pending answers.
 
         Args:
             blocks: ``(B, T)`` token ids (a tensor, or B sequences of T ids).
             top_k: K for these blocks (default: the teacher's ``top_k``).
+            wait_for_slots: wait until fewer than ``max_in_flight`` requests are outstanding before queueing
+                each block. False queues them at once (still at most ``max_in_flight`` are sent at a time):
+                for a caller that bounds what it queues itself, such as a look-ahead.
         """
         rows = blocks.tolist() if isinstance(blocks, Tensor) else [list(map(int, row)) for row in blocks]
         if not rows or len({len(row) for row in rows}) != 1 or not rows[0]:
@@ -230,9 +245,11 @@ class ServedTeacher:
                     self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="served-teacher")
         futures = []
         for row in rows:
-            self._slots.acquire()
+            if wait_for_slots:
+                self._slots.acquire()
             future = self._pool.submit(self._score_block, row, k)
-            future.add_done_callback(lambda _: self._slots.release())
+            if wait_for_slots:
+                future.add_done_callback(lambda _: self._slots.release())
             futures.append(future)
         return PendingScores(futures)
 

@@ -46,3 +46,14 @@ def test_the_bar_names_the_curriculum_stage_instead_of_a_float(tmp_path, datamod
     trainer.fit(module, datamodule=datamodule)
     shown = bar.get_metrics(trainer, module)
     assert shown["stage"] == "main" and "curriculum/stage" not in shown
+
+
+def test_the_bar_says_epoch_6_not_6_of_minus_2_when_the_run_has_no_epoch_count():
+    """Issue 21.7: a run bounded by max_steps has max_epochs -1; Lightning wrote `Epoch 6/-2`."""
+    from types import SimpleNamespace
+
+    bar = DistilProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1)
+    assert bar._get_train_description(6).strip() == "Epoch 6"
+    bar._trainer = SimpleNamespace(max_epochs=10)
+    assert bar._get_train_description(6).strip() == "Epoch 6/9"

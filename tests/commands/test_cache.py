@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_STUDENT, TINY_TEACHER, kill_when_checkpointed, run_cli, tiny_recipe
+from helpers import (
+    TINY_STUDENT,
+    TINY_TEACHER,
+    kill_when_checkpointed,
+    run_cli,
+    signal_at_marker,
+    tiny_recipe,
+)
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from distilkit.data.teacher_cache import TeacherCache
@@ -230,3 +239,91 @@ def test_a_teacher_retrained_in_place_is_another_teacher():
     one, other = model_identity("teacher", first), model_identity("teacher", second)
     assert one["config_sha256"] == other["config_sha256"] and one["weights_sha256"] != other["weights_sha256"]
     assert model_identity("teacher", first) == one
+
+
+def test_a_shard_changed_in_place_is_refused_by_name_and_its_recorded_command_rewrites_it(
+    tmp_path, recipe, capsys, monkeypatch
+):
+    """Issue 21.1: same size, other bytes. The fit is refused in one line naming the shard and the command
+    that made the cache; running that command again rewrites that shard's blocks only."""
+    cache = make_cache(recipe, tmp_path / "cache", "--top_k", "8")
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["command"] == shlex.join(
+        ["distilkit", "cache", "--config", str(recipe), "--output_dir", str(cache), *QUIET, "--top_k", "8"]
+    )
+    shard = cache / manifest["splits"]["train"]["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    err = refusal(capsys, monkeypatch, lambda: fit_from(recipe, tmp_path / "run", cache))
+    assert f"shard {shard.name} has other bytes than were written" in err
+    assert f"run `{manifest['command']}` again" in err
+    val_shard = cache / manifest["splits"]["val"]["shards"][0]["file"]
+    untouched = val_shard.stat().st_mtime_ns
+    with pytest.warns(UserWarning, match=f"{shard.name} has other bytes"):
+        run_cli(*shlex.split(manifest["command"])[1:])
+    assert not shard.exists() and val_shard.stat().st_mtime_ns == untouched, "only the damaged blocks"
+    repaired = TeacherCache(cache)
+    assert repaired.manifest["complete"]
+    fit_from(recipe, tmp_path / "run", cache, "--trainer.max_steps", "1")
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_blocks_computed_exits_130_and_the_rerun_computes_only_the_rest(tmp_path, recipe):
+    """Issue 21.3: with the default shard size the whole cache is one shard per split, held in memory until
+    the end; Ctrl-C writes what was computed, says so in one line, and the same command completes it."""
+    small = ("--data.init_args.batch_size", "2", "--top_k", "8")
+    straight = make_cache(recipe, tmp_path / "straight", *small)
+    marker, cache = tmp_path / "reached", tmp_path / "cache"
+    slow = json.dumps([{"class_path": "helpers.SlowSteps", "init_args": dict(marker=str(marker), at_step=3)}])
+    command = ["cache", "--config", str(recipe), "--output_dir", str(cache), *QUIET, *small]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}  # tests/: helpers.SlowSteps
+    process = subprocess.Popen(
+        [sys.executable, "-m", "distilkit", *command, "--trainer.callbacks", slow],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    returncode, err = signal_at_marker(process, marker, signal.SIGINT)
+    assert returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped: Ctrl-C: ") and "run the same command again" in last, err[-2000:]
+    kept = json.loads((cache / "manifest.json").read_text())
+    blocks = kept["splits"]["train"]["blocks"]
+    assert 6 <= blocks < kept["num_blocks"]["train"] and f"{blocks} of " in last
+    shards = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+    make_cache(recipe, cache, *small)
+    kept_files = [p for p in cache.glob("*.safetensors") if p.name in shards]
+    assert kept_files and all(p.stat().st_mtime_ns == shards[p.name] for p in kept_files), "not rewritten"
+    assert_same_cache(straight, cache)
+
+
+@pytest.mark.slow
+def test_a_run_from_a_cache_resumed_from_another_cache_is_refused(
+    tmp_path, recipe, topk_cache, capsys, monkeypatch
+):
+    """Issue 21.2: a cache-trained run records what made its targets (the cache's teacher and settings), so
+    a resume from other targets is refused in one line; the checkpoint names the teacher behind the cache."""
+    run_dir = tmp_path / "run"
+    fit_from(recipe, run_dir, topk_cache, "--trainer.max_steps", "2")
+    taught = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["distilkit"]["teacher"]
+    assert taught["kind"] == "cache" and taught["targets"]["top_k"] == 8
+    assert len(taught["teacher"]["weights_sha256"]) == 64
+    sampled = make_cache(recipe, tmp_path / "sampled", "--mode", "sample", "--samples", "6")
+    err = refusal(
+        capsys,
+        monkeypatch,
+        lambda: fit_from(recipe, run_dir, sampled, "--trainer.max_steps", "4", "--ckpt_path", "last"),
+    )
+    assert f"error: model.teacher_cache='teacher cache {sampled} (sample, S = 6, temperature 2.0)" in err
+    assert f"trained by up to step 2: teacher cache {topk_cache} (topk, K = 8, temperature 2.0)" in err
+
+
+def test_a_served_teacher_refuses_tail_draws() -> None:
+    """A server answers with its top K only: draws from the tail would need its whole distribution."""
+    from distilkit.commands.cache import CacheOptions, check_served_options
+
+    assert check_served_options(CacheOptions(output_dir="x", top_k=20)) == 1.0
+    with pytest.raises(ConfigError, match="tail_samples=4: needs the teacher's whole distribution"):
+        check_served_options(CacheOptions(output_dir="x", top_k=20, tail_samples=4))

@@ -9,6 +9,7 @@ from helpers import ROOT, TEACHER, run_cli, tiny_recipe
 
 from distilkit.commands.evaluate import evaluate
 from distilkit.commands.generate import generate
+from distilkit.errors import ConfigError
 
 
 def test_generate_writes_jsonl_that_training_reads(tmp_path, tiny_run, corpus, tokenizer_dir, cache_dir):
@@ -170,3 +171,113 @@ def test_evaluate_refuses_a_teacher_whose_tokenizer_differs(tmp_path, tiny_run, 
         )
     err = " ".join(capsys.readouterr().err.split())
     assert exit_info.value.code == 2 and "first differences:" in err and "teacher" in err
+
+
+def test_ctrl_c_during_generate_keeps_finished_batches_and_the_rerun_samples_only_the_rest(
+    tmp_path, monkeypatch, capsys
+):
+    """Issue 21.3: each batch has its own seed, so the finished file is what an uninterrupted run writes."""
+    import os
+    import signal
+
+    from distilkit.commands import generate as command
+
+    options = dict(num_samples=6, batch_size=2, max_new_tokens=8, seed=3)
+    straight = generate(str(TEACHER), str(tmp_path / "straight.jsonl"), **options)
+    out = tmp_path / "stopped.jsonl"
+    sampled = []
+    real = command.generate_text
+
+    def ctrl_c_after_the_second_batch(*args, **kwargs):
+        sampled.append(1)
+        if len(sampled) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(command, "generate_text", ctrl_c_after_the_second_batch)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("generate", "--model", str(TEACHER), "--output_file", str(out), *_flags(options))
+    assert exit_info.value.code == 130
+    assert f"stopped: Ctrl-C: 4 of 6 samples are in {out}.partial" in capsys.readouterr().err
+    assert not out.exists() and len((tmp_path / "stopped.jsonl.partial").read_text().splitlines()) == 4
+    sampled.clear()
+    with pytest.raises(ConfigError, match=r"unfinished run in .* made with another seed \(3, now 4\)"):
+        generate(str(TEACHER), str(out), **{**options, "seed": 4})
+    generate(str(TEACHER), str(out), **options)
+    assert len(sampled) == 1, "only the missing batch is sampled"
+    assert out.read_text() == straight.read_text()
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+def _flags(options: dict) -> list[str]:
+    return [item for key, value in options.items() for item in (f"--{key}", str(value))]
+
+
+def test_prompts_are_named_by_file_and_line(tmp_path):
+    long = tmp_path / "long.txt"
+    long.write_text("a short one\n" + "word " * 600 + "\n")
+    fills = rf"prompts_file='{long}:2': is \d+ tokens long, which fills the model's context of 128"
+    with pytest.raises(ConfigError, match=fills):
+        generate(str(TEACHER), str(tmp_path / "x.jsonl"), prompts_file=str(long))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a"}\n{"text": 3}\n')
+    with pytest.raises(ConfigError, match=rf"prompts_file='{rows}:2': has no text in 'prompt'"):
+        generate(str(TEACHER), str(tmp_path / "x.jsonl"), prompts_file=str(rows))
+    with pytest.raises(ConfigError, match=rf"prompts_file='{tmp_path}': is a directory"):
+        generate(str(TEACHER), str(tmp_path / "x.jsonl"), prompts_file=str(tmp_path))
+    with pytest.raises(ConfigError, match=rf"output_file='{tmp_path}': is a directory"):
+        generate(str(TEACHER), str(tmp_path), overwrite=True)
+
+
+def test_evaluate_names_its_own_options_in_errors(tmp_path, tiny_run, capsys, monkeypatch):
+    """Issue 21.5: the data module evaluate builds is named by evaluate's options, not a recipe's fields."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    for options, named in (
+        (["--data_files", str(empty)], f"error: data_files='{empty}'"),
+        (["--data_files", str(tmp_path / "absent.txt")], "error: data_files"),
+        (["--models", f"[{tmp_path}]"], f"error: models[0]='{tmp_path}'"),
+        (["--output_json", str(tmp_path)], f"error: output_json='{tmp_path}': is a directory"),
+    ):
+        models = [] if "--models" in options else ["--models", f"[{tiny_run}]"]
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli("evaluate", *models, *options, "--progress", "false")
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and err.startswith(named) and "data.train_files" not in err, err
+
+
+def test_ctrl_c_during_evaluate_keeps_the_rows_scored_and_the_rerun_scores_only_the_rest(
+    tmp_path, tiny_run, corpus, monkeypatch, capsys
+):
+    """Issue 21.3: each model's row is kept as soon as it is scored (by content: model, data, settings)."""
+    import os
+    import signal
+
+    from distilkit.commands import evaluate as command
+
+    monkeypatch.setenv("DISTILKIT_CACHE", str(tmp_path / "cache"))  # no rows kept by other tests
+    exported = tmp_path / "exported"
+    run_cli("export", "--ckpt_path", str(tiny_run), "--output_dir", str(exported))
+    scored = []
+    real = command._score
+
+    def ctrl_c_in_the_second_model(entry, *args):
+        scored.append(entry.name)
+        if len(scored) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives during the second model's validation
+        return real(entry, *args)
+
+    monkeypatch.setattr(command, "_score", ctrl_c_in_the_second_model)
+    models = ["--models", f"[{tiny_run}, {exported}]", "--data_files", str(corpus), "--progress", "false"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("evaluate", *models)
+    assert exit_info.value.code == 130
+    assert (
+        "stopped: Ctrl-C: 1 of 2 models scored (their rows are kept); run the same command again"
+        in capsys.readouterr().err
+    )
+    scored.clear()
+    rows = evaluate([str(tiny_run), str(exported)], data_files=str(corpus), progress=False)
+    assert scored == [str(exported)], "only the model without a kept row is scored"
+    assert rows[0]["ppl"] == pytest.approx(rows[1]["ppl"], rel=1e-5)  # the same weights

@@ -36,8 +36,13 @@ def pruned_recipe(tmp_path, corpus, tokenizer_dir, cache_dir, **cut):
 
 def test_prune_writes_the_cut_fit_makes(tmp_path, corpus, tokenizer_dir, cache_dir, capsys):
     recipe = pruned_recipe(tmp_path, corpus, tokenizer_dir, cache_dir)
-    run_cli("prune", "--config", str(recipe), "--output_dir", str(tmp_path / "student"))
+    with pytest.warns(UserWarning, match="the teacher is a config mapping, so its weights are random"):
+        run_cli("prune", "--config", str(recipe), "--output_dir", str(tmp_path / "student"))
     printed = capsys.readouterr().out
+    assert (
+        "calibration: 2 batches x 4 blocks x 32 tokens (256 tokens), the first of the training data"
+        in printed
+    )
     assert "parameters:" in printed and "blocks kept (ranked by block influence)" in printed
     assert "block influence 1 - cos(input, output)" in printed and "heads kept" in printed
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
@@ -77,7 +82,7 @@ def test_prune_from_arguments_without_data_keeps_the_teachers_tokenizer(tmp_path
         ),
         (
             ["--teacher", str(TEACHER), "--targets", "{n_layer: 5}", "--importance", "magnitude"],
-            "model.student.from_teacher.n_layer=5: exceeds the teacher's n_layer=4",
+            "targets.n_layer=5: exceeds the teacher's n_layer=4",
         ),
         (["--config", str(ROOT / "recipes" / "quickstart.yaml")], "its student is not cut from the teacher"),
     ],
@@ -120,3 +125,40 @@ def test_a_pruned_student_trains_through_lora_resumes_and_exports(tmp_path, corp
     ]
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, module.eval()(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_size_given_with_a_recipe_is_used_and_said_to_differ_from_the_fits(
+    tmp_path, corpus, tokenizer_dir, cache_dir, capsys
+):
+    """Issue 21.8: the cut ranks on the first batches, so another batch size ranks on other blocks;
+    --batch_size with --config was ignored without a word, now it is used and the difference said."""
+    recipe = pruned_recipe(tmp_path, corpus, tokenizer_dir, cache_dir)
+    with pytest.warns(UserWarning) as caught:
+        run_cli("prune", "--config", str(recipe), "--batch_size", "2", "--output_dir", str(tmp_path / "s"))
+    said = [str(w.message) for w in caught]
+    assert any(
+        "batch_size=2: the recipe's fit calibrates on batches of 4 (data.batch_size)" in m for m in said
+    )
+    assert "calibration: 2 batches x 2 blocks x 32 tokens" in capsys.readouterr().out
+
+
+def test_ctrl_c_during_prune_exits_130_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    from distilkit.models import from_teacher
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("not reached: Ctrl-C stops at once")  # pragma: no cover
+
+    monkeypatch.setattr(from_teacher.StudentCut, "finish", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("prune", "--teacher", str(TEACHER), "--targets", "{n_layer: 2}", "--data_files",
+                "builtin:python-reference", "--output_dir", str(tmp_path / "s"))  # fmt: skip
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        "stopped: Ctrl-C: stopped at once; nothing was written (a cut is one job: run it again)"
+    )
+    assert not (tmp_path / "s").exists()

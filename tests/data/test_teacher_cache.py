@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -298,13 +299,11 @@ def test_a_truncated_shard_is_refused_and_rewritten_on_resume(finished: Path, tm
         ConfigError, match=r"shard train-r0000-000000.safetensors has \d+ bytes, .* \(truncated\?\)"
     ):
         TeacherCache(directory)
-    with pytest.warns(UserWarning, match="missing or truncated"):
+    with pytest.warns(UserWarning, match=r"has \d+ bytes, .*its blocks will be written again"):
         resumed = writer(directory)
     assert resumed.missing("train") == [0, 1, 2, 3]
     write_blocks(resumed, "train", list(range(16)))
-    # the manifest still names the damaged shard: finalize drops it and says so
-    with pytest.warns(UserWarning, match="missing or truncated"):
-        resumed.finalize()
+    resumed.finalize()  # the manifest still names the damaged shard: finalize drops it (the writer warned)
     assert not shard.exists()  # rewritten under another name; the damaged file is gone
     assert_same_targets(TeacherCache(directory), TeacherCache(finished))
 
@@ -314,14 +313,20 @@ def test_corrupt_shards_and_manifests_are_refused(finished: Path, tmp_path: Path
     data = bytearray(first_shard(flipped).read_bytes())
     data[-5] ^= 0xFF  # same size, different content: only the checksum sees it
     first_shard(flipped).write_bytes(bytes(data))
-    with pytest.raises(ConfigError, match="is corrupt .*sha256"):
-        TeacherCache(flipped).verify()
+    repair = "run the `distilkit cache` command that made it again"
+    with pytest.raises(ConfigError, match=f"has other bytes than were written .*; {repair}"):
+        TeacherCache(flipped)  # opening checks what changed since it was hashed
     TeacherCache(finished).verify()
 
     header = copy_cache(finished, tmp_path / "header")
     data = bytearray(first_shard(header).read_bytes())
     data[8:20] = b"not json!!!!"
     first_shard(header).write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="has other bytes than were written"):
+        TeacherCache(header)
+    manifest = json.loads((header / "manifest.json").read_text())  # a record that matches the damage
+    manifest["splits"]["train"]["shards"][0]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    (header / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match="is unreadable"):
         TeacherCache(header)
 

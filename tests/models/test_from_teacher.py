@@ -172,14 +172,23 @@ def test_bad_specs_fail_at_init_naming_the_field(datamodule, teacher, spec, matc
 
 
 @pytest.mark.slow
-def test_the_cli_fits_resumes_and_exports_a_cut_student(tmp_path, corpus, tokenizer_dir, cache_dir):
+def test_the_cli_fits_resumes_and_exports_a_cut_student(
+    tmp_path, corpus, tokenizer_dir, cache_dir, monkeypatch
+):
     recipe = tiny_recipe(tmp_path / "cut.yaml", corpus, tokenizer_dir, cache_dir)
     config = yaml.safe_load(recipe.read_text())
     config["model"]["init_args"]["student"] = cut_spec(n_layer=1, n_embd=32, calibration_batches=2)
     recipe.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "run"
+    calibrations = []
+    finish_for = StudentCut.finish_for
+    monkeypatch.setattr(
+        StudentCut, "finish_for", lambda cut, *args: calibrations.append(1) or finish_for(cut, *args)
+    )
     fit_run(recipe, run_dir)
-    resume_run(recipe, run_dir, 6)  # no cut is made: the checkpoint's student replaces the pending one
+    assert len(calibrations) == 1
+    resume_run(recipe, run_dir, 6)  # issue 21.2: the checkpoint's student replaces the pending one, uncut
+    assert len(calibrations) == 1, "a resumed run paid the calibration"
     last = run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 6
     run_cli("export", "--ckpt_path", str(last), "--output_dir", str(tmp_path / "export"))

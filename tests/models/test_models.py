@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -187,3 +189,17 @@ def test_a_teacher_with_unreadable_weights_is_one_line(
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert f"model.teacher='{teacher}': could not be loaded (Error while deserializing header" in err
+
+
+def test_a_config_mappings_vocab_size_above_the_tokenizers_is_said_in_one_warning():
+    """Issue 21.8: a random-init model padded past the tokenizer keeps rows no token uses: never trained (the
+    losses compare the tokenizer's size), yet exported. Said, not refused: padding can be on purpose."""
+    spec = {**FAMILIES["gpt2"], "vocab_size": 320}
+    with pytest.warns(
+        UserWarning, match=r"model.peers\[1\].vocab_size=320 is above the tokenizer's 300: its last 20 rows"
+    ):
+        model = load_causal_lm(spec, field="model.peers[1]", defaults=DEFAULTS)
+    assert model.config.vocab_size == 320
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_causal_lm(FAMILIES["gpt2"], field="model.student", defaults=DEFAULTS)  # the tokenizer's: silent

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
 import subprocess
 import sys
 from functools import partial
@@ -25,10 +26,12 @@ from helpers import (
     tiny_trainer,
 )
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distilkit import CurriculumCallback, ForwardKLLoss, MutualDistillationModule, Stage
 from distilkit.batch import next_token_targets
+from distilkit.commands.trainer import print_summary
 from distilkit.errors import ConfigError
 from distilkit.models.loading import load_causal_lm
 
@@ -312,9 +315,23 @@ def test_each_peer_exports_by_index_and_by_name_and_reloads_with_transformers(da
     assert set(saved["distilkit"]["models"]) == {"peers.0", "peers.1"}
     restored = MutualDistillationModule.load_from_checkpoint(last, weights_only=True)
     ids = next(iter(datamodule.val_dataloader()))["input_ids"]
+    capsys.readouterr()
+    print_summary(trainer, Console())  # issue 21: a command per peer, with --peer, validated or not
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("export ")]
+    commands = dict(line.split(": ", 1) for line in printed)
+    assert list(commands) == ["export peer big", "export peer small"], printed
     for index, peer in enumerate(("0", "small")):
         out = tmp_path / f"export-{peer}"
-        run_cli("export", "--ckpt_path", str(last), "--output_dir", str(out), "--peer", peer)
+        if peer == "small":  # the summary's command, as printed
+            assert shlex.split(commands["export peer small"])[-4:] == [
+                "--output_dir",
+                str(out),
+                "--peer",
+                peer,
+            ]
+            run_cli(*shlex.split(commands["export peer small"])[1:])
+        else:
+            run_cli("export", "--ckpt_path", str(last), "--output_dir", str(out), "--peer", peer)
         model = AutoModelForCausalLM.from_pretrained(out).eval()
         assert AutoTokenizer.from_pretrained(out).vocab_size == datamodule.vocab_size
         with torch.no_grad():
@@ -324,7 +341,33 @@ def test_each_peer_exports_by_index_and_by_name_and_reloads_with_transformers(da
     with pytest.raises(SystemExit) as exit_info:
         run_cli("export", "--ckpt_path", str(last), "--output_dir", str(tmp_path / "x"), "--peer", "teacher")
     assert exit_info.value.code == 2
-    assert "['big', 'small']" in " ".join(capsys.readouterr().err.split())
+    err = " ".join(capsys.readouterr().err.split())
+    assert "peer='teacher': names no peer of this checkpoint (it holds 0 (big), 1 (small))" in err
+    with pytest.raises(SystemExit) as exit_info:  # issue 21.5: without --peer, say --peer
+        run_cli("export", "--ckpt_path", str(last), "--output_dir", str(tmp_path / "x"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert (
+        exit_info.value.code == 2
+        and "error: peer=None: is needed: the checkpoint holds a cohort of 2 peers" in err
+    )
+    assert "choose one with --peer 0 (an index) or --peer NAME" in err
+
+
+def test_evaluate_scores_every_peer_of_a_cohort_checkpoint_or_the_one_asked_for(datamodule, tmp_path, corpus):
+    from distilkit.commands.evaluate import evaluate
+
+    torch.manual_seed(0)
+    cohort = _cohort(datamodule, [SMALL, WIDER], names=["big", "small"])
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+    trainer = tiny_trainer(tmp_path, max_steps=1, enable_checkpointing=True, callbacks=[checkpoints])
+    trainer.fit(cohort, datamodule)
+    last = str(tmp_path / "checkpoints" / "last.ckpt")
+    options = dict(data_files=str(corpus), block_size=32, batch_size=4, progress=False)
+    rows = evaluate([last], **options)
+    assert [row["model"] for row in rows] == [f"{last} (peer big)", f"{last} (peer small)"]
+    assert rows[0]["ppl"] != rows[1]["ppl"]
+    only = evaluate([last], peer="small", **options)
+    assert [row["model"] for row in only] == [f"{last} (peer small)"] and only[0]["ppl"] == rows[1]["ppl"]
 
 
 def test_predict_gives_each_peers_next_token_nll(datamodule):
@@ -417,7 +460,11 @@ def test_a_killed_cohort_resumes_exactly(tmp_path, corpus, tokenizer_dir, cache_
     every_step = ("--checkpoint.every_n_train_steps", "1")
     fit_run(recipe, tmp_path / "straight", *every_step)  # in this process (no second start-up to pay)
     output = capsys.readouterr().out
-    assert "peer1 val ppl" in output and "--peer N" in output
+    assert "a val ppl" in output and "b val ppl" in output  # issue 21.7: by name
+    last = tmp_path / "straight" / "checkpoints" / "last.ckpt"
+    assert f"export peer b: distilkit export --ckpt_path '{last}' --output_dir" in output
+    assert output.rstrip().endswith("export-b' --peer b"), output[-500:]
+    assert "peer1 val ppl" not in output and "none: the peers teach each other (a, b)" in output
 
     killed = tmp_path / "killed"
     slow = [{"class_path": "helpers.SlowSteps", "init_args": {"marker": str(tmp_path / "m"), "at_step": 0}}]
@@ -486,3 +533,23 @@ def test_the_mutual_recipe_refuses_what_a_cohort_cannot_do_in_one_line(
     assert exit_info.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
     assert message in err and "Traceback" not in err
+
+
+def test_the_online_teacher_recipes_schedule_error_names_the_field_it_has(tmp_path, cache_dir, capsys):
+    """Issue 21.5: recipes/online_teacher.yaml gives one schedule per peer (``lr_schedulers``); a length there
+    that is not the run's is refused naming that list's entry, not ``lr_scheduler`` (which it has not), and
+    the fix it gives (leave the length out) is the recipe as shipped."""
+    root = Path(__file__).parents[2]
+    config = yaml.safe_load((root / "recipes" / "online_teacher.yaml").read_text())
+    assert "lr_scheduler" not in config["model"]["init_args"], "the recipe as shipped leaves the lengths out"
+    config["model"]["init_args"]["lr_schedulers"][1]["init_args"]["total_steps"] = 300
+    recipe = tmp_path / "online_teacher.yaml"
+    recipe.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        fit_run(
+            recipe, tmp_path / "run", "--data.init_args.cache_dir", str(cache_dir), "--trainer.max_steps", "5"
+        )
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "error: model.lr_schedulers[1].init_args.total_steps=300: is not the run's length of 5" in err
+    assert "leave it out (the schedule then lasts the run)" in err

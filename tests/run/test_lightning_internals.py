@@ -39,3 +39,11 @@ def test_the_loop_pieces_of_a_validation_skipped_by_a_resume_exist(tmp_path):
     assert hasattr(trainer._logger_connector, "_first_loop_iter")
     source = inspect.getsource(type(epoch_loop).advance)  # what the resumed loop does in its place
     assert "increment_progress_to_evaluation_end" in source and "restarted_on_last" in source
+
+
+def test_the_rich_bar_still_builds_its_train_description_where_distilkit_overrides_it():
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    name = lightning_internals.RICH_TRAIN_DESCRIPTION
+    assert callable(getattr(RichProgressBar, name))
+    assert f"self.{name}(" in inspect.getsource(RichProgressBar)

@@ -14,9 +14,11 @@ import torch
 from helpers import (
     branch_point,
     csv_rows,
+    fit_run,
     kill_when_checkpointed,
     make_datamodule,
     read_records,
+    resume_run,
     rewound_history,
     run_file,
     signal_at_marker,
@@ -284,3 +286,34 @@ def test_a_run_killed_between_a_checkpoint_and_its_validation_runs_that_validati
     assert [step for step, _, val in straight if val is not None] == [1, 3, 5]
     _assert_same_logs(straight, csv_rows(killed_dir))
     _assert_same_student(tmp_path / "straight", killed_dir, 6)
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_teacher_is_refused_unless_asked_for_and_the_summary_names_it(
+    tmp_path, corpus, tokenizer_dir, cache_dir, capsys, monkeypatch
+):
+    """Issue 21.2: the checkpoint records what taught the run. Another teacher (here the random teacher of
+    another seed: same config, other weights) is refused in one line before any step; with
+    --allow_teacher_change true the run goes on, and its checkpoint and summary name both teachers."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    recipe = tiny_recipe(tmp_path / "tiny.yaml", corpus, tokenizer_dir, cache_dir, max_steps=2)
+    run_dir = tmp_path / "run"
+    fit_run(recipe, run_dir)
+    out = capsys.readouterr().out
+    first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["distilkit"]["teacher"]
+    assert first["kind"] == "live" and len(first["weights_sha256"]) == 64
+    teacher = f"a random-init gpt2 config mapping (weights sha256 {first['weights_sha256'][:12]})"
+    assert f"teacher            {teacher}" in out
+    with pytest.raises(SystemExit) as exit_info:
+        resume_run(recipe, run_dir, 4, "--seed_everything", "1")
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "error: model.teacher='a random-init gpt2 config mapping (weights sha256" in err
+    assert f"is not the teacher this run was trained by up to step 2: {teacher}" in err
+    assert "pass --allow_teacher_change true" in err
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    resume_run(recipe, run_dir, 4, "--seed_everything", "1", "--allow_teacher_change", "true")
+    extras = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["distilkit"]
+    assert extras["earlier_teachers"] == [{"until_step": 2, "teacher": first}]
+    assert extras["teacher"]["weights_sha256"] != first["weights_sha256"]
+    assert f"until step 2: {teacher}" in capsys.readouterr().out

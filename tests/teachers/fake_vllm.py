@@ -66,7 +66,8 @@ class FakeVLLM:
         self.max_logprobs, self.max_model_len = max_logprobs, max_model_len
         self.tokenizer = tokenizer or CharTokenizer(vocab_size)
         self.script: list[str] = []
-        self.requests = self.active = self.max_active = 0
+        self.requests = self.active = self.max_active = self.completions = 0
+        self.fail_after: int | None = None  # scoring requests answered before every later one gets HTTP 500
         self.delay = 0.0
         self.connections: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -215,6 +216,10 @@ def _handler(fake: FakeVLLM) -> type[BaseHTTPRequestHandler]:
                 fake.active += 1
                 fake.max_active = max(fake.max_active, fake.active)
                 fault = fake.script.pop(0) if fake.script and self.path == "/v1/completions" else ""
+                if self.path == "/v1/completions":
+                    fake.completions += 1
+                    if fake.fail_after is not None and fake.completions > fake.fail_after:
+                        fault = "500"
             try:
                 time.sleep(fake.delay)
                 if fault.startswith("sleep:"):

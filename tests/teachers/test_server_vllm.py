@@ -1,6 +1,6 @@
-"""The served teacher against a REAL vLLM CPU server on 127.0.0.1 (marked ``served``; about 3-4 minutes, most
-of it the server's start): a tiny random Llama the test writes, scored by vLLM, must give the targets that
-transformers' float32 log-softmax gives for the same model in distilkit's environment.
+"""The served teacher's client against a REAL vLLM CPU server on 127.0.0.1 (marked ``served``; the session's
+one server, see conftest.py): a tiny random Llama the session writes, scored by vLLM, must give the targets
+that transformers' float32 log-softmax gives for the same model in distilkit's environment.
 
 Needs the vLLM environment (``bash .ci/vllm-env``; found through ``$DISTILKIT_VLLM_PYTHON`` or its stamp
 under ``${DISTILKIT_CACHE:-~/.cache/distilkit}``); skipped with that reason without it.
@@ -12,82 +12,39 @@ import json
 
 import pytest
 import torch
+from served_env import NEEDS_VLLM, SERVED_NAME
+from tcp_proxy import TcpProxy
 
 from distilkit.data.teacher_cache.codec import topk_targets
 from distilkit.data.teacher_cache.targets import SparseTargets
 from distilkit.errors import ConfigError
 from distilkit.losses import ForwardKLLoss, ReverseKLLoss
 from distilkit.teachers.server import ServedTeacher, TeacherUnavailable
-from distilkit.teachers.vllm_launcher import VLLMServer, vllm_python
 
-VLLM_PYTHON = vllm_python()
-pytestmark = [
-    pytest.mark.served,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        VLLM_PYTHON is None or not VLLM_PYTHON.exists(),
-        reason="no vLLM environment: run `bash .ci/vllm-env` (or set DISTILKIT_VLLM_PYTHON to its python)",
-    ),
-]
-
-#: A 2-layer Llama (head size 64, which vLLM's CPU attention supports), random weights with a wide init so
-#: that the distributions are peaked enough for top-k to matter.
-TINY_LLAMA = {
-    "model_type": "llama",
-    "num_hidden_layers": 2,
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 1024,
-    "initializer_range": 0.2,
-    "tie_word_embeddings": False,
-}
-NAME, K, T = "tiny-llama", 20, 128
+pytestmark = NEEDS_VLLM
+NAME, K, T = SERVED_NAME, 20, 128
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from helpers import TEACHER, tiny_model_dir
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(TEACHER)  # the project's tokenizer (recipes/teacher)
-    torch.manual_seed(0)
-    ids = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id}
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), tokenizer, {**TINY_LLAMA, **ids})
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
-    vllm = VLLMServer(model_dir, python=VLLM_PYTHON, served_model_name=NAME, max_model_len=256, log_path=log)
-    vllm.start(timeout=900)
-    memory = vllm.memory_bytes() / 2**30
-    print(f"vLLM ready in {vllm.ready_seconds:.0f} s, {memory:.2f} GiB (PSS, all its processes)")
-    yield vllm
-    vllm.stop()
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir, corpus):
+def reference(vllm_model_dir, corpus):
     """Blocks of real text ``(4, T)`` and the same model's float32 log-probabilities ``(4, T, V)``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(vllm_model_dir)
     text = " ".join(json.loads(line)["text"] for line in corpus.read_text().splitlines())
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][: 4 * T]
     blocks = torch.tensor(ids).view(4, T)  # (B, T)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(blocks).logits.float()  # (B, T, V)
     return tokenizer, blocks, logits
 
 
-def test_served_targets_equal_transformers_top_k(server, reference):
+def test_served_targets_equal_transformers_top_k(vllm_server, reference):
     """vLLM's top-20 at every position (the last one included) are transformers' float32 top-20 with the
     same log-probabilities, tail mass and actual-token log p, within float tolerance."""
     tokenizer, blocks, logits = reference
-    with ServedTeacher(server.url, NAME, top_k=K) as teacher:
+    with ServedTeacher(vllm_server.url, NAME, top_k=K) as teacher:
         info = teacher.check(tokenizer, block_size=T)
         scores = teacher.submit(blocks).result()
     assert info.model == NAME and info.max_model_len == 256
@@ -105,10 +62,10 @@ def test_served_targets_equal_transformers_top_k(server, reference):
     torch.testing.assert_close(scores.next_token, actual, atol=2e-4, rtol=0)
 
 
-def test_losses_train_from_the_server_as_from_a_top_k_cache(server, reference):
+def test_losses_train_from_the_server_as_from_a_top_k_cache(vllm_server, reference):
     """Sparse losses on the server's targets equal those on the cache's own targets of the same logits."""
     tokenizer, blocks, logits = reference
-    with ServedTeacher(server.url, NAME, top_k=K, vocab_size=len(tokenizer), max_in_flight=2) as teacher:
+    with ServedTeacher(vllm_server.url, NAME, top_k=K, vocab_size=len(tokenizer), max_in_flight=2) as teacher:
         served = teacher.score(blocks).select(blocks)  # (N, K)
     rows = [topk_targets(block_logits, K, 1.0) for block_logits in logits]
     cached = SparseTargets(
@@ -121,17 +78,22 @@ def test_losses_train_from_the_server_as_from_a_top_k_cache(server, reference):
         )
 
 
-def test_the_real_server_refuses_what_differs(server, reference, tokenizer_dir):
+def test_the_real_server_refuses_what_differs(vllm_server, reference, tokenizer_dir):
     """A K above vLLM's default --max-logprobs (20), an unknown model name, a block filling its context,
     and a run tokenizer that is not the model's: each one ConfigError line naming it."""
     from transformers import AutoTokenizer
 
     tokenizer, _, _ = reference
     cases = [
-        (ServedTeacher(server.url, NAME, top_k=21), tokenizer, T, "--max-logprobs 21"),
-        (ServedTeacher(server.url, "other", top_k=K), tokenizer, T, "is not served"),
-        (ServedTeacher(server.url, NAME, top_k=K), tokenizer, 256, "--max-model-len 257"),
-        (ServedTeacher(server.url, NAME, top_k=K), AutoTokenizer.from_pretrained(tokenizer_dir), T, "probe"),
+        (ServedTeacher(vllm_server.url, NAME, top_k=21), tokenizer, T, "--max-logprobs 21"),
+        (ServedTeacher(vllm_server.url, "other", top_k=K), tokenizer, T, "is not served"),
+        (ServedTeacher(vllm_server.url, NAME, top_k=K), tokenizer, 256, "--max-model-len 257"),
+        (
+            ServedTeacher(vllm_server.url, NAME, top_k=K),
+            AutoTokenizer.from_pretrained(tokenizer_dir),
+            T,
+            "probe",
+        ),
     ]
     for teacher, run_tokenizer, block_size, words in cases:
         with teacher, pytest.raises(ConfigError) as caught:
@@ -139,13 +101,14 @@ def test_the_real_server_refuses_what_differs(server, reference, tokenizer_dir):
         assert words in str(caught.value) and "\n" not in str(caught.value), str(caught.value)
 
 
-def test_a_server_stopped_mid_run_raises_teacher_unavailable(server, reference):
-    """Runs last: the server is stopped (its whole process group); the client retries for its window,
-    then raises the one-line TeacherUnavailable."""
+def test_a_server_lost_mid_run_raises_teacher_unavailable(vllm_server, reference):
+    """The server goes away (a proxy in front of it cuts every connection and refuses new ones, as a dead
+    process would); the client retries for its window, then raises the one-line TeacherUnavailable."""
     tokenizer, blocks, _ = reference
-    with ServedTeacher(server.url, NAME, top_k=K, vocab_size=len(tokenizer), retry_for_s=3) as teacher:
+    proxy = TcpProxy(vllm_server.port)
+    with ServedTeacher(proxy.url, NAME, top_k=K, vocab_size=len(tokenizer), retry_for_s=3) as teacher:
         teacher.score(blocks[:1])
-        server.stop()
-        with pytest.raises(TeacherUnavailable, match=f"{server.url} failed .* tries over"):
+        proxy.cut()
+        with pytest.raises(TeacherUnavailable, match=f"{proxy.url} failed .* tries over") as caught:
             teacher.score(blocks[:1])
-    assert not server.healthy()
+    assert "\n" not in str(caught.value)

@@ -31,6 +31,7 @@ from safetensors import safe_open
 
 from distilkit.data.teacher_cache.codec import id_dtype
 from distilkit.data.teacher_cache.targets import MODES
+from distilkit.data.verified import HashMemo, shared_memo
 from distilkit.errors import ConfigError
 from distilkit.files import atomic_write
 
@@ -187,19 +188,38 @@ def all_shards(
     return [records[name] for name in sorted(records)]
 
 
-def valid_shards(directory: Path, records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records whose file is on disk with the recorded size; warns about the others."""
+def valid_shards(
+    directory: Path, records: Iterable[dict[str, Any]], memo: HashMemo | None = None, warn: bool = True
+) -> list[dict[str, Any]]:
+    """The records whose file is on disk with the recorded size and SHA-256 (hashes remembered in ``memo``,
+    default :func:`~distilkit.data.verified.shared_memo`: a shard unchanged since it was hashed costs a
+    ``stat``); warns (``warn``) about the others, whose blocks a writer computes again."""
+    memo = memo if memo is not None else shared_memo()
     valid = []
     for record in records:
-        path = directory / record["file"]
-        if path.is_file() and path.stat().st_size == record["bytes"]:
+        problem = shard_problem(directory / record["file"], record, memo, save=False)
+        if problem is None:
             valid.append(record)
-        else:
+        elif warn:
             warnings.warn(
-                f"teacher cache: shard {path} is missing or truncated; its blocks will be written again",
+                f"teacher cache: shard {directory / record['file']} {problem}; "
+                "its blocks will be written again",
                 stacklevel=3,
             )
+    memo.save()
     return valid
+
+
+def shard_problem(path: Path, record: Mapping[str, Any], memo: HashMemo, save: bool = True) -> str | None:
+    """What is wrong with a shard file against its record (missing, another size, other bytes), or None."""
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        return f"has {size} bytes, the manifest says {record['bytes']} (truncated?)"
+    if memo.sha256(path, save=save) != record["sha256"]:
+        return "has other bytes than were written (its SHA-256 differs from the manifest's)"
+    return None
 
 
 def read_block_index(path: Path) -> np.ndarray:
@@ -210,6 +230,8 @@ def read_block_index(path: Path) -> np.ndarray:
 def read_manifest(directory: Path, field: str) -> dict[str, Any]:
     """The manifest of a finished cache, with the fields a reader needs checked."""
     path = directory / MANIFEST
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(field, str(directory), "is a file, not a cache directory", "give a cache directory")
     if not path.is_file():
         hint = "the cache run did not finish" if any(directory.glob("part-r*.json")) else "no cache here"
         raise ConfigError(field, str(directory), f"has no {MANIFEST} ({hint})", "run `distilkit cache` first")

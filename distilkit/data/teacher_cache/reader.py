@@ -20,16 +20,20 @@ from safetensors import safe_open
 from torch import Tensor
 
 from distilkit.data.teacher_cache.codec import EncodedTargets
-from distilkit.data.teacher_cache.format import first_line, read_manifest, stored_entries
+from distilkit.data.teacher_cache.format import first_line, read_manifest, shard_problem, stored_entries
 from distilkit.data.teacher_cache.targets import SparseTargets
+from distilkit.data.verified import shared_memo
 from distilkit.errors import ConfigError
 
 
 class TeacherCache:
     """Reads a finished teacher cache: the targets of any blocks, decoded to tensors.
 
-    Opening reads the manifest, checks every shard's size and header against it and maps the block
-    indices; shard data are read lazily, block by block. :meth:`verify` also checks each shard's sha256.
+    Opening reads the manifest, checks every shard's size, SHA-256 and header against it and maps the block
+    indices; shard data are read lazily, block by block. A shard's hash is computed once and remembered with
+    the file's stat stamp (:func:`~distilkit.data.verified.shared_memo`), so a cache is read whole once
+    after it is written (by the writer itself) and costs a ``stat`` per shard after that; a shard whose bytes
+    changed since is hashed again and refused, naming the command that rewrites it.
 
     Args:
         directory: the cache directory (holding ``manifest.json``).
@@ -45,6 +49,7 @@ class TeacherCache:
     ) -> None:
         self.directory, self.field = Path(directory), field
         self.manifest = read_manifest(self.directory, field)
+        self._memo = shared_memo()
         self._handles: dict[str, Any] = {}
         self._where: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # split -> (shard number, row) per block
         for split, info in self.manifest["splits"].items():
@@ -57,6 +62,7 @@ class TeacherCache:
                     "run `distilkit cache` again with the same settings to complete it",
                 )
             self._where[split] = self._map_blocks(split, info["shards"])
+        self._memo.save()
 
     # ------------------------------------------------------------------------------------------- settings
     @property
@@ -128,16 +134,20 @@ class TeacherCache:
             self._mismatch("top_k" if self.mode == "topk" else "samples", entries, self.entries)
 
     def verify(self) -> None:
-        """Check every shard's sha256 against the manifest (reads the whole cache once)."""
+        """Hash every shard again, remembered hashes aside, and compare with the manifest (reads the whole
+        cache once; opening the cache already checked what changed since it was last hashed)."""
         for info in self.manifest["splits"].values():
             for record in info["shards"]:
                 if _sha256(self.directory / record["file"]) != record["sha256"]:
-                    raise ConfigError(
-                        self.field,
-                        str(self.directory),
-                        f"shard {record['file']} is corrupt (its sha256 differs from the manifest's)",
-                        "delete it and run `distilkit cache` again with the same settings to rewrite it",
-                    )
+                    raise self._damaged(record, "has other bytes than were written (its SHA-256 differs)")
+
+    @property
+    def repair(self) -> str:
+        """How to rewrite missing or damaged shards: the command that made the cache, when recorded."""
+        command = self.manifest.get("command")
+        if command:
+            return f"run `{command}` again: it rewrites only the blocks missing or damaged"
+        return "run the `distilkit cache` command that made it again (same settings): it rewrites them"
 
     # -------------------------------------------------------------------------------------------- reading
     def read(self, split: str, block_indices: Tensor | Sequence[int]) -> EncodedTargets:
@@ -228,24 +238,19 @@ class TeacherCache:
             row_of[blocks[fresh]] = np.flatnonzero(fresh)
         return shard_of, row_of
 
+    def _damaged(self, record: Mapping[str, Any], problem: str) -> ConfigError:
+        return ConfigError(self.field, str(self.directory), f"shard {record['file']} {problem}", self.repair)
+
     def _check_shard(self, record: Mapping[str, Any], count: int) -> np.ndarray:
-        """A shard's block indices, once its size, header, tensors and blocks agree with the manifest."""
-        path = self.directory / record["file"]
+        """A shard's block indices, once its size, SHA-256, header, tensors and blocks agree with the
+        manifest."""
 
         def damaged(problem: str) -> ConfigError:
-            return ConfigError(
-                self.field,
-                str(self.directory),
-                f"shard {record['file']} {problem}",
-                "run `distilkit cache` again with the same settings to rewrite it",
-            )
+            return self._damaged(record, problem)
 
-        if not path.is_file():
-            raise damaged("is missing")
-        if path.stat().st_size != record["bytes"]:
-            raise damaged(
-                f"has {path.stat().st_size} bytes, the manifest says {record['bytes']} (truncated?)"
-            )
+        problem = shard_problem(self.directory / record["file"], record, self._memo, save=False)
+        if problem is not None:
+            raise damaged(problem)
         try:
             handle = self._handle(record["file"])
             blocks = handle.get_tensor("block_index").astype(np.int64)  # (n,)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ from distilkit.data.teacher_cache.format import (
     valid_shards,
     write_atomic,
 )
+from distilkit.data.teacher_cache.targets import SparseTargets
+from distilkit.data.verified import shared_memo
 from distilkit.errors import ConfigError
 
 #: Bytes of targets per shard when ``shard_blocks`` is not given.
@@ -75,6 +77,8 @@ class CacheWriter:
         shard_blocks: blocks per shard (default: about :data:`SHARD_BYTES` of targets).
         tail_samples: S, ids drawn from the tail (outside the top K) after the top K, in top-k mode (default
             0: none; needs K < V).
+        command: the command that writes the cache (recorded: a damaged shard's message names it, since
+            running it again rewrites exactly the blocks that are missing or damaged).
     """
 
     def __init__(
@@ -91,7 +95,10 @@ class CacheWriter:
         rank: int = 0,
         shard_blocks: int | None = None,
         tail_samples: int = 0,
+        command: str | None = None,
     ) -> None:
+        self.command = command
+        self.memo = shared_memo()
         self.settings = cache_settings(
             mode, entries, temperature, vocab_size, block_size, num_blocks, identity, seed, tail_samples
         )
@@ -111,7 +118,7 @@ class CacheWriter:
         for source, settings in [(MANIFEST, manifest), *((name, part) for name, part in parts.items())]:
             if settings is not None:
                 compare_settings(settings, self.settings, f"{self.directory / source}")
-        recorded = valid_shards(self.directory, all_shards(manifest, parts))
+        recorded = valid_shards(self.directory, all_shards(manifest, parts), self.memo)
         own = parts.get(part_name(rank))
         valid = {record["file"] for record in recorded}
         self._records = [r for r in own["shards"] if r["file"] in valid] if own else []
@@ -160,6 +167,39 @@ class CacheWriter:
         expected = (len(blocks), self.settings["block_size"], self.settings["vocab_size"])
         if tuple(teacher_logits.shape) != expected:
             raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} should be (B, T, V) = {expected}")
+        return self._add(
+            split, blocks, lambda row, block: self._encode_block(split, block, teacher_logits[row])
+        )
+
+    def write_targets(self, split: str, block_indices: Tensor | Sequence[int], targets: SparseTargets) -> int:
+        """Buffer top-k targets made elsewhere (a teacher's server), as :meth:`write` buffers its own.
+
+        Args:
+            split: a split named in ``num_blocks``.
+            block_indices: ``(B,)`` the blocks' indices in the split.
+            targets: ``SparseTargets("topk")`` of those blocks: ids/log_probs ``(B, T, K)`` (log p descending,
+                at the cache's temperature), tail ``(B, T)``; K is the cache's ``top_k``.
+
+        Returns:
+            How many blocks were new (as :meth:`write`).
+        """
+        split = self._split(split)
+        blocks = [int(b) for b in torch.as_tensor(block_indices).reshape(-1).tolist()]
+        expected = (len(blocks), self.settings["block_size"], self.entries)
+        if self.mode != "topk" or targets.mode != "topk" or tuple(targets.ids.shape) != expected:
+            raise ValueError(
+                f"{targets.mode} targets {tuple(targets.ids.shape)} should be topk (B, T, K) = {expected} "
+                f"for a {self.mode} cache"
+            )
+        tail = targets.tail
+        assert tail is not None
+        vocab = int(self.settings["vocab_size"])
+        return self._add(
+            split, blocks, lambda row, _: encode(targets.ids[row], targets.log_probs[row], tail[row], vocab)
+        )
+
+    def _add(self, split: str, blocks: list[int], encoded: Callable[[int, int], EncodedTargets]) -> int:
+        """Buffer ``encoded(row, block)`` for each new block (full shards go to disk); how many were new."""
         count = self.settings["num_blocks"][split]
         waiting = {block for block, _ in self._pending[split]}
         new = 0
@@ -168,7 +208,7 @@ class CacheWriter:
                 raise ValueError(f"block {block} is outside the {count} blocks of split {split!r}")
             if block in self._done[split] or block in waiting:
                 continue
-            self._pending[split].append((block, self._encode_block(split, block, teacher_logits[row])))
+            self._pending[split].append((block, encoded(row, block)))
             waiting.add(block)
             new += 1
             if len(self._pending[split]) >= self.shard_blocks:
@@ -221,6 +261,8 @@ class CacheWriter:
         metadata = {"format": FORMAT, "version": str(VERSION), "split": split, "mode": self.mode}
         data = save_safetensors(arrays, metadata=metadata)
         write_atomic(self.directory / name, data)
+        digest = hashlib.sha256(data).hexdigest()
+        self.memo.remember(self.directory / name, digest)  # read back by its record, not hashed again
         self._records.append(
             {
                 "file": name,
@@ -230,10 +272,10 @@ class CacheWriter:
                 "first_block": int(blocks.min()),
                 "last_block": int(blocks.max()),
                 "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
+                "sha256": digest,
             }
         )
-        part = {**self.settings, "rank": self.rank, "shards": self._records}
+        part = {**self.settings, "rank": self.rank, "command": self.command, "shards": self._records}
         write_atomic(self.directory / part_name(self.rank), json.dumps(part, indent=1).encode())
         self._done[split].update(blocks.tolist())
         self._next_seq[split] += 1
@@ -262,7 +304,8 @@ def finalize_cache(directory: str | Path) -> dict[str, Any]:
     settings = {key: sources[0][key] for key in SETTINGS if key in sources[0]}
     for source in sources[1:]:
         compare_settings(source, settings, str(directory))
-    shards = valid_shards(directory, all_shards(manifest, parts))
+    commands = [s.get("command") for s in (*parts.values(), manifest) if s is not None and s.get("command")]
+    shards = valid_shards(directory, all_shards(manifest, parts), warn=False)  # writers warned
     splits: dict[str, Any] = {}
     for split, count in settings["num_blocks"].items():
         own = sorted((r for r in shards if r["split"] == split), key=lambda r: r["file"])
@@ -274,6 +317,7 @@ def finalize_cache(directory: str | Path) -> dict[str, Any]:
     size = sum(r["bytes"] for r in shards)
     merged = {
         **settings,
+        "command": commands[0] if commands else None,
         "complete": all(s["complete"] for s in splits.values()),
         "splits": splits,
         "positions": positions,

@@ -83,6 +83,7 @@ class PruneReport:
         layer_ranking: how blocks were ranked when they were (``"influence"`` or ``"loss"``).
         drop_order: with ``"loss"``, the blocks dropped in turn and the teacher's loss without them.
         full_loss: with ``"loss"``, the whole teacher's loss on the calibration data.
+        calibration: what the ranking was measured on (batches, blocks, tokens), or None without data.
     """
 
     model_type: str
@@ -101,6 +102,7 @@ class PruneReport:
     layer_ranking: str = "influence"
     drop_order: list[tuple[int, float]] | None = None
     full_loss: float | None = None
+    calibration: str | None = None
 
     def lines(self) -> list[str]:
         """A short readable summary, one item per line."""
@@ -112,6 +114,8 @@ class PruneReport:
             f"  parameters: {_millions(self.params_before)} -> {_millions(self.params_after)} ({ratio:.1%})",
             f"  sizes: {sizes}",
         ]
+        if self.calibration is not None:
+            out.append(f"  calibration: {self.calibration}")
         dropped = len(self.layers) < next(iter(self.sizes_before.values()))  # the layer count comes first
         ranked = "ranked by the loss without them" if self.drop_order else "ranked by block influence"
         how = "named" if self.layers_given else ranked if dropped else "all"

@@ -1,0 +1,165 @@
+"""One student from two domain experts: per-domain validation perplexity of the 2 x 128 student trained
+alone, from the prose teacher only, from the code teacher only, and from both (routed by source, and mixed),
+at equal steps and data, over several seeds.
+
+Every run is ``recipes/multi_teacher.yaml`` (the quickstart's student, loss and optimizer on both built-in
+corpora, each holding out what its teacher held out: ``split_per_file``) through ``distilkit fit``, with the
+teacher side changed by overrides only:
+
+- ``alone``: no teacher (plain cross-entropy);
+- ``prose``: ``teacher: recipes/teacher`` (the shipped prose teacher) on every token;
+- ``code``: ``teacher: recipes/code_teacher`` on every token;
+- ``routed``: the recipe as it is: each document taught by the teacher its ``source`` names;
+- ``mixed``: ``mix: {python-reference: 0.5, python-code: 0.5}``: every token from the mixture.
+
+Every run logs ``val/python-reference/ppl`` and ``val/python-code/ppl`` (``data.domains: source``) on the
+whole validation split at its last step. The goal: the two-teacher student within 3% of each
+single-teacher student on that teacher's own domain (ratio <= 1.03), and better than each single-teacher
+student on the other domain (ratio < 1).
+
+The runs go ``--jobs`` at a time, each in its own process with ``cores / jobs`` threads.
+Run: ``nice -n 10 python benchmarks/multi_teacher.py`` (2 seeds, 300 steps; ``--steps 20 --seeds 0`` for a
+check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from _common import print_table
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "recipes/multi_teacher.yaml"
+DOMAINS = {"prose": "python-reference", "code": "python-code"}
+NO_TEACHERS = ["--model.init_args.teachers", "null", "--model.init_args.route_by", "null"]
+VARIANTS: dict[str, list[str]] = {
+    "alone": [*NO_TEACHERS, "--model.init_args.teacher", "null"],
+    "prose": [*NO_TEACHERS, "--model.init_args.teacher", "recipes/teacher"],
+    "code": [*NO_TEACHERS, "--model.init_args.teacher", "recipes/code_teacher"],
+    "routed": [],
+    "mixed": [
+        "--model.init_args.route_by",
+        "null",
+        "--model.init_args.mix",
+        json.dumps({"python-reference": 0.5, "python-code": 0.5}),
+    ],
+}
+LABELS = {
+    "alone": "2x128 alone (no teacher)",
+    "prose": "2x128 from the prose teacher only",
+    "code": "2x128 from the code teacher only",
+    "routed": "**2x128 from both, routed by source** (`multi_teacher.yaml`)",
+    "mixed": "2x128 from both, mixed 0.5 / 0.5",
+}
+
+
+def fit(variant: str, seed: int, steps: int, run_dir: Path, threads: int) -> dict[str, float]:
+    """One run of the recipe in a process of its own; its last validation row (the metrics as floats) and
+    its wall time."""
+    command = [sys.executable, "-m", "distilkit", "fit", "--config", RECIPE, *VARIANTS[variant]]
+    command += ["--trainer.default_root_dir", str(run_dir), "--seed_everything", str(seed)]
+    command += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps)]
+    command += ["--data.init_args.domains", "source", "--progress_bar.refresh_rate", "1000"]
+    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
+    start = time.monotonic()
+    log = run_dir.with_suffix(".log")
+    with log.open("w") as out:
+        done = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{log.read_text()[-3000:]}")
+    rows = [row for row in csv.DictReader((run_dir / "metrics.csv").open()) if row.get("val/loss")]
+    values = {key: float(value) for key, value in rows[-1].items() if value}
+    return values | {"seconds": time.monotonic() - start}
+
+
+def ppl(results: dict, variant: str, domain: str, seeds: list[int], metric: str = "ppl") -> list[float]:
+    return [results[variant, seed][f"val/{DOMAINS[domain]}/{metric}"] for seed in seeds]
+
+
+def quality_table(results: dict, variants: list[str], seeds: list[int]) -> None:
+    """Per variant: val ppl on each domain, per seed and mean."""
+    headers = ["student", *(f"val ppl on {d} (seeds {' / '.join(map(str, seeds))})" for d in DOMAINS)]
+    headers += [f"mean on {d}" for d in DOMAINS]
+    rows = []
+    for variant in variants:
+        cells = [LABELS[variant]]
+        cells += [" / ".join(f"{v:.1f}" for v in ppl(results, variant, d, seeds)) for d in DOMAINS]
+        cells += [f"{statistics.mean(ppl(results, variant, d, seeds)):.1f}" for d in DOMAINS]
+        rows.append(cells)
+    if "routed" in variants:
+        teacher = [f"{statistics.mean(ppl(results, 'routed', d, seeds, 'teacher_ppl')):.1f}" for d in DOMAINS]
+        rows.append(["(each domain's own teacher)", "", "", *teacher])
+    print_table(headers, rows)
+
+
+def goal_table(results: dict, variants: list[str], seeds: list[int]) -> None:
+    """Each two-teacher student against each single-teacher student, domain by domain: the ratio of mean
+    val ppl (per seed in brackets) and whether it meets the goal."""
+    rows = []
+    for both in ("routed", "mixed"):
+        if both not in variants:
+            continue
+        for single in ("prose", "code"):
+            if single not in variants:
+                continue
+            for domain in DOMAINS:
+                own = domain == single
+                mine, theirs = ppl(results, both, domain, seeds), ppl(results, single, domain, seeds)
+                ratio = statistics.mean(mine) / statistics.mean(theirs)
+                per_seed = " / ".join(f"{a / b:.3f}" for a, b in zip(mine, theirs, strict=True))
+                goal = "<= 1.03 (its own domain)" if own else "< 1 (the other domain)"
+                met = ratio <= 1.03 if own else ratio < 1.0
+                rows.append(
+                    [
+                        both,
+                        f"{single} only",
+                        domain,
+                        f"{ratio:.3f} ({per_seed})",
+                        goal,
+                        "yes" if met else "no",
+                    ]
+                )
+    print_table(["two teachers", "vs", "on", "ppl ratio (per seed)", "goal", "met"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every run")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each with cores/jobs threads")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--keep", type=Path, help="keep the run directories here (default: a temporary one)")
+    args = parser.parse_args()
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    print(f"load average at the start: {os.getloadavg()}; {args.jobs} jobs of {threads} threads")
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
+        base = args.keep or Path(tmp)
+        base.mkdir(parents=True, exist_ok=True)
+        futures = {
+            (variant, seed): pool.submit(fit, variant, seed, args.steps, base / f"{variant}-{seed}", threads)
+            for variant in reversed(args.variants)  # the costliest first: the runs finish closer together
+            for seed in args.seeds
+        }
+        results = {key: future.result() for key, future in futures.items()}
+    print(f"load average at the end: {os.getloadavg()}")
+    print(f"\n{args.steps} steps of 16 x 128 tokens, validation on the whole held-out split:\n")
+    quality_table(results, args.variants, args.seeds)
+    print()
+    goal_table(results, args.variants, args.seeds)
+    print("\nwall seconds per run (mean over seeds): ", end="")
+    seconds = {v: statistics.mean(results[v, s]["seconds"] for s in args.seeds) for v in args.variants}
+    print(", ".join(f"{v} {t:.0f}" for v, t in seconds.items()))
+
+
+if __name__ == "__main__":
+    main()
