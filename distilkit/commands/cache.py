@@ -1,6 +1,7 @@
 """``distilkit cache``: run a recipe's teacher once over its data and store its targets for later training.
 
     distilkit cache --config R.yaml --output_dir DIR --mode topk --top_k 64  (or --mode sample --samples 12)
+    distilkit cache --config R.yaml --output_dir DIR --mode topk --top_k 32 --tail_samples 32
     distilkit cache --config R.yaml --output_dir DIR --server URL --model NAME --top_k 20  (a served teacher)
     distilkit fit --config R.yaml --model.init_args.teacher null --model.init_args.teacher_cache DIR
 
@@ -62,12 +63,16 @@ class CacheOptions:
         output_dir: the cache directory (created; an unfinished cache there with the same settings is
             completed, one with other settings refused).
         mode: ``topk`` (the K most likely tokens with their log-probabilities, plus the tail's mass) or
-            ``sample`` (S tokens drawn from the teacher's distribution: an unbiased estimate for forward KL).
+            ``sample`` (S tokens drawn from the teacher's distribution: unbiased estimates of forward KL, the
+            generalized JSD below β = 1 and the other losses with an estimate from draws).
         top_k: K, tokens kept per position in ``topk`` mode (3·K + 6 bytes per position).
+        tail_samples: S, tokens drawn from the teacher's tail (outside the top K) after them in ``topk`` mode
+            (3 bytes each; default 0). With them forward KL (and the other losses with an estimator from
+            draws) sees the tail's shape; the other losses use the top K and the tail's mass as without.
         samples: S, draws per position in ``sample`` mode (3·S + 4 bytes per position).
         temperature: the temperature the targets are made at (default: the recipe loss's); a student trains
             from the cache with a loss at this temperature.
-        seed: seeds the draws of ``sample`` mode (with each block's split and index).
+        seed: seeds the draws of ``sample`` mode and ``tail_samples`` (with each block's split and index).
         shard_blocks: blocks per shard file (default: about 128 MiB of targets).
         server: a vLLM server's URL to take the targets from instead of the recipe's teacher (top-k mode,
             K = ``top_k``, temperature 1).
@@ -79,6 +84,7 @@ class CacheOptions:
     output_dir: str
     mode: Literal["topk", "sample"] = "topk"
     top_k: int = 64
+    tail_samples: int = 0
     samples: int = 12
     temperature: float | None = None
     seed: int = 0
@@ -179,6 +185,7 @@ class TeacherPass(L.LightningModule):
             seed=self.options.seed,
             rank=self.global_rank,
             shard_blocks=self.options.shard_blocks,
+            tail_samples=self.options.tail_samples,
             command=self.command,
         )  # every process reads the directory here, before Lightning's post-setup barrier and any write
 
@@ -259,6 +266,13 @@ def check_served_options(options: CacheOptions) -> float:
     if options.mode != "topk":
         raise ConfigError(
             "mode", options.mode, "is not what a served teacher gives (its top-K answers)", "use --mode topk"
+        )
+    if options.tail_samples:
+        raise ConfigError(
+            "tail_samples",
+            options.tail_samples,
+            "needs the teacher's whole distribution, which a served teacher does not give (only its top K)",
+            "leave --tail_samples out",
         )
     if options.temperature not in (None, 1.0):
         raise ConfigError(
@@ -395,6 +409,8 @@ def print_cache_summary(manifest: dict[str, Any], output_dir: str, console: Cons
         console.print(line, markup=False, emoji=False, highlight=False)
 
     entries = f"K = {manifest['top_k']}" if manifest["mode"] == "topk" else f"S = {manifest['samples']}"
+    if manifest.get("tail_samples"):
+        entries += f" + S = {manifest['tail_samples']} tail draws"
     console.rule("distilkit cache")
     say(f"cache directory    {output_dir}")
     say(f"targets            {manifest['mode']}, {entries}, temperature {manifest['temperature']}")

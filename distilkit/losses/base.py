@@ -16,7 +16,7 @@ from distilkit.losses.partial import PartialTargets
 from distilkit.losses.sparse import (
     SparseTargets,
     check_sparse_mode,
-    sampled_kl,
+    draw_estimate,
     student_buckets,
     teacher_buckets,
 )
@@ -38,7 +38,9 @@ class DistillationLoss(nn.Module):
 
     :meth:`sparse_forward` computes the same from sparse teacher targets (an offline teacher cache, see
     :mod:`distilkit.losses.sparse`): on top-k targets the divergence is applied to the (K+1)-bucket
-    distributions; :attr:`sparse_modes` names the kinds of targets a loss accepts.
+    distributions; on sampled targets (and top-k targets with tail draws) a loss that writes
+    :meth:`draw_divergence` (a function of the draw whose mean under p is the divergence) takes the weighted
+    mean over the draws, an unbiased estimate. :attr:`sparse_modes` names the kinds of targets a loss accepts.
 
     Args:
         temperature: softening temperature T > 0 (default 1.0). Settable between steps (a curriculum does).
@@ -50,7 +52,8 @@ class DistillationLoss(nn.Module):
 
     #: Kinds of sparse targets (:class:`SparseTargets` modes) this loss can be computed from; empty for a
     #: loss that needs the teacher's full logits. A subclass that changes :meth:`divergence` keeps
-    #: ``("topk",)`` (any divergence applies to bucketed distributions) unless it needs full logits.
+    #: ``("topk",)`` (any divergence applies to bucketed distributions) unless it needs full logits;
+    #: ``"sample"`` is for a loss that writes :meth:`draw_divergence`.
     sparse_modes: ClassVar[tuple[str, ...]] = ("topk",)
 
     #: Whether the teacher's logits may have another vocabulary (last dimension) than the student's: true for
@@ -210,17 +213,36 @@ class DistillationLoss(nn.Module):
 
     def sparse_divergence(self, student_logits: Tensor, targets: SparseTargets) -> Tensor:
         """Per-position divergence of float32, temperature-scaled student logits ``(M, V)`` from sparse
-        targets ``(M, K)`` -> ``(M,)``: :meth:`divergence` on the (K+1)-bucket distributions (top-k), the
-        Monte-Carlo forward KL (sample, forward KL only)."""
-        check_sparse_mode(type(self).__name__, self.sparse_modes, targets.mode)
-        return self.bucket_divergence(student_buckets(student_logits, targets)[0], targets)
+        targets ``(M, E)`` -> ``(M,)``: the weighted mean of :meth:`draw_divergence` over the entries
+        (weighted targets, a loss that has it), else :meth:`divergence` on the (K+1)-bucket distributions."""
+        self.check_sparse(targets.mode)
+        draws = self.uses_draws(targets)
+        return self.bucket_divergence(student_buckets(student_logits, targets, draws=draws)[0], targets)
 
     def bucket_divergence(self, student: Tensor, targets: SparseTargets) -> Tensor:
         """Per-position divergence ``(M,)`` from the student's bucket log-probabilities (see
-        :func:`~distilkit.losses.sparse.student_buckets`) and the targets."""
-        if targets.mode == "sample":
-            return sampled_kl(student, targets)
-        return self.divergence(student, teacher_buckets(targets, tail=student.shape[-1] > targets.entries))
+        :func:`~distilkit.losses.sparse.student_buckets`, with ``draws=self.uses_draws(targets)``) and the
+        targets."""
+        if self.uses_draws(targets):
+            return draw_estimate(self.draw_divergence(targets.log_probs, student), targets)
+        return self.divergence(student, teacher_buckets(targets, tail=student.shape[-1] > targets.head))
+
+    def draw_divergence(self, log_p: Tensor, log_q: Tensor) -> Tensor:
+        """f(x) at draws x ∼ p such that E_{x∼p}[f(x)] is this divergence, from the teacher's and the
+        student's log-probabilities at the draws ``(M, E)`` (temperature-scaled) -> ``(M, E)``. Written by the
+        losses that list ``"sample"`` in :attr:`sparse_modes`; the estimate Σ_i w_i f(x_i) and its gradient
+        are then unbiased (the draws do not depend on the student)."""
+        raise NotImplementedError(f"{type(self).__name__} has no estimate from the teacher's draws")
+
+    def estimates_from_draws(self) -> bool:
+        """Whether :meth:`draw_divergence` gives a bounded estimate at the present settings (a knob may make
+        it unbounded, e.g. the generalized JSD at β = 1, the reverse KL)."""
+        return "sample" in self.sparse_modes
+
+    def uses_draws(self, targets: SparseTargets) -> bool:
+        """Whether the divergence from ``targets`` is the estimate from their weighted entries (sampled
+        targets, top-k with tail draws) rather than the (K+1) buckets."""
+        return targets.weighted and self.estimates_from_draws()
 
     def sparse_forward_and_ce(
         self, student_logits: Tensor, targets: SparseTargets, labels: Tensor
@@ -250,7 +272,9 @@ class DistillationLoss(nn.Module):
         if t != 1.0:
             ce = F.cross_entropy(student, labels, reduction="sum") / count
             return self.sparse_divergence(student / t, targets).sum() / count * (t * t), ce
-        buckets, label_log_probs = student_buckets(student, targets, extra=labels.unsqueeze(-1))
+        buckets, label_log_probs = student_buckets(
+            student, targets, extra=labels.unsqueeze(-1), draws=self.uses_draws(targets)
+        )
         assert label_log_probs is not None
         return self.bucket_divergence(buckets, targets).sum() / count, -label_log_probs.sum() / count
 
@@ -267,7 +291,7 @@ class DistillationLoss(nn.Module):
     def check_sparse(self, mode: str, temperature: float | None = None) -> None:
         """Refuse, with a ConfigError, targets of ``mode`` this loss cannot use, or made at another
         temperature (call it before training from a cache to fail early)."""
-        check_sparse_mode(type(self).__name__, self.sparse_modes, mode)
+        check_sparse_mode(type(self).__name__, self.sparse_modes, mode, self.estimates_from_draws())
         if temperature is not None and not math.isclose(temperature, self.temperature, rel_tol=1e-9):
             raise ConfigError(
                 "loss.temperature",

@@ -37,9 +37,9 @@ class _CrossEntropyAndForwardKL(torch.autograd.Function):
             s = student.float()
             log_q1 = torch.log_softmax(s, -1, out=buffer("log_q", s))  # (n, V) at T = 1
             ce = -log_q1[rows, labels].sum() / n
-            log_p = _log_softmax_scaled(teacher.float(), t, buffer("log_p", s))  # (n, V)
+            log_p = log_softmax_scaled(teacher.float(), t, buffer("log_p", s))  # (n, V)
             p = torch.exp(log_p, out=buffer("p", s))  # (n, V)
-            log_q = log_q1 if t == 1.0 else _log_softmax_scaled(s, t, buffer("log_q_t", s))  # (n, V) at T
+            log_q = log_q1 if t == 1.0 else log_softmax_scaled(s, t, buffer("log_q_t", s))  # (n, V) at T
             kd = _row_dots(p, log_p.sub_(log_q)).sum() * (t * t / n)  # T²·Σ p (log p − log q) / n
             if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
                 q1 = log_q1.exp_()  # (n, V) softmax(s)
@@ -80,7 +80,7 @@ def cross_entropy_and_forward_kl(
     )
 
 
-def _log_softmax_scaled(logits: Tensor, temperature: float, out: Tensor) -> Tensor:
+def log_softmax_scaled(logits: Tensor, temperature: float, out: Tensor) -> Tensor:
     """``log_softmax(logits / T)`` into ``out``, with ``-inf`` clamped to the most negative float (there p = 0
     exactly and ``p · log p`` stays 0)."""
     scaled = logits if temperature == 1.0 else torch.div(logits, temperature, out=out)

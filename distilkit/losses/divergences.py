@@ -16,8 +16,10 @@ from distilkit.errors import check_range
 from distilkit.losses.aligned import AlignedLogits
 from distilkit.losses.base import DistillationLoss, kl_from_log_probs, log_mixture
 from distilkit.losses.closed_form import cross_entropy_and_forward_kl
+from distilkit.losses.draws import forward_mixture_draws, reverse_mixture_draws, total_variation_draws
 from distilkit.losses.partial import PartialTargets
 from distilkit.losses.sparse import SparseTargets
+from distilkit.losses.sparse_closed_form import cross_entropy_and_sparse_forward_kl
 from distilkit.losses.workspace import in_chunk_loop
 
 
@@ -55,7 +57,8 @@ class ForwardKLLoss(DistillationLoss):
 
     Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a Neural Network". Computed by a fused
     autograd function (the gradient with respect to the student logits is q − p). From a teacher cache it
-    takes top-k targets (the bucketed KL) and sampled targets (the Monte-Carlo KL).
+    takes top-k targets (the bucketed KL) and sampled targets or top-k targets with tail draws (the
+    Monte-Carlo KL, unbiased).
     """
 
     sparse_modes: ClassVar[tuple[str, ...]] = ("topk", "sample")
@@ -66,13 +69,17 @@ class ForwardKLLoss(DistillationLoss):
         teacher: Tensor | SparseTargets | PartialTargets | AlignedLogits,
         labels: Tensor,
     ) -> tuple[Tensor, Tensor]:
-        """KD and CE as :meth:`DistillationLoss.kd_and_ce`. Against dense logits inside the chunked loss,
-        from one softmax of the student with the gradient in closed form
-        (:func:`~distilkit.losses.closed_form.cross_entropy_and_forward_kl`), when this is the plain forward
-        KL (:meth:`has_closed_form`)."""
+        """KD and CE as :meth:`DistillationLoss.kd_and_ce`. Inside the chunked loss, when this is the plain
+        forward KL (:meth:`has_closed_form`), from one softmax of the student with the gradient in closed
+        form: against dense logits (:func:`~distilkit.losses.closed_form.cross_entropy_and_forward_kl`) and
+        against sparse targets (:mod:`~distilkit.losses.sparse_closed_form`)."""
         fused = self.has_closed_form() and in_chunk_loop() and not torch.compiler.is_compiling()
         if isinstance(teacher, Tensor) and fused:
             ce, kd = cross_entropy_and_forward_kl(student_logits, teacher, labels, self.temperature)
+            return kd, ce
+        if isinstance(teacher, SparseTargets) and fused:
+            self.check_sparse(teacher.mode, teacher.temperature)
+            ce, kd = cross_entropy_and_sparse_forward_kl(student_logits, teacher, labels, self.temperature)
             return kd, ce
         return super().kd_and_ce(student_logits, teacher, labels)
 
@@ -89,6 +96,10 @@ class ForwardKLLoss(DistillationLoss):
             log_p, log_q = _log_probs(student_logits, teacher_logits.detach())
             return kl_from_log_probs(log_p, log_q)
         return _ForwardKLRows.apply(student_logits, teacher_logits.detach())
+
+    def draw_divergence(self, log_p: Tensor, log_q: Tensor) -> Tensor:
+        """log p − log q at the draws."""
+        return log_p - log_q
 
 
 class ReverseKLLoss(DistillationLoss):
@@ -145,6 +156,7 @@ class GeneralizedJSDLoss(DistillationLoss):
     """
 
     knobs = ("temperature", "beta")
+    sparse_modes: ClassVar[tuple[str, ...]] = ("topk", "sample")
 
     def __init__(self, beta: float = 0.5, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__(temperature, ignore_index)
@@ -168,6 +180,20 @@ class GeneralizedJSDLoss(DistillationLoss):
         log_m = log_mixture(log_p, log_q, beta)
         return beta * kl_from_log_probs(log_p, log_m) + (1 - beta) * kl_from_log_probs(log_q, log_m)
 
+    def draw_divergence(self, log_p: Tensor, log_q: Tensor) -> Tensor:
+        """β·(log p − log m) + (1 − β)·f_{KL(q‖m)} at the draws (:mod:`distilkit.losses.draws`); the second
+        term lies in [−(1 − β)·log(1 − β) − β, −(1 − β)·log(1 − β)], the first is at most β·log(1/β) and, as
+        the forward KL's, falls only like log(p/q) where q ≫ p. The forward KL's at β = 0."""
+        beta = self.beta
+        if beta == 0:
+            return log_p - log_q
+        forward = forward_mixture_draws(log_p, log_q, beta)
+        return beta * forward + (1 - beta) * reverse_mixture_draws(log_p, log_q, 1 - beta)
+
+    def estimates_from_draws(self) -> bool:
+        """Below β = 1 (at β = 1 this is the reverse KL, whose estimate from draws is unbounded)."""
+        return self.beta < 1
+
 
 class SkewForwardKLLoss(DistillationLoss):
     """Skew forward KL, KL(p ‖ α·p + (1 − α)·q); α = 0 is the forward KL.
@@ -179,6 +205,7 @@ class SkewForwardKLLoss(DistillationLoss):
     """
 
     knobs = ("temperature", "alpha")
+    sparse_modes: ClassVar[tuple[str, ...]] = ("topk", "sample")
 
     def __init__(
         self, alpha: float = 0.1, temperature: float = 1.0, ignore_index: int = IGNORE_INDEX
@@ -198,6 +225,10 @@ class SkewForwardKLLoss(DistillationLoss):
         log_p, log_q = _log_probs(student_logits, teacher_logits)
         return kl_from_log_probs(log_p, log_mixture(log_p, log_q, self.alpha))
 
+    def draw_divergence(self, log_p: Tensor, log_q: Tensor) -> Tensor:
+        """log p − log(α·p + (1 − α)·q) at the draws, at most log(1/α)."""
+        return forward_mixture_draws(log_p, log_q, self.alpha)
+
 
 class SkewReverseKLLoss(SkewForwardKLLoss):
     """Skew reverse KL, KL(q ‖ α·q + (1 − α)·p); α = 0 is the reverse KL.
@@ -212,6 +243,15 @@ class SkewReverseKLLoss(SkewForwardKLLoss):
         log_p, log_q = _log_probs(student_logits, teacher_logits)
         return kl_from_log_probs(log_q, log_mixture(log_q, log_p, self.alpha))
 
+    def draw_divergence(self, log_p: Tensor, log_q: Tensor) -> Tensor:
+        """f_{KL(q‖m)} at the draws, m = α·q + (1 − α)·p (:mod:`distilkit.losses.draws`), in
+        [log(1/α) − (1 − α)/α, log(1/α)]."""
+        return reverse_mixture_draws(log_p, log_q, self.alpha)
+
+    def estimates_from_draws(self) -> bool:
+        """Above α = 0 (at α = 0 this is the reverse KL, whose estimate from draws is unbounded)."""
+        return self.alpha > 0
+
 
 class TVDLoss(DistillationLoss):
     """Total variation distance, ½·Σ|p − q|.
@@ -220,9 +260,15 @@ class TVDLoss(DistillationLoss):
     Knowledge Distillation".
     """
 
+    sparse_modes: ClassVar[tuple[str, ...]] = ("topk", "sample")
+
     def divergence(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         p, q = teacher_logits.softmax(-1), student_logits.softmax(-1)
         return 0.5 * (p - q).abs().sum(-1)
+
+    def draw_divergence(self, log_p: Tensor, log_q: Tensor) -> Tensor:
+        """(1 − q/p)_+ at the draws, in [0, 1]."""
+        return total_variation_draws(log_p, log_q)
 
 
 class LogitMSELoss(DistillationLoss):

@@ -1,7 +1,7 @@
 """Distillation targets that keep a few entries of the teacher's distribution per position, and the losses
 computed from them without the teacher's full logits (an offline teacher cache stores such targets).
 
-Two kinds, both at the cache's temperature τ (the loss's temperature must equal it):
+Three kinds, all at the cache's temperature τ (the loss's temperature must equal it):
 
 - **top-k** (``mode="topk"``): the teacher's K most likely ids with their log p and the log of the tail
   mass. The student's distribution is grouped the same way, q at the K ids plus
@@ -9,14 +9,19 @@ Two kinds, both at the cache's temperature τ (the loss's temperature must equal
   divergence is applied to the two (K+1)-bucket distributions. With K = V this *is* the full
   divergence; with K < V it is the divergence of the coarse-grained distributions, which for the
   f-divergences here (KL in either direction, JSD, TVD …) is at most the full one (data processing
-  inequality). This is an approximation, documented as such; it does not see how the tail's mass is
-  spread.
+  inequality). It does not see how the tail's mass is spread: the bucketed forward KL equals the full KL
+  against the teacher's head with the tail's mass spread over the other ids in proportion to the student's
+  own q (same value, same gradient q − p̃), so the student's tail keeps its own shape.
 - **sample** (``mode="sample"``): S ids x_1 … x_S drawn from p, with log p(x_i) and weights w_i
-  (1/S each). KL(p‖q) = E_{x∼p}[log p(x) − log q(x)] is estimated by Σ_i w_i (log p(x_i) − log q(x_i)),
-  an unbiased estimate of the value whose gradient Σ_i w_i ∇(−log q(x_i)) = q − p̂ (p̂ the draws'
-  frequencies) is unbiased for the true gradient q − p. A single estimate can be negative. Only the
-  forward KL has this form; other losses refuse sampled targets ("Sparse Logit Sampling", Anshumann et
-  al., ACL 2025, shows sampled targets avoid the bias of plain top-k targets).
+  (1/S each). A divergence that is an expectation under p, D = E_{x∼p}[f(x)], is estimated by
+  Σ_i w_i f(x_i) (:meth:`~distilkit.losses.DistillationLoss.draw_divergence`): unbiased, and so is its
+  gradient. For KL(p‖q), f = log p − log q and the gradient is q − p̂ (p̂ the draws' frequencies;
+  "Sparse Logit Sampling", Anshumann et al., ACL 2025). A single estimate can be negative.
+- **top-k with tail draws** (``mode="topk"``, ``tail_draws`` = S): the K most likely ids and the tail's mass
+  as in top-k, then S ids drawn from the teacher's tail; the weights are p_k for a head id and tail / S for
+  each draw, so Σ_i w_i f(x_i) is a stratified estimate of E_p[f] (head exact, tail sampled: unbiased, with
+  less variance than S + K plain draws where the head holds most of the mass). Losses with an estimate from
+  draws use it; the others use the (K+1) buckets of the head and the tail.
 """
 
 from __future__ import annotations
@@ -101,7 +106,7 @@ def bucket_log_probs(logits: Tensor, ids: Tensor, tail: bool, extra: Tensor | No
 
 
 def student_buckets(
-    student_logits: Tensor, targets: SparseTargets, extra: Tensor | None = None
+    student_logits: Tensor, targets: SparseTargets, extra: Tensor | None = None, draws: bool = False
 ) -> tuple[Tensor, Tensor | None]:
     """The student's log-probabilities grouped as the targets are, and at ``extra`` ids.
 
@@ -109,27 +114,34 @@ def student_buckets(
         student_logits: ``(M, V)`` float32 student logits, already divided by the temperature.
         targets: targets for the same M positions.
         extra: ``(M, E)`` further ids whose log-probabilities are wanted (e.g. the labels), or None.
+        draws: log q at every entry of weighted targets (an estimate from draws), not the buckets.
 
     Returns:
-        ``(buckets, extra log-probs (M, E) or None)``: buckets are ``(M, K+1)`` for top-k (the K ids, then
-        the tail), ``(M, K)`` for top-k with K = V and for sampled targets (log q at the drawn ids).
+        ``(buckets, extra log-probs (M, E) or None)``: with ``draws``, ``(M, E)`` log q at every entry;
+        else ``(M, K+1)`` for top-k (the K head ids, then the tail), ``(M, K)`` for top-k with K = V and for
+        sampled targets (log q at the drawn ids).
     """
-    tail = targets.mode == "topk" and targets.entries < student_logits.shape[-1]
-    out = bucket_log_probs(student_logits, targets.ids, tail, extra)
-    width = targets.entries + int(tail)
+    if draws:
+        ids, tail = targets.ids, False
+    else:
+        ids = targets.ids if targets.tail_draws == 0 else targets.ids[:, : targets.head]  # (M, K)
+        tail = targets.mode == "topk" and ids.shape[-1] < student_logits.shape[-1]
+    out = bucket_log_probs(student_logits, ids, tail, extra)
+    width = ids.shape[-1] + int(tail)
     return out[:, :width], (None if extra is None else out[:, width:])
 
 
 def teacher_buckets(targets: SparseTargets, tail: bool) -> Tensor:
     """The teacher's log-probabilities in the buckets of :func:`student_buckets` (top-k targets): the K
-    kept ids, then the tail when ``tail`` (the student's buckets have K + 1 columns, i.e. K < V)."""
+    head ids, then the tail when ``tail`` (the student's buckets have K + 1 columns, i.e. K < V)."""
+    head = targets.log_probs[:, : targets.head]  # (M, K)
     if not tail or targets.tail is None:
-        return targets.log_probs  # (M, K)
-    return torch.cat([targets.log_probs, targets.tail.unsqueeze(-1)], dim=-1)  # (M, K+1)
+        return head
+    return torch.cat([head, targets.tail.unsqueeze(-1)], dim=-1)  # (M, K+1)
 
 
 def topk_buckets(student_logits: Tensor, targets: SparseTargets) -> tuple[Tensor, Tensor]:
-    """The student's and the teacher's (K+1)-bucket log-probabilities: the K kept ids, then the tail.
+    """The student's and the teacher's (K+1)-bucket log-probabilities: the K head ids, then the tail.
 
     Args:
         student_logits: ``(M, V)`` float32 student logits, already divided by the temperature.
@@ -140,14 +152,14 @@ def topk_buckets(student_logits: Tensor, targets: SparseTargets) -> tuple[Tensor
         Each row is normalised, so it is also a valid row of logits for a divergence.
     """
     student, _ = student_buckets(student_logits, targets)
-    return student, teacher_buckets(targets, tail=student.shape[-1] > targets.entries)
+    return student, teacher_buckets(targets, tail=student.shape[-1] > targets.head)
 
 
-def sampled_kl(log_q: Tensor, targets: SparseTargets) -> Tensor:
-    """Monte-Carlo forward KL per position from the student's log q at the drawn ids ``(M, S)``:
-    Σ_i w_i (log p(x_i) − log q(x_i)) ``(M,)``."""
+def draw_estimate(values: Tensor, targets: SparseTargets) -> Tensor:
+    """Σ_i w_i f(x_i) per position from ``values (M, E)`` = f at the targets' entries: ``(M,)``, an unbiased
+    estimate of E_{x∼p}[f(x)] (weighted targets)."""
     assert targets.weights is not None
-    return (targets.weights * (targets.log_probs - log_q)).sum(-1)
+    return (targets.weights * values).sum(-1)
 
 
 def sampled_forward_kl(student_logits: Tensor, targets: SparseTargets) -> Tensor:
@@ -155,17 +167,20 @@ def sampled_forward_kl(student_logits: Tensor, targets: SparseTargets) -> Tensor
 
     Args:
         student_logits: ``(M, V)`` float32 student logits, already divided by the temperature.
-        targets: sampled targets for the same M positions.
+        targets: weighted targets (sampled, or top-k with tail draws) for the same M positions.
 
     Returns:
         ``(M,)``; its gradient with respect to the logits is q − Σ_i w_i e_{x_i}.
     """
-    return sampled_kl(student_buckets(student_logits, targets)[0], targets)
+    log_q, _ = student_buckets(student_logits, targets, draws=True)
+    return draw_estimate(targets.log_probs - log_q, targets)
 
 
-def check_sparse_mode(loss_name: str, supported: tuple[str, ...], mode: str) -> None:
-    """Refuse targets of ``mode`` for a loss that supports only ``supported`` (a ConfigError naming both)."""
-    if mode in supported:
+def check_sparse_mode(loss_name: str, supported: tuple[str, ...], mode: str, draws: bool = True) -> None:
+    """Refuse targets of ``mode`` for a loss that supports only ``supported`` (a ConfigError naming both);
+    ``draws``: whether the loss, at its present settings, has a bounded estimate from draws (sampled targets
+    need one)."""
+    if mode in supported and (mode != "sample" or draws):
         return
     if not supported:
         raise ConfigError(
@@ -177,6 +192,8 @@ def check_sparse_mode(loss_name: str, supported: tuple[str, ...], mode: str) -> 
     raise ConfigError(
         "model.loss",
         loss_name,
-        f"cannot be computed from {mode} targets (only the forward KL has an unbiased sampled estimate)",
-        "use ForwardKLLoss with a sampled cache, or make a top-k cache (distilkit cache --mode topk)",
+        f"cannot be computed from {mode} targets (from the teacher's draws it would weight each by q/p, "
+        "unbounded where the student puts mass the teacher does not: no estimate of bounded variance)",
+        "use ForwardKLLoss, GeneralizedJSDLoss (beta < 1), SkewForwardKLLoss, SkewReverseKLLoss (alpha > 0) "
+        "or TVDLoss with a sampled cache, or make a top-k cache (distilkit cache --mode topk)",
     )

@@ -127,6 +127,19 @@ def test_a_cache_directory_made_with_other_settings_is_refused(recipe, topk_cach
     assert "cache.top_k=4: differs from 8" in refusal(capsys, monkeypatch, lambda: run_cli(*command))
 
 
+def test_tail_draws_are_stored_after_the_top_k_and_refused_elsewhere(tmp_path, recipe, capsys, monkeypatch):
+    directory = make_cache(recipe, tmp_path / "tail", "--top_k", "8", "--tail_samples", "4")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["top_k"] == 8 and manifest["tail_samples"] == 4 and manifest["seed"] == 0
+    assert 3 * 12 + 6 <= manifest["bytes_per_token"] < 3 * 12 + 6 + 2
+    targets = TeacherCache(directory).targets("val", [0])  # (1, T, 12)
+    assert targets.ids.shape == (1, 32, 12) and targets.tail_draws == 4
+    command = ["cache", "--config", str(recipe), "--output_dir", str(tmp_path / "s"), *QUIET]
+    command += ["--mode", "sample", "--tail_samples", "4"]
+    err = refusal(capsys, monkeypatch, lambda: run_cli(*command))
+    assert "cache.tail_samples=4: applies to --mode topk only" in err
+
+
 # ------------------------------------------------------------------------------------------ training from it
 def fit_from(recipe: Path, run_dir: Path, cache: Path, *overrides: str) -> None:
     run_cli(
@@ -305,3 +318,12 @@ def test_a_run_from_a_cache_resumed_from_another_cache_is_refused(
     )
     assert f"error: model.teacher_cache='teacher cache {sampled} (sample, S = 6, temperature 2.0)" in err
     assert f"trained by up to step 2: teacher cache {topk_cache} (topk, K = 8, temperature 2.0)" in err
+
+
+def test_a_served_teacher_refuses_tail_draws() -> None:
+    """A server answers with its top K only: draws from the tail would need its whole distribution."""
+    from distilkit.commands.cache import CacheOptions, check_served_options
+
+    assert check_served_options(CacheOptions(output_dir="x", top_k=20)) == 1.0
+    with pytest.raises(ConfigError, match="tail_samples=4: needs the teacher's whole distribution"):
+        check_served_options(CacheOptions(output_dir="x", top_k=20, tail_samples=4))

@@ -367,3 +367,77 @@ def test_an_unfinished_cache_is_refused_unless_partial_reads_are_allowed(tmp_pat
     assert partial.targets("train", [7]).ids.shape == (1, T, 8)
     with pytest.raises(ConfigError, match=r"holds no train block \[9\]"):
         partial.targets("train", [3, 9])
+
+
+# ---------------------------------------------------------------------------------------- top-k tail draws
+def test_tail_draws_follow_the_tail_and_share_the_encoding() -> None:
+    """The head is the plain top K; the draws lie outside it, at the teacher's log-probabilities, sorted after
+    the K-th; their frequencies follow p restricted to the tail; one encoding holds all K + S entries."""
+    logits = teacher_logits(1, seed=6).reshape(-1, V)[:3]  # (3, V)
+    head, head_log_probs, head_tail = topk_targets(logits, 8, 2.0)
+    uniforms = torch.rand(3, 20_000, generator=torch.Generator().manual_seed(0))
+    ids, log_probs, tail = topk_targets(logits, 8, 2.0, uniforms)
+    assert ids.shape == (3, 8 + 20_000) and torch.equal(ids[:, :8], head) and torch.equal(tail, head_tail)
+    torch.testing.assert_close(log_probs[:, :8], head_log_probs)
+    assert (log_probs[:, :-1] >= log_probs[:, 1:]).all(), "descending as a whole"
+    draws = ids[:, 8:]
+    assert not (draws.unsqueeze(-1) == head.unsqueeze(1)).any(), "never a head id"
+    log_p = (logits / 2.0).log_softmax(-1)
+    torch.testing.assert_close(log_probs[:, 8:], log_p.gather(-1, draws))
+    frequency = torch.zeros(3, V).scatter_add_(1, draws, torch.ones(draws.shape)) / draws.shape[1]
+    expected = log_p.exp().scatter(1, head, 0.0) / tail.exp().unsqueeze(-1)  # p / tail outside the head
+    assert float((frequency - expected).abs().max()) < 0.01
+    encoded = encode(ids[:, :40], log_probs[:, :40], tail, V)
+    error = (torch.from_numpy(encoded.log_probs()) - log_probs[:, :40]).abs()
+    assert (error <= torch.from_numpy(encoded.step).float().unsqueeze(-1) / 2 + 1e-5).all()
+    assert bytes_per_position("topk", 32 + 32, 4096) == 198
+    with pytest.raises(ValueError, match="K < V"):
+        topk_targets(logits, V, 1.0, uniforms[:, :4])
+
+
+def test_a_cache_with_tail_draws_reads_back_weighted_targets_the_same_from_any_writers(
+    tmp_path: Path,
+) -> None:
+    cache = full_cache(tmp_path / "one", "topk", 8, tail_samples=6, temperature=2.0, seed=3)
+    manifest = cache.manifest
+    assert manifest["top_k"] == 8 and manifest["tail_samples"] == 6 and manifest["seed"] == 3
+    assert manifest["bytes_per_token"] >= bytes_per_position("topk", 14, V)
+    blocks = [5, 0, 12]
+    targets = cache.targets("train", blocks)
+    assert targets.mode == "topk" and targets.ids.shape == (3, T, 14)
+    assert targets.tail_draws == 6 and targets.head == 8 and targets.weighted
+    torch.testing.assert_close(targets.weights.sum(-1), torch.ones(3, T))
+    from distilkit.data.teacher_cache.codec import block_uniforms
+
+    uniforms = torch.cat([block_uniforms(3, "train", b, T, 6) for b in blocks])
+    ids, log_probs, tail = topk_targets(LOGITS["train"][blocks].reshape(-1, V), 8, 2.0, uniforms)
+    assert torch.equal(targets.ids.reshape(-1, 14), ids)
+    mass = torch.cat([log_probs[:, :8].exp(), tail.exp().unsqueeze(-1).expand(-1, 6) / 6], -1)
+    torch.testing.assert_close(
+        targets.weights.reshape(-1, 14), mass / mass.sum(-1, keepdim=True), atol=2e-3, rtol=0
+    )
+    # two writers, strided, make the very same cache as one
+    directory = tmp_path / "two"
+    ranks = [writer(directory, "topk", 8, tail_samples=6, temperature=2.0, seed=3, rank=r) for r in (0, 1)]
+    for split, count in NUM_BLOCKS.items():
+        for rank, w in enumerate(ranks):
+            write_blocks(w, split, list(range(rank, count, 2)), batch=2)
+    for w in ranks:
+        w.close()
+    finalize_cache(directory)
+    assert_same_targets(TeacherCache(directory), cache)
+    with pytest.raises(ConfigError, match=r"cache.tail_samples=4: differs from 6"):
+        writer(directory, "topk", 8, tail_samples=4, temperature=2.0, seed=3)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"mode": "sample", "tail_samples": 4}, r"cache.tail_samples=4: applies to --mode topk only"),
+        ({"entries": V, "tail_samples": 4}, r"cache.tail_samples=4: needs a tail: top_k=256"),
+        ({"tail_samples": -1}, r"cache.tail_samples=-1: must be an integer >= 0"),
+    ],
+)
+def test_bad_tail_draws_are_refused(tmp_path: Path, settings: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        writer(tmp_path, **settings)

@@ -14,7 +14,7 @@ from distilkit import TextDataModule
 from distilkit.commands.cache import CacheOptions, write_teacher_cache
 from distilkit.data.teacher_cache import TeacherCache
 from distilkit.errors import ConfigError
-from distilkit.losses import ForwardKLLoss, ReverseKLLoss
+from distilkit.losses import ForwardKLLoss, GeneralizedJSDLoss, ReverseKLLoss
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,28 @@ def test_a_sampled_cache_trains_forward_kl_and_refuses_other_losses(tmp_path, li
     reverse = from_cache(live, data, directory, loss=ReverseKLLoss(temperature=2.0))
     with pytest.raises(ConfigError, match="cannot be computed from sample targets"):
         quiet_trainer().validate(reverse, data, verbose=False)
+
+
+@pytest.mark.slow
+def test_a_cache_with_tail_draws_trains_every_loss_and_the_sampled_one_the_jsd(tmp_path, live, data):
+    """Top-k with tail draws: forward KL and the generalized JSD use the draws (the estimate), the reverse KL
+    the (K+1) buckets, top-1 agreement is logged; a sampled cache trains the generalized JSD too."""
+    directory = tmp_path / "tail"
+    write_teacher_cache(quiet_trainer(), live, data, CacheOptions(str(directory), top_k=8, tail_samples=8))
+    assert TeacherCache(directory).tail_samples == 8
+    for loss in (ForwardKLLoss(2.0), GeneralizedJSDLoss(0.5, temperature=2.0), ReverseKLLoss(2.0)):
+        cached = from_cache(live, data, directory, loss=loss)
+        metrics = quiet_trainer(limit_val_batches=2).validate(cached, data, verbose=False)[0]
+        assert {"val/ppl", "val/kd_loss", "val/top1_agreement"} <= set(metrics), type(loss).__name__
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(from_cache(live, data, directory), data)
+    assert trainer.global_step == 2
+    sampled = tmp_path / "sampled"
+    write_teacher_cache(quiet_trainer(), live, data, CacheOptions(str(sampled), mode="sample", samples=4))
+    jsd = from_cache(live, data, sampled, loss=GeneralizedJSDLoss(0.5, temperature=2.0))
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, enable_checkpointing=False)
+    trainer.fit(jsd, data)
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/kd_loss"])
 
 
 def test_batches_without_block_indices_and_predict_files_are_refused(live, data, full_cache, small_corpus):

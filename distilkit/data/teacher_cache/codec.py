@@ -5,6 +5,9 @@ p = softmax(t / τ):
 
 - **top-k**: the K most likely ids, their log p (descending) and the log of the tail mass
   log(1 − Σ_K p), so the (K+1)-bucket distribution is exact;
+- **top-k with tail draws**: the same, followed by S ids drawn from p restricted to the tail (the ids outside
+  the top K, in proportion to p), with their log p, sorted by log p descending; every draw is at most as
+  likely as the K-th id, so the K + S log-probabilities are descending as a whole and share one encoding;
 - **sample**: S ids drawn from p (inverse CDF of uniforms from a per-block generator, so the draws do
   not depend on the device or on how blocks are spread over processes), with their log p, sorted by
   log p descending.
@@ -56,7 +59,8 @@ def id_dtype(vocab_size: int) -> np.dtype:
 
 
 def bytes_per_position(mode: str, entries: int, vocab_size: int) -> int:
-    """Stored bytes per position: K·(id bytes + 1) + offset and step (float16) + the tail (top-k)."""
+    """Stored bytes per position: E·(id bytes + 1) + offset and step (float16) + the tail (top-k); E = K + S
+    for top-k with S tail draws."""
     return entries * (id_dtype(vocab_size).itemsize + 1) + 4 + (2 if mode == "topk" else 0)
 
 
@@ -66,29 +70,54 @@ def _row_pieces(rows: int, vocab_size: int) -> list[slice]:
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
-def topk_targets(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The K most likely ids at each position, their log-probabilities and the tail's log-mass.
+def topk_targets(
+    logits: Tensor, k: int, temperature: float, tail_uniforms: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The K most likely ids at each position, their log-probabilities and the tail's log-mass; with
+    ``tail_uniforms``, followed by S draws from the tail.
 
     Args:
         logits: ``(n, V)`` teacher logits (any float dtype, any device).
         k: K, 1 ≤ K ≤ V.
         temperature: τ > 0; p = softmax(logits / τ).
+        tail_uniforms: ``(n, S)`` numbers in [0, 1) (from :func:`block_uniforms`), or None: S ids are drawn
+            by inverse CDF from p restricted to the ids outside the top K (p_v / tail for such v), K < V.
 
     Returns:
-        ``ids (n, K)`` long, ``log_probs (n, K)`` float32 in descending order, ``tail (n,)`` float32 =
-        log Σ_{v not kept} p_v (computed as a log-sum-exp over the other logits, so it stays exact for
-        tiny tails; −inf when K = V).
+        ``ids (n, K [+ S])`` long, ``log_probs (n, K [+ S])`` float32 in descending order (the draws after the
+        top K, each at most as likely as the K-th; repeats allowed), ``tail (n,)`` float32 = log Σ_{v not in
+        the top K} p_v (computed as a log-sum-exp over the other logits, so it stays exact for tiny tails;
+        −inf when K = V).
     """
+    if tail_uniforms is not None and k >= logits.shape[-1]:
+        raise ValueError(f"tail draws need K < V (K = {k}, V = {logits.shape[-1]})")
     ids, log_probs, tails = [], [], []
     for rows in _row_pieces(logits.shape[0], logits.shape[-1]):
         scaled = logits[rows].float() / temperature  # (n, V)
         total = scaled.logsumexp(-1, keepdim=True)  # (n, 1)
         top, top_ids = scaled.topk(k, dim=-1)  # (n, K), descending
         rest = scaled.scatter(-1, top_ids, float("-inf"))  # (n, V) the logits outside the top K
-        ids.append(top_ids)
-        log_probs.append(top - total)
         tails.append(rest.logsumexp(-1) - total.squeeze(-1))
+        if tail_uniforms is None:
+            ids.append(top_ids)
+            log_probs.append(top - total)
+            continue
+        rest_log_p = rest.sub_(total)  # (n, V) log p outside the top K, −inf at the top K
+        draws, drawn = _inverse_cdf(rest_log_p, tail_uniforms[rows].to(logits.device, torch.float32))
+        ids.append(torch.cat([top_ids, draws], -1))  # (n, K+S)
+        log_probs.append(torch.cat([top - total, drawn], -1))
     return torch.cat(ids), torch.cat(log_probs), torch.cat(tails)
+
+
+def _inverse_cdf(log_p: Tensor, uniforms: Tensor) -> tuple[Tensor, Tensor]:
+    """Ids drawn from ``exp(log_p)`` ``(n, V)`` (normalised here) by inverse CDF of ``uniforms (n, S)``, with
+    their log p, sorted by log p descending: ``(n, S)`` each. Ids of probability 0 are never drawn (unless
+    a whole row is 0)."""
+    cdf = log_p.exp().cumsum(-1)  # (n, V)
+    draws = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True)  # (n, S)
+    draws = draws.clamp_max(log_p.shape[-1] - 1)
+    drawn, order = log_p.gather(-1, draws).sort(dim=-1, descending=True, stable=True)  # (n, S)
+    return draws.gather(-1, order), drawn
 
 
 def sample_targets(logits: Tensor, uniforms: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -109,12 +138,8 @@ def sample_targets(logits: Tensor, uniforms: Tensor, temperature: float) -> tupl
     uniforms = uniforms.to(logits.device, torch.float32)
     for rows in _row_pieces(logits.shape[0], logits.shape[-1]):
         log_p = logits[rows].float().div(temperature).log_softmax(-1)  # (n, V)
-        cdf = log_p.exp().cumsum(-1)  # (n, V)
-        draws = torch.searchsorted(cdf, uniforms[rows] * cdf[:, -1:], right=True)  # (n, S)
-        draws = draws.clamp_max(logits.shape[-1] - 1)
-        drawn = log_p.gather(-1, draws)  # (n, S)
-        drawn, order = drawn.sort(dim=-1, descending=True, stable=True)
-        ids.append(draws.gather(-1, order))
+        draws, drawn = _inverse_cdf(log_p, uniforms[rows])  # (n, S) each
+        ids.append(draws)
         log_probs.append(drawn)
     return torch.cat(ids), torch.cat(log_probs)
 

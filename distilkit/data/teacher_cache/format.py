@@ -8,10 +8,11 @@ A cache directory holds::
 
 Position t of a block holds the teacher's distribution of the token after token t (from its logits at
 t), at the cache temperature, as top-k or sampled targets (:mod:`.codec`). A shard of n blocks of
-T = ``block_size`` positions with K kept entries each holds the tensors ``block_index`` ``(n,)`` int64,
-``ids`` ``(n, T, K)`` uint16 (V ≤ 65,536) or uint32, ``codes`` ``(n, T, K)`` uint8, ``offset`` and
-``step`` ``(n, T)`` float16, and for top-k ``tail`` ``(n, T)`` float16: 3·K + 6 bytes per position at V ≤
-65,536 (198 at K = 64), plus 8 bytes per block and a header of a few hundred bytes per shard.
+T = ``block_size`` positions with E kept entries each (K top-k, K + S top-k with ``tail_samples`` S, S
+sampled) holds the tensors ``block_index`` ``(n,)`` int64, ``ids`` ``(n, T, E)`` uint16 (V ≤ 65,536) or
+uint32, ``codes`` ``(n, T, E)`` uint8, ``offset`` and ``step`` ``(n, T)`` float16, and for top-k ``tail``
+``(n, T)`` float16: 3·E + 6 bytes per position at V ≤ 65,536 (198 at K = 64, or K = 32 with S = 32), plus 8
+bytes per block and a header of a few hundred bytes per shard.
 safetensors files map lazily, so a reader touches only the blocks it is asked for.
 """
 
@@ -40,9 +41,10 @@ MANIFEST = "manifest.json"
 SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-r(?P<rank>\d{4})-(?P<seq>\d{6})\.safetensors$")
 PART_NAME = re.compile(r"^part-r(?P<rank>\d{4})\.json$")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
-#: The settings every part and the manifest must agree on (``seed`` only matters for sampled targets).
-SETTINGS = ("format", "version", "mode", "top_k", "samples", "seed", "temperature", "vocab_size",
-            "block_size", "id_dtype", "num_blocks", "identity")  # fmt: skip
+#: The settings every part and the manifest must agree on (``seed`` only matters for draws: sampled targets
+#: and top-k ``tail_samples``, recorded only when above 0).
+SETTINGS = ("format", "version", "mode", "top_k", "tail_samples", "samples", "seed", "temperature",
+            "vocab_size", "block_size", "id_dtype", "num_blocks", "identity")  # fmt: skip
 
 
 def cache_settings(
@@ -54,6 +56,7 @@ def cache_settings(
     num_blocks: Mapping[str, int],
     identity: Mapping[str, Any],
     seed: int = 0,
+    tail_samples: int = 0,
 ) -> dict[str, Any]:
     """The validated settings a cache's parts and manifest record (JSON values, as read back)."""
     if mode not in MODES:
@@ -70,6 +73,7 @@ def cache_settings(
             f"must be an integer in [1, vocab_size={vocab_size}]",
             "use e.g. 64" if mode == "topk" else "use e.g. 12",
         )
+    _check_tail_samples(mode, entries, tail_samples, vocab_size)
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ConfigError("cache.temperature", temperature, "must be a finite number > 0", "use e.g. 1.0")
     if not (isinstance(block_size, int) and block_size >= 1):
@@ -87,7 +91,9 @@ def cache_settings(
         raise ConfigError("cache.identity", identity, f"is not JSON ({err})", "pass strings") from err
     settings: dict[str, Any] = {"format": FORMAT, "version": VERSION, "mode": mode}
     settings["top_k" if mode == "topk" else "samples"] = entries
-    if mode == "sample":
+    if tail_samples:
+        settings["tail_samples"] = tail_samples
+    if mode == "sample" or tail_samples:
         settings["seed"] = int(seed)
     settings.update(
         temperature=float(temperature),
@@ -98,6 +104,28 @@ def cache_settings(
         identity=identity,
     )
     return settings
+
+
+def _check_tail_samples(mode: str, top_k: int, tail_samples: int, vocab_size: int) -> None:
+    """Tail draws: an integer ≥ 0, only in top-k mode, and only where there is a tail (K < V)."""
+    if not (isinstance(tail_samples, int) and not isinstance(tail_samples, bool) and tail_samples >= 0):
+        raise ConfigError("cache.tail_samples", tail_samples, "must be an integer >= 0", "use e.g. 32, or 0")
+    if tail_samples and mode != "topk":
+        raise ConfigError(
+            "cache.tail_samples", tail_samples, "applies to --mode topk only", "drop it, or use --mode topk"
+        )
+    if tail_samples and top_k >= vocab_size:
+        raise ConfigError(
+            "cache.tail_samples", tail_samples, f"needs a tail: top_k={top_k} keeps the whole vocabulary",
+            "lower --top_k, or set --tail_samples 0",
+        )  # fmt: skip
+
+
+def stored_entries(settings: Mapping[str, Any]) -> int:
+    """E, the entries stored per position: K (+ S tail draws) in top-k, S sampled."""
+    if settings["mode"] == "topk":
+        return int(settings["top_k"]) + int(settings.get("tail_samples", 0))
+    return int(settings["samples"])
 
 
 def compare_settings(found: Mapping[str, Any], wanted: Mapping[str, Any], where: str) -> None:
@@ -219,6 +247,7 @@ def read_manifest(directory: Path, field: str) -> dict[str, Any]:
             settings["num_blocks"],
             settings["identity"],
             settings.get("seed", 0),
+            settings.get("tail_samples", 0),
         )
         for split in manifest["num_blocks"]:
             for record in manifest["splits"][split]["shards"]:

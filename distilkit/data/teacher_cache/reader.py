@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from distilkit.data.teacher_cache.codec import EncodedTargets
-from distilkit.data.teacher_cache.format import first_line, read_manifest, shard_problem
+from distilkit.data.teacher_cache.format import first_line, read_manifest, shard_problem, stored_entries
 from distilkit.data.teacher_cache.targets import SparseTargets
 from distilkit.data.verified import shared_memo
 from distilkit.errors import ConfigError
@@ -73,6 +73,11 @@ class TeacherCache:
     def entries(self) -> int:
         """K (top-k) or S (sample)."""
         return int(self.manifest["top_k" if self.mode == "topk" else "samples"])
+
+    @property
+    def tail_samples(self) -> int:
+        """S, the draws from the tail after the top K (top-k; 0 when none)."""
+        return int(self.manifest.get("tail_samples", 0))
 
     @property
     def temperature(self) -> float:
@@ -175,17 +180,26 @@ class TeacherCache:
         Returns:
             :class:`SparseTargets` with ids long, log-probabilities float32 (within each position's
             ``step / 2`` of the teacher's), the tail log-mass float32 ``(B, T)`` (top-k) or weights 1/S
-            ``(B, T, S)`` (sample). :meth:`SparseTargets.select` then keeps the positions a batch trains on.
+            ``(B, T, S)`` (sample). With tail draws, the weights ``(B, T, K+S)`` are the head's decoded
+            probabilities and tail / S for each draw, divided by their sum (1 up to the decoding error).
+            :meth:`SparseTargets.select` then keeps the positions a batch trains on.
         """
         encoded = self.read(split, block_indices)
-        ids = torch.from_numpy(encoded.ids.astype(np.int64))  # (B, T, K)
-        log_probs = torch.from_numpy(encoded.log_probs())  # (B, T, K)
-        if self.mode == "topk":
-            assert encoded.tail is not None
-            tail = torch.from_numpy(encoded.tail.astype(np.float32))  # (B, T)
-            return SparseTargets("topk", ids, log_probs, tail=tail, temperature=self.temperature)
-        weights = torch.full(ids.shape, 1.0 / self.entries)  # (B, T, S)
-        return SparseTargets("sample", ids, log_probs, weights=weights, temperature=self.temperature)
+        ids = torch.from_numpy(encoded.ids.astype(np.int64))  # (B, T, E)
+        log_probs = torch.from_numpy(encoded.log_probs())  # (B, T, E)
+        if self.mode == "sample":
+            weights = torch.full(ids.shape, 1.0 / self.entries)  # (B, T, S)
+            return SparseTargets("sample", ids, log_probs, weights=weights, temperature=self.temperature)
+        assert encoded.tail is not None
+        tail = torch.from_numpy(encoded.tail.astype(np.float32))  # (B, T)
+        draws, mass = self.tail_samples, None
+        if draws:
+            each = tail.exp().div_(draws).unsqueeze(-1).expand(*tail.shape, draws)  # (B, T, S) tail / S
+            mass = torch.cat([log_probs[..., : self.entries].exp(), each], -1)  # (B, T, K+S)
+            mass /= mass.sum(-1, keepdim=True)
+        return SparseTargets(
+            "topk", ids, log_probs, tail=tail, weights=mass, temperature=self.temperature, tail_draws=draws
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (data-loader workers): open files are not carried, each process reopens them."""
@@ -255,7 +269,7 @@ class TeacherCache:
 
     def _expected_tensors(self, blocks: int) -> dict[str, tuple[list[int], str]]:
         """The (shape, safetensors dtype) of every tensor of a shard of ``blocks`` blocks."""
-        n, t, k = blocks, self.block_size, self.entries
+        n, t, k = blocks, self.block_size, stored_entries(self.manifest)
         ids_dtype = {"uint16": "U16", "uint32": "U32"}[self.manifest["id_dtype"]]
         expected = {"block_index": ([n], "I64"), "ids": ([n, t, k], ids_dtype), "codes": ([n, t, k], "U8")}
         names = ("offset", "step", "tail") if self.mode == "topk" else ("offset", "step")

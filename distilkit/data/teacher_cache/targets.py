@@ -1,6 +1,6 @@
 """The targets an offline teacher cache gives back: a few entries of the teacher's distribution per
-position (top-k ids with log-probabilities and the tail mass, or sampled ids with weights). The losses that
-use them are in :mod:`distilkit.losses.sparse`."""
+position (top-k ids with log-probabilities and the tail mass, optionally followed by draws from the tail; or
+sampled ids with weights). The losses that use them are in :mod:`distilkit.losses.sparse`."""
 
 from __future__ import annotations
 
@@ -22,13 +22,21 @@ class SparseTargets:
     """The kept entries of the teacher's distribution at each position (leading dims ``...``: ``(B, T)``
     as read from a cache, ``(N,)`` after :meth:`select`).
 
+    Top-k targets hold the K most likely ids (the *head*), the log of the mass outside them (``tail``) and,
+    when ``tail_draws`` = S > 0, S more ids drawn from the teacher's distribution restricted to the tail: then
+    ``weights`` give each entry the mass it stands for (p_k for a head id, tail / S for a draw), so that
+    Σ_i w_i f(x_i) is an unbiased estimate of E_{x∼p}[f(x)] (stratified: the head exact, the tail sampled).
+
     Attributes:
         mode: ``"topk"`` or ``"sample"``.
-        ids: ``(..., K)`` long token ids.
-        log_probs: ``(..., K)`` float32 teacher log-probabilities of ``ids`` at ``temperature``.
-        tail: ``(...)`` float32 log of the teacher's mass outside ``ids`` (top-k; −inf when K = V), or None.
-        weights: ``(..., K)`` float32 weight of each draw, rows summing to 1 (sample), or None.
+        ids: ``(..., E)`` long token ids: E = K (top-k), K + S (top-k with tail draws), S (sample).
+        log_probs: ``(..., E)`` float32 teacher log-probabilities of ``ids`` at ``temperature``.
+        tail: ``(...)`` float32 log of the teacher's mass outside the head ids (top-k; −inf when K = V), or
+            None.
+        weights: ``(..., E)`` float32 mass each entry stands for, rows summing to 1 (sample; top-k with tail
+            draws), or None.
         temperature: the temperature τ the targets were made at.
+        tail_draws: S, how many of the last entries are draws from the tail (top-k only; 0: none).
     """
 
     mode: SparseMode
@@ -37,6 +45,7 @@ class SparseTargets:
     tail: Tensor | None = None
     weights: Tensor | None = None
     temperature: float = 1.0
+    tail_draws: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -45,10 +54,15 @@ class SparseTargets:
             raise ValueError(
                 f"ids {tuple(self.ids.shape)} and log_probs {tuple(self.log_probs.shape)} differ"
             )
-        if (self.mode == "topk") != (self.tail is not None) or (self.mode == "sample") != (
-            self.weights is not None
-        ):
-            raise ValueError("top-k targets carry a tail and no weights; sampled targets weights and no tail")
+        weighted = self.mode == "sample" or self.tail_draws > 0
+        if (self.mode == "topk") != (self.tail is not None) or weighted != (self.weights is not None):
+            raise ValueError(
+                "top-k targets carry a tail (and weights only with tail draws); sampled ones weights, no tail"
+            )
+        if not 0 <= self.tail_draws < self.ids.shape[-1] or (self.mode == "sample" and self.tail_draws):
+            raise ValueError(
+                f"tail_draws {self.tail_draws} must be below the entries, and 0 for sampled targets"
+            )
         if self.tail is not None and self.tail.shape != self.ids.shape[:-1]:
             raise ValueError(f"tail {tuple(self.tail.shape)} does not match ids {tuple(self.ids.shape)}")
         if self.weights is not None and self.weights.shape != self.ids.shape:
@@ -56,8 +70,19 @@ class SparseTargets:
 
     @property
     def entries(self) -> int:
-        """K (top-k) or S (sample): the kept entries per position."""
+        """E: the kept entries per position (K, K + S or S)."""
         return self.ids.shape[-1]
+
+    @property
+    def head(self) -> int:
+        """K, the leading entries that are the teacher's most likely ids, in order (0 for sampled targets)."""
+        return 0 if self.mode == "sample" else self.entries - self.tail_draws
+
+    @property
+    def weighted(self) -> bool:
+        """Whether the entries carry weights (an unbiased estimate of any E_{x∼p}[f(x)]): sampled targets and
+        top-k targets with tail draws."""
+        return self.weights is not None
 
     def __len__(self) -> int:
         return self.ids.shape[0]

@@ -44,6 +44,7 @@ from distilkit.data.teacher_cache.format import (
     part_name,
     read_block_index,
     read_records,
+    stored_entries,
     valid_shards,
     write_atomic,
 )
@@ -71,9 +72,11 @@ class CacheWriter:
         num_blocks: the number of blocks of each split of the data, e.g. ``{"train": 845, "val": 33}``.
         identity: what the cache was made from, compared by :meth:`TeacherCache.check`: e.g. the
             teacher's name and config hash, the tokenizer's hash, the data fingerprint (JSON values).
-        seed: seeds the draws of sampled targets (with the split and block index).
+        seed: seeds the draws of sampled targets and tail draws (with the split and block index).
         rank: this writer's number when several processes write (names its shards and its part).
         shard_blocks: blocks per shard (default: about :data:`SHARD_BYTES` of targets).
+        tail_samples: S, ids drawn from the tail (outside the top K) after the top K, in top-k mode (default
+            0: none; needs K < V).
         command: the command that writes the cache (recorded: a damaged shard's message names it, since
             running it again rewrites exactly the blocks that are missing or damaged).
     """
@@ -91,16 +94,17 @@ class CacheWriter:
         seed: int = 0,
         rank: int = 0,
         shard_blocks: int | None = None,
+        tail_samples: int = 0,
         command: str | None = None,
     ) -> None:
         self.command = command
         self.memo = shared_memo()
         self.settings = cache_settings(
-            mode, entries, temperature, vocab_size, block_size, num_blocks, identity, seed
+            mode, entries, temperature, vocab_size, block_size, num_blocks, identity, seed, tail_samples
         )
         if not (isinstance(rank, int) and 0 <= rank < 10_000):
             raise ConfigError("cache.rank", rank, "must be an integer in [0, 9999]", "use the process rank")
-        per_block = block_size * bytes_per_position(mode, entries, vocab_size)
+        per_block = block_size * bytes_per_position(mode, stored_entries(self.settings), vocab_size)
         self.shard_blocks = shard_blocks or max(1, SHARD_BYTES // per_block)
         if not (isinstance(self.shard_blocks, int) and self.shard_blocks >= 1):
             raise ConfigError(
@@ -131,6 +135,10 @@ class CacheWriter:
     @property
     def entries(self) -> int:
         return int(self.settings["top_k" if self.mode == "topk" else "samples"])
+
+    @property
+    def tail_samples(self) -> int:
+        return int(self.settings.get("tail_samples", 0))
 
     def done(self, split: str) -> set[int]:
         """The blocks of ``split`` already on disk (in shards of any writer); :meth:`write` skips them."""
@@ -230,10 +238,16 @@ class CacheWriter:
     def _encode_block(self, split: str, block: int, logits: Tensor) -> EncodedTargets:
         """The compact targets of one block from its ``(T, V)`` logits."""
         temperature, vocab = float(self.settings["temperature"]), int(self.settings["vocab_size"])
+        draws = self.tail_samples if self.mode == "topk" else self.entries
+        uniforms = None
+        if draws:
+            uniforms = block_uniforms(int(self.settings["seed"]), split, block, logits.shape[0], draws)
         if self.mode == "topk":
-            ids, log_probs, tail = topk_targets(logits, self.entries, temperature)  # (T, K) (T, K) (T,)
+            ids, log_probs, tail = topk_targets(
+                logits, self.entries, temperature, uniforms
+            )  # (T, K+S) .. (T,)
             return encode(ids, log_probs, tail, vocab)
-        uniforms = block_uniforms(int(self.settings["seed"]), split, block, logits.shape[0], self.entries)
+        assert uniforms is not None
         ids, log_probs = sample_targets(logits, uniforms, temperature)  # (T, S) each
         return encode(ids, log_probs, None, vocab)
 
