@@ -229,9 +229,11 @@ class TeacherPass(L.LightningModule):
             self.writer.write(self.splits[dataloader_idx], blocks[rows], logits)
 
     def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """After Ctrl-C (on any process): write the blocks computed so far, record them, and stop with
-        exit status 130; the same command computes only the rest."""
-        if not self.stop.agreed(self.trainer.strategy):
+        """After Ctrl-C: write the blocks computed so far, record them, and stop with exit status 130; the
+        same command computes only the rest. Each process decides alone (a per-batch collective would wait
+        forever: the processes' shares of the blocks differ by up to a batch); they meet again at
+        :meth:`on_predict_end`'s barrier, which a process reaches when stopped or at the end of its share."""
+        if not self.stop.requested:
             return
         self.on_predict_end()
         manifest = self.manifest or {}
