@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -68,3 +69,14 @@ def datamodule(corpus: Path, tokenizer_dir: Path, cache_dir: Path):
     from helpers import make_datamodule
 
     return make_datamodule(corpus, tokenizer_dir, cache_dir)
+
+
+@pytest.fixture
+def lightning_log(caplog):
+    """``caplog`` that also sees Lightning's ``rank_zero_info`` lines: Lightning's logger stops propagating
+    to the root logger when it is imported before the root logger has a handler (then caplog sees nothing)."""
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)

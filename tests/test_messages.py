@@ -64,5 +64,7 @@ def test_summaries_and_tables_print_paths_and_names_as_written():
     path = "runs/:memo:/[x]"
     assert path in _text(lambda console: print_cache_summary(manifest, path, console))
     rows = [{"model": "runs/[a]/:memo:/last.ckpt", "ppl": 2.0, "lm_eval": {"[task]": {":memo:": 1.0}}}]
+    rows[0] |= {"tokenizer": "tok/[b]", "bpb": 1.5}
     printed = _text(lambda console: print_rows(rows, console))
     assert "runs/[a]/:memo:/last.ckpt" in printed and "[task]" in printed and ":memo:" in printed
+    assert "tok/[b]" in printed and "1.5000" in printed

@@ -329,8 +329,9 @@ def print_rows(rows: list[dict[str, Any]], console: Console) -> None:
     for row in rows:
         agreement = f"{row['top1_agreement']:.3f}" if "top1_agreement" in row else "-"
         kl = f"{row['kl']:.3f}" if "kl" in row else "-"
-        cells = (row["tokenizer"], f"{row['bpb']:.4f}", f"{row['ppl']:.2f}", agreement, kl)
-        table.add_row(Text(row["model"]), *cells)  # Text: printed as written
+        bpb = f"{row['bpb']:.4f}" if "bpb" in row else "-"
+        cells = (bpb, f"{row['ppl']:.2f}", agreement, kl)
+        table.add_row(Text(row["model"]), Text(str(row.get("tokenizer", "-"))), *cells)  # Text: as written
     console.print(table)
     if any("lm_eval" in row for row in rows):
         print_harness_rows(rows, console)

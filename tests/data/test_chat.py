@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -453,19 +452,13 @@ def chat_recipe(tmp_path: Path, cache_dir: Path, rows: list, **data) -> Path:
 
 
 @pytest.mark.slow
-def test_distilkit_fit_trains_on_chat_rows(tmp_path, cache_dir, caplog):
+def test_distilkit_fit_trains_on_chat_rows(tmp_path, cache_dir, lightning_log):
     from helpers import csv_rows, fit_run, run_cli
 
     rows = [{"messages": THREE_TURNS[: 2 * n + 1]} for n in (1, 2, 3)] + [{"messages": OTHER}] * 3
-    # Lightning's logger stops propagating when it is imported before the root logger has a handler
-    lightning_log = logging.getLogger("lightning.pytorch")
-    lightning_log.addHandler(caplog.handler)
-    try:
-        fit_run(chat_recipe(tmp_path, cache_dir, rows), tmp_path / "run")
-    finally:
-        lightning_log.removeHandler(caplog.handler)
+    fit_run(chat_recipe(tmp_path, cache_dir, rows), tmp_path / "run")
     assert any(val is not None for _, _, val in csv_rows(tmp_path / "run"))
-    assert "chat data, train: 6 conversations" in caplog.text  # the line printed at setup
+    assert "chat data, train: 6 conversations" in lightning_log.text  # the line printed at setup
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert GPT2_TEMPLATE in checkpoint["distilkit"]["tokenizer_files"].values()  # saved with the run
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -176,17 +175,17 @@ def test_rows_naming_no_teacher_are_refused_naming_the_row(tmp_path, sourced, to
 
 
 def test_with_unrouted_labels_such_rows_learn_from_their_labels_alone(
-    tmp_path, sourced, tokenizer_dir, cache_dir, caplog
+    tmp_path, sourced, tokenizer_dir, cache_dir, lightning_log
 ):
     rows = [json.loads(line) for line in sourced.read_text().splitlines()]
     for i in range(12, 20):
         rows[i]["source"] = "poetry"
     path = write_jsonl(tmp_path / "docs.jsonl", rows)
     data = _data(str(path), tokenizer_dir, cache_dir, domains="source")
-    with caplog.at_level(logging.INFO):
-        source = _several(data, unrouted="labels")
+    source = _several(data, unrouted="labels")
     alone = data.document_domains.tokens(data.datasets["train"])["poetry"]  # type: ignore[union-attr]
-    assert f"model.unrouted=labels: {alone:,} of " in caplog.text and "['poetry']" in caplog.text
+    said = lightning_log.text
+    assert f"model.unrouted=labels: {alone:,} of " in said and "['poetry']" in said
     poetry = data.domain_names.index("poetry")
     domains = data.datasets["train"].domains
     mixed = [i for i, row in enumerate(domains) if (row == poetry).any() and (row != poetry).any()]
