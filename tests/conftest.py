@@ -78,5 +78,6 @@ def lightning_log(caplog):
     logger = logging.getLogger("lightning.pytorch")
     logger.addHandler(caplog.handler)
     caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")  # restored after the test
     yield caplog
     logger.removeHandler(caplog.handler)

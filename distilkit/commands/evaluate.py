@@ -26,6 +26,7 @@ from rich.text import Text
 
 from distilkit.commands.harness import Harness
 from distilkit.commands.kept_rows import KeptRows, identity_of
+from distilkit.commands.quiet import log_levels
 from distilkit.data import TextDataModule
 from distilkit.data.token_bytes import token_byte_lengths
 from distilkit.data.tokenizer import same_vocabulary, tokenizer_hash
@@ -387,24 +388,24 @@ def evaluate_command(
         progress: show progress bars.
         peer: the peer of a cohort checkpoint to score, by index or name (default: a row for every peer).
     """
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no banner per model
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # no notes on defaults and passed-in models
     if output_json:
         check_output_file(output_json, "output_json")
-    rows = evaluate(
-        models,
-        data_files,
-        teacher,
-        block_size,
-        batch_size,
-        val_fraction,
-        seed,
-        split,
-        lm_eval_tasks=lm_eval_tasks,
-        lm_eval_limit=lm_eval_limit,
-        progress=progress,
-        peer=peer,
-    )
+    quiet = {"lightning.pytorch": logging.WARNING, "lm_eval": logging.ERROR}  # no banner per model, no notes
+    with log_levels(quiet):
+        rows = evaluate(
+            models,
+            data_files,
+            teacher,
+            block_size,
+            batch_size,
+            val_fraction,
+            seed,
+            split,
+            lm_eval_tasks=lm_eval_tasks,
+            lm_eval_limit=lm_eval_limit,
+            progress=progress,
+            peer=peer,
+        )
     print_rows(rows, Console())  # printed before the file is written: nothing is lost if that fails
     if output_json:
         write_text(output_json, json.dumps(rows, indent=2) + "\n")

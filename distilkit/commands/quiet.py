@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 #: ``(message pattern, why it is noise)`` of Python warnings that are filtered.
@@ -87,3 +89,17 @@ def quiet_third_party() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropInfo) for f in logger.filters):
             logger.addFilter(DropInfo())
+
+
+@contextmanager
+def log_levels(levels: dict[str, int]) -> Iterator[None]:
+    """Set loggers' levels (``{name: level}``) for the block, and give each its own level back after it (a
+    command run from Python leaves the caller's logging as it found it)."""
+    previous = {name: logging.getLogger(name).level for name in levels}
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        yield
+    finally:
+        for name, level in previous.items():
+            logging.getLogger(name).setLevel(level)

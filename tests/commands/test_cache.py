@@ -150,7 +150,10 @@ def fit_from(recipe: Path, run_dir: Path, cache: Path, *overrides: str) -> None:
 
 STUDENT_600 = json.dumps({**TINY_STUDENT, "vocab_size": 600})
 MISMATCHES = {  # what the run changes -> what the one-line error names
-    "tokenizer": (["--data.init_args.tokenizer", '{"vocab_size": 300}'], "identity.tokenizer="),
+    "tokenizer": (
+        ["--data.init_args.tokenizer", '{"vocab_size": 300}'],
+        "was made with another tokenizer than data.tokenizer",
+    ),
     "data": (["--data.init_args.train_files", "CORPUS"], "identity.train_data="),
     "block size": (["--data.init_args.block_size", "16"], "identity.block_size=16"),
     "split": (["--data.init_args.val_fraction", "0.25"], "identity.val_fraction=0.25"),
