@@ -16,6 +16,8 @@ loss) gets its gradient by autograd as usual; tests hold it equal to autograd th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
@@ -33,13 +35,9 @@ class _CrossEntropyAndForwardKL(torch.autograd.Function):
         with torch.autocast(student.device.type, enabled=False):  # float32 throughout
             buffer = scratch_space()
             n, t = max(labels.numel(), 1), temperature
-            rows = torch.arange(labels.numel(), device=labels.device)
-            s = student.float()
-            log_q1 = torch.log_softmax(s, -1, out=buffer("log_q", s))  # (n, V) at T = 1
-            ce = -log_q1[rows, labels].sum() / n
-            log_p = log_softmax_scaled(teacher.float(), t, buffer("log_p", s))  # (n, V)
-            p = torch.exp(log_p, out=buffer("p", s))  # (n, V)
-            log_q = log_q1 if t == 1.0 else log_softmax_scaled(s, t, buffer("log_q_t", s))  # (n, V) at T
+            log_q1, ce, log_q = student_side(student, labels, t, buffer)
+            log_p = log_softmax_scaled(teacher.float(), t, buffer("log_p", log_q1))  # (n, V)
+            p = torch.exp(log_p, out=buffer("p", log_q1))  # (n, V)
             kd = _row_dots(p, log_p.sub_(log_q)).sum() * (t * t / n)  # T²·Σ p (log p − log q) / n
             if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
                 q1 = log_q1.exp_()  # (n, V) softmax(s)
@@ -78,6 +76,20 @@ def cross_entropy_and_forward_kl(
     return _CrossEntropyAndForwardKL.apply(
         student_logits, teacher_logits.detach(), labels, float(temperature)
     )
+
+
+def student_side(
+    student: Tensor, labels: Tensor, temperature: float, buffer: Callable[[str, Tensor], Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What every closed form opens with, in float32 and the workspace's ``buffer``s: log softmax(s)
+    ``(n, V)``, the mean cross-entropy of ``labels`` ``()``, and log softmax(s/T) ``(n, V)`` (the same tensor
+    at T = 1)."""
+    s = student.float()
+    rows = torch.arange(labels.numel(), device=labels.device)
+    log_q1 = torch.log_softmax(s, -1, out=buffer("log_q", s))  # (n, V) at T = 1
+    ce = -log_q1[rows, labels].sum() / max(labels.numel(), 1)
+    log_q = log_q1 if temperature == 1.0 else log_softmax_scaled(s, temperature, buffer("log_q_t", s))
+    return log_q1, ce, log_q
 
 
 def log_softmax_scaled(logits: Tensor, temperature: float, out: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from distilkit.data.teacher_cache.targets import SparseTargets
-from distilkit.losses.closed_form import log_softmax_scaled
+from distilkit.losses.closed_form import student_side
 from distilkit.losses.workspace import scratch_space
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -54,11 +54,7 @@ class _CrossEntropyAndSparseForwardKL(torch.autograd.Function):
         with torch.autocast(student.device.type, enabled=False):  # float32 throughout
             buffer = scratch_space()
             n, t = max(labels.numel(), 1), temperature
-            rows = torch.arange(labels.numel(), device=labels.device)
-            s = student.float()
-            log_q1 = torch.log_softmax(s, -1, out=buffer("log_q", s))  # (n, V) at T = 1
-            ce = -log_q1[rows, labels].sum() / n
-            log_q = log_q1 if t == 1.0 else log_softmax_scaled(s, t, buffer("log_q_t", s))  # (n, V) at T
+            log_q1, ce, log_q = student_side(student, labels, t, buffer)  # (n, V), (), (n, V) at T
             log_q_ids = log_q.gather(-1, ids)  # (n, E)
             kd_rows = (mass * (log_p - log_q_ids)).sum(-1)  # (n,)
             total = mass.sum(-1, keepdim=True)  # (n, 1) M
