@@ -169,6 +169,7 @@ def test_checkpoints_and_exports_get_the_permissions_a_plain_file_would(tmp_path
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in (tmp_path / "student").iterdir())
 
 
+@pytest.mark.slow  # a fit in a subprocess (~45 s); runs in CI (`make test`)
 def test_a_hub_name_in_the_local_cache_loads_offline(tmp_path, tokenizer_dir):
     """Issue 11.12: ``org/name`` resolves from the Hugging Face cache with HF_HUB_OFFLINE=1."""
     snapshot = tmp_path / "hub" / "models--distilkit--tiny" / "snapshots" / ("0" * 40)
