@@ -59,6 +59,15 @@ class TeacherTokenizer(NamedTuple):
                 + ("there is none" if teacher is None else "a teacher cache replaces it"),
                 f"drop {TOKENIZER_FIELD}",
             )
+        if given is not None and is_served(teacher):
+            raise ConfigError(
+                TOKENIZER_FIELD,
+                given,
+                "names a tokenizer of its own, but a served teacher (model.teacher: {server: ...}) is sent "
+                "the data's token ids and answers top-k over the data's vocabulary",
+                f"drop {TOKENIZER_FIELD} and serve a model that reads data.tokenizer, or load the teacher "
+                "itself (model.teacher: DIR or FILE.gguf) to distil across tokenizers",
+            )
         own = tokenizer_of(teacher, "model.teacher") if isinstance(teacher, (str, os.PathLike)) else None
         named = None if given is None else _load_tokenizer(given)
         tokenizer = own if named is None else named

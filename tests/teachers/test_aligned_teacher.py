@@ -213,6 +213,9 @@ def test_what_cannot_work_across_tokenizers_is_refused(tmp_path, datamodule, tea
         tiny_module(
             datamodule, teacher=str(teacher_dir), teacher_tokenizer=str(teacher_dir), teacher_cache="c"
         )
+    served = {"server": "http://127.0.0.1:9", "model": "m"}
+    with pytest.raises(ConfigError, match=r"model.teacher_tokenizer=.*a served teacher .* data's token ids"):
+        tiny_module(datamodule, teacher=served, teacher_tokenizer=str(teacher_dir))
     data_tokenizer = tmp_path / "data-tokenizer"
     datamodule.tokenizer.save_pretrained(data_tokenizer)
     with pytest.raises(ConfigError, match=r"model.teacher_tokenizer=.*drop model.teacher_tokenizer"):
