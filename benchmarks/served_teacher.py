@@ -8,7 +8,7 @@
 BPE); ``--teacher smollm2`` serves SmolLM2-135M-Instruct (``make smollm2``; vLLM serves the Hugging Face copy
 distilkit converts the GGUF file into) and changes the quickstart recipe to fit it: the data tokenized with
 its tokenizer, the first ``--corpus_chars`` characters of the built-in corpus (whole documents: the cache
-scores every block, at about 150-300 tokens/s on 2 CPU cores), batches of ``--batch_size`` (default 8), and a
+scores every block, at about 150-300 tokens/s on 2 CPU cores), batches of ``--batch_size`` (default 4), and a
 student of its vocabulary (Llama, 2 layers x 128). It starts vLLM's CPU server on that teacher, then runs
 ``distilkit fit --config recipes/quickstart.yaml`` in a subprocess per setting, ``--steps`` steps each with
 one validation at the end:
@@ -335,8 +335,8 @@ def main() -> None:
         "--rounds", type=int, default=2, help="interleaved rounds with and without look-ahead"
     )
     parser.add_argument("--alone_batches", type=int, default=8, help="batches the server scores alone")
-    parser.add_argument("--corpus_chars", type=int, default=100_000, help="smollm2: characters of the corpus")
-    parser.add_argument("--batch_size", type=int, default=8, help="smollm2: blocks a batch")
+    parser.add_argument("--corpus_chars", type=int, default=50_000, help="smollm2: characters of the corpus")
+    parser.add_argument("--batch_size", type=int, default=4, help="smollm2: blocks a batch")
     parser.add_argument("--work", type=Path, default=None, help="where runs go (default: a temp folder)")
     parser.add_argument("--url", default=None, help="a running server of the teacher, named as the setup's")
     args = parser.parse_args()
