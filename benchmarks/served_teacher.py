@@ -2,13 +2,13 @@
 
     VLLM_PY=$(bash .ci/vllm-env)
     python benchmarks/served_teacher.py --vllm_python "$VLLM_PY" --steps 100 --timing_steps 40 --rounds 2
-    python benchmarks/served_teacher.py --teacher smollm2 --steps 20 --timing_steps 10 --rounds 1
+    python benchmarks/served_teacher.py --teacher smollm2 --steps 40 --timing_steps 20 --rounds 2
 
 ``--teacher quickstart`` (the default) serves the shipped teacher (recipes/teacher: GPT-2 4x256, 4,096-token
 BPE); ``--teacher smollm2`` serves SmolLM2-135M-Instruct (``make smollm2``; vLLM serves the Hugging Face copy
 distilkit converts the GGUF file into) and changes the quickstart recipe to fit it: the data tokenized with
 its tokenizer, the first ``--corpus_chars`` characters of the built-in corpus (whole documents: the cache
-scores every block, at about 150-300 tokens/s on 2 CPU cores), batches of ``--batch_size`` (default 4), and a
+scores every block: about 50-100 tokens/s on 2 busy CPU cores), batches of ``--batch_size`` (default 4), and a
 student of its vocabulary (Llama, 2 layers x 128). It starts vLLM's CPU server on that teacher, then runs
 ``distilkit fit --config recipes/quickstart.yaml`` in a subprocess per setting, ``--steps`` steps each with
 one validation at the end:
@@ -107,8 +107,16 @@ def quickstart_setup() -> Setup:
     teacher = str(ROOT / "recipes" / "teacher")
     # GPT-2 has 128 positions: the block of 128 and the one sampled token (never fed back) need 129.
     long_context = {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}
-    return Setup("quickstart (GPT-2 4x256 teacher)", Path(teacher), "teacher", teacher, teacher, CORPUS, 16,
-                 server_env=long_context)  # fmt: skip
+    return Setup(
+        title="quickstart (GPT-2 4x256 teacher)",
+        served=Path(teacher),
+        name="teacher",
+        teacher=teacher,
+        tokenizer=teacher,
+        train_files=CORPUS,
+        batch_size=16,
+        server_env=long_context,
+    )
 
 
 def smollm2_setup(work: Path, corpus_chars: int, batch_size: int) -> Setup:
@@ -119,8 +127,16 @@ def smollm2_setup(work: Path, corpus_chars: int, batch_size: int) -> Setup:
         sys.exit(f"{SMOLLM2.relative_to(ROOT)} is missing: run `make smollm2`")
     served = Path(load_gguf_model(SMOLLM2, field="teacher").name_or_path)  # the converted copy (cached)
     corpus = corpus_prefix(work / "corpus.jsonl", corpus_chars)
-    return Setup("SmolLM2-135M-Instruct teacher", served, "smollm2", str(SMOLLM2), str(SMOLLM2), str(corpus),
-                 batch_size, student=SMOLLM2_STUDENT)  # fmt: skip
+    return Setup(
+        title="SmolLM2-135M-Instruct teacher",
+        served=served,
+        name="smollm2",
+        teacher=str(SMOLLM2),
+        tokenizer=str(SMOLLM2),
+        train_files=str(corpus),
+        batch_size=batch_size,
+        student=SMOLLM2_STUDENT,
+    )
 
 
 def corpus_prefix(path: Path, chars: int) -> Path:
