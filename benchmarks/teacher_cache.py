@@ -139,6 +139,14 @@ def fit(
     return final
 
 
+def _kept(baseline: float, live: float, ppl: float) -> str:
+    """The share of the live run's gain over the baseline that a run keeps, ``(baseline − ppl) / (baseline −
+    live)``; none when the live run gained nothing (a share of a loss would read as a gain)."""
+    if baseline <= live:
+        return f"- (live gained nothing: {live:.1f} >= {baseline:.1f})"
+    return f"{100 * (baseline - ppl) / (baseline - live):.0f}%"
+
+
 def _final_ppl(run_dir: Path, steps: int) -> float | None:
     """The ``val/ppl`` of the validation after the last step, or None when the run has not reached it."""
     if not (run_dir / "metrics.csv").is_file():
@@ -291,11 +299,8 @@ def main() -> None:
         mean = statistics.mean(ppl[name, seed] for seed in args.seeds)
         kept = "-"
         if variant.live != "-":
-            shares = [
-                (ppl["baseline", s] - ppl[name, s]) / (ppl["baseline", s] - ppl[variant.live, s])
-                for s in args.seeds
-            ]
-            kept = " / ".join(f"{100 * share:.0f}%" for share in shares)
+            shares = [_kept(ppl["baseline", s], ppl[variant.live, s], ppl[name, s]) for s in args.seeds]
+            kept = " / ".join(shares)
         on_disk, error, tail, build = "-", "-", "-", "-"
         if variant.cache is not None:
             manifest = _manifest(caches[variant.cache][0])
