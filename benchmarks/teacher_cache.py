@@ -39,6 +39,8 @@ from distilkit import DistillationModule, ForwardKLLoss, TextDataModule
 from distilkit.cli import main as distilkit
 from distilkit.data.teacher_cache import TeacherCache
 from distilkit.losses import DistillationLoss, SparseTargets
+from distilkit.losses.aligned import AlignedLogits
+from distilkit.losses.partial import PartialTargets
 
 ROOT = Path(__file__).parents[1]
 QUICKSTART, BASELINE = ROOT / "recipes" / "quickstart.yaml", ROOT / "recipes" / "baseline.yaml"
@@ -161,7 +163,10 @@ class AutogradForwardKL(ForwardKLLoss):
     """Forward KL through autograd on sparse targets (the chunked path before the closed form), for timing."""
 
     def kd_and_ce(
-        self, student_logits: torch.Tensor, teacher: torch.Tensor | SparseTargets, labels: torch.Tensor
+        self,
+        student_logits: torch.Tensor,
+        teacher: torch.Tensor | SparseTargets | PartialTargets | AlignedLogits,
+        labels: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(teacher, SparseTargets):
             return DistillationLoss.kd_and_ce(self, student_logits, teacher, labels)
