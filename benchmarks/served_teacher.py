@@ -121,11 +121,11 @@ def quickstart_setup() -> Setup:
 
 def smollm2_setup(work: Path, corpus_chars: int, batch_size: int) -> Setup:
     """SmolLM2-135M-Instruct from its GGUF file, on a prefix of the built-in corpus, with a Llama student."""
-    from distilkit.models.gguf import load_gguf_model
+    from distilkit.models.gguf import converted_gguf_directory
 
     if not SMOLLM2.is_file():
         sys.exit(f"{SMOLLM2.relative_to(ROOT)} is missing: run `make smollm2`")
-    served = Path(load_gguf_model(SMOLLM2, field="teacher").name_or_path)  # the converted copy (cached)
+    served = converted_gguf_directory(SMOLLM2, field="teacher")  # the converted copy (cached)
     corpus = corpus_prefix(work / "corpus.jsonl", corpus_chars)
     return Setup(
         title="SmolLM2-135M-Instruct teacher",

@@ -49,14 +49,27 @@ def load_gguf_model(
         ConfigError: a missing ``gguf``/``accelerate`` package, a path that is not a readable GGUF file, an
             architecture transformers cannot load from GGUF, or a converted copy that changed on disk.
     """
+    directory = converted_gguf_directory(spec, field=field, dtype=dtype, cache_dir=cache_dir)
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+
+
+def converted_gguf_directory(
+    spec: str | os.PathLike[str],
+    *,
+    field: str,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: Path | None = None,
+) -> Path:
+    """The Hugging Face directory (weights in ``dtype`` and tokenizer) distilkit converts a GGUF file into,
+    converting it first if needed, without loading the model: what an inference server serves. Arguments
+    and errors as :func:`load_gguf_model`."""
     source = GGUFSource(spec, field, cache_dir)
     tokenizer_dir = source.tokenizer_dir()
-    directory = source.converted(
+    return source.converted(
         f"model-{dtype_name(dtype)}",
         lambda staging: _convert(source, dtype, tokenizer_dir, staging),
         f"the weights ({dtype_name(dtype)})",
     )
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
 
 
 def load_gguf(
