@@ -19,7 +19,6 @@ teacher's logits have the same leading dimensions and their own vocabulary sizes
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -28,8 +27,9 @@ from torch import Tensor
 from distilkit.batch import IGNORE_INDEX
 from distilkit.data.vocabulary import VocabularyMap
 from distilkit.errors import ConfigError, check_range
-from distilkit.losses.base import DistillationLoss, kl_from_log_probs
-from distilkit.losses.sorted_l1 import sorted_l1, sorted_l1_and_signs, sorted_l1_fast
+from distilkit.losses.base import DistillationLoss
+from distilkit.losses.gold_rows import Columns, GOLDRows, gold_rows
+from distilkit.losses.sorted_l1 import sorted_l1_fast
 
 
 class ULDLoss(DistillationLoss):
@@ -43,10 +43,11 @@ class ULDLoss(DistillationLoss):
     between the vocabularies.
 
     Cost per chunk of n positions: a softmax of each side, a sort of each side (values for the teacher,
-    values and order for the student; n·V·log V, the largest part on a CPU), one pass for the differences
-    and a scatter of their signs (the gradient with respect to q, kept as int8); backward: the softmax's
-    (two passes) and one multiply. A step at n = 2,048, V = 4,096 costs about 4-5x the forward KL's on 2
-    CPU cores (``benchmarks/cross_tokenizer.py``); on a GPU ``torch.sort`` is fast.
+    values and order for the student; n·V·log V, the largest part on a CPU, rows split over torch's
+    threads), one pass for the differences and a scatter of their signs (the gradient with respect to q,
+    kept as int8); backward: the softmax's (two passes) and one multiply. A step at n = 2,048, V = 4,096
+    costs about 2x a same-tokenizer KD step on 2 CPU cores (``benchmarks/cross_tokenizer.py``); on a GPU
+    ``torch.sort`` is fast.
 
     A teacher cache's sparse targets are refused (it needs the teacher's whole distribution).
     """
@@ -79,12 +80,12 @@ class GOLDLoss(DistillationLoss):
     TRL's GOLD trainer (``trl/experimental/gold``) compares the matched tokens' unnormalised probabilities
     with a JSD; here the exact part is the forward KL, made a divergence by the renormalisation.
 
-    Cost per chunk of n positions (the gradient is formed in the forward pass, :class:`_GOLDRows`): one
-    gather of each side into shared-first column order, a log-sum-exp of the teacher and a softmax of the
-    student over all V, log-softmaxes and the KL over the K shared columns, an exp and a sort of each side's
-    V − K unshared columns, about five in-place passes to form the gradient and one scatter back; backward:
-    one multiply. A step at n = 2,048, V_s = 4,096 (K = 3,201 shared) costs about 3.5-4.5x the forward
-    KL's on 2 CPU cores (``benchmarks/cross_tokenizer.py``).
+    Cost per chunk of n positions (the gradient is formed in the forward pass, in the student's own column
+    order, :class:`~distilkit.losses.gold_rows.GOLDRows`): a log-softmax of each side, a gather of the
+    teacher's log-probabilities into the student's columns, about six in-place passes over ``(n, V_s)``, and
+    a sort of each side's V − K unshared columns; backward: one multiply. A step at n = 2,048, V_s = 4,096
+    (K = 3,201 shared) costs about 1.4x a same-tokenizer KD step on 2 CPU cores
+    (``benchmarks/cross_tokenizer.py``).
 
     The mapping is bound before use with :meth:`bind` (a teacher with another tokenizer does it from the
     two tokenizers, :func:`~distilkit.data.vocabulary.shared_vocabulary`); it is not saved in checkpoints.
@@ -138,7 +139,7 @@ class GOLDLoss(DistillationLoss):
         weights = (self.exact_weight, self.uld_weight)
         if torch.compiler.is_compiling():  # let the compiler fuse the plain formula and its gradient
             return gold_rows(student_logits, teacher_logits.detach(), columns, weights)
-        return _GOLDRows.apply(student_logits, teacher_logits.detach(), columns, weights)
+        return GOLDRows.apply(student_logits, teacher_logits.detach(), columns, weights)
 
     def columns(self, student_size: int, teacher_size: int, device: torch.device) -> Columns:
         """The mapping as :class:`Columns` on ``device`` for logits of these vocabulary sizes (at least the
@@ -155,11 +156,7 @@ class GOLDLoss(DistillationLoss):
                         f"{side} logits have {size} entries, fewer than the {expected} tokens of the "
                         f"vocabulary mapping bound to {type(self).__name__}"
                     )
-            self._columns[key] = Columns(
-                mapping.shared,
-                _shared_first(mapping.student_ids, student_size).to(device),
-                _shared_first(mapping.teacher_ids, teacher_size).to(device),
-            )
+            self._columns[key] = Columns.of(mapping, student_size, teacher_size).to(device)
         return self._columns[key]
 
     def _bound(self) -> VocabularyMap:
@@ -172,90 +169,3 @@ class GOLDLoss(DistillationLoss):
                 "(from distilkit.data.vocabulary); a teacher with another tokenizer binds it for you",
             )
         return self.mapping
-
-
-@dataclass(frozen=True)
-class Columns:
-    """A vocabulary mapping as column orders: ``student_order`` ``(V_s,)`` lists the student's shared ids (in
-    the mapping's pair order) and then its other ids, ``teacher_order`` ``(V_t,)`` the same for the teacher,
-    so that after one gather of each side the first ``shared`` columns pair up and the rest follow."""
-
-    shared: int
-    student_order: Tensor
-    teacher_order: Tensor
-
-
-def _shared_first(ids: Tensor, size: int) -> Tensor:
-    """``(size,)``: ``ids``, then the ids in ``[0, size)`` not among them, increasing."""
-    rest = torch.ones(size, dtype=torch.bool)
-    rest[ids] = False
-    return torch.cat([ids, rest.nonzero().squeeze(-1)])
-
-
-def gold_rows(student: Tensor, teacher: Tensor, columns: Columns, weights: tuple[float, float]) -> Tensor:
-    """GOLD per row, the plain formula: ``(M, V_s)``, ``(M, V_t)`` logits -> ``(M,)`` (autograd for the
-    gradient; :class:`_GOLDRows` computes the same with its gradient in closed form)."""
-    k = columns.shared
-    teacher = teacher.index_select(-1, columns.teacher_order)  # (M, V_t), shared columns first
-    student = student.index_select(-1, columns.student_order)  # (M, V_s), shared columns first
-    log_total_p = teacher.logsumexp(-1, keepdim=True)  # (M, 1)
-    exact = torch.zeros_like(log_total_p.squeeze(-1))  # (M,)
-    if k:
-        mass = (teacher[:, :k].logsumexp(-1) - log_total_p.squeeze(-1)).exp()  # (M,) P_S
-        kl = kl_from_log_probs(teacher[:, :k].log_softmax(-1), student[:, :k].log_softmax(-1))  # KL(p̃‖q̃)
-        exact = torch.where(mass > 0, mass * kl, exact)  # P_S = 0: no shared mass, nothing to compare
-    p_rest = (teacher[:, k:] - log_total_p).exp()  # (M, V_t − K)
-    q_rest = student.softmax(-1)[:, k:]  # (M, V_s − K)
-    return weights[0] * exact + weights[1] * sorted_l1(p_rest, q_rest)
-
-
-class _GOLDRows(torch.autograd.Function):
-    """:func:`gold_rows` with the gradient with respect to the student's logits formed in the forward pass.
-
-    With q = softmax(s), q̃ = softmax(s_S) and the ULD signs g_j on the unshared tokens (see
-    :func:`~distilkit.losses.sorted_l1.sorted_l1_and_signs`):
-
-        ∂/∂s_i = w_exact·P_S·(q̃_i − p̃_i) [i ∈ S]  +  w_uld·(g_i·q_i [i ∉ S] − q_i·Σ_{j∉S} g_j·q_j)
-
-    Besides the sorts: one gather of each side into shared-first order, a softmax of the student and a
-    log-softmax of each side's K shared columns, a log-sum-exp and an exp of the teacher, about five
-    in-place passes to form the gradient and one scatter back to the student's order.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        student: Tensor,
-        teacher: Tensor,
-        columns: Columns,
-        weights: tuple[float, float],
-    ) -> Tensor:
-        k, (exact_weight, uld_weight) = columns.shared, weights
-        teacher = teacher.index_select(-1, columns.teacher_order)  # (M, V_t), shared columns first
-        log_total_p = teacher.logsumexp(-1, keepdim=True)  # (M, 1)
-        student = student.index_select(-1, columns.student_order)  # (M, V_s), shared columns first
-        q = student.softmax(-1)  # (M, V_s)
-        want_grad = ctx.needs_input_grad[0]  # type: ignore[attr-defined]
-        grad = torch.empty_like(q) if want_grad else None  # (M, V_s) in shared-first order
-        rows = torch.zeros_like(log_total_p.squeeze(-1))  # (M,)
-        if k:
-            log_p = teacher[:, :k].log_softmax(-1)  # (M, K) log p̃
-            mass = (teacher[:, :k].logsumexp(-1) - log_total_p.squeeze(-1)).exp()  # (M,) P_S
-            log_q = student[:, :k].log_softmax(-1)  # (M, K) log q̃
-            rows += exact_weight * torch.where(mass > 0, mass * kl_from_log_probs(log_p, log_q), 0.0)
-            if grad is not None:  # w·P_S·(q̃ − p̃); P_S = 0: nothing to compare
-                scale = torch.where(mass > 0, mass * exact_weight, 0.0).unsqueeze(-1)  # (M, 1)
-                torch.mul(log_q.exp_().sub_(log_p.exp_().nan_to_num_(0.0)), scale, out=grad[:, :k])
-        p_rest = teacher[:, k:].sub_(log_total_p).exp_()  # (M, V_t − K), in the gathered copy
-        uld, signs = sorted_l1_and_signs(p_rest, q[:, k:], signs=grad is not None)
-        rows += uld_weight * uld
-        if grad is not None and signs is not None:
-            signed = torch.mul(q[:, k:], signs, out=grad[:, k:]).mul_(uld_weight)  # w·g ⊙ q, unshared
-            grad.sub_(q.mul_(signed.sum(-1, keepdim=True)))  # − q·Σ w·g·q
-            ctx.save_for_backward(torch.empty_like(grad).index_copy_(-1, columns.student_order, grad))
-        return rows
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_rows: Tensor):  # type: ignore[override]
-        (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return grad * grad_rows.unsqueeze(-1), None, None, None

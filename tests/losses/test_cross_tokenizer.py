@@ -11,7 +11,7 @@ from distilkit.errors import ConfigError
 from distilkit.losses import ForwardKLLoss, GOLDLoss, ULDLoss
 from distilkit.losses import sorted_l1 as sorted_l1_module
 from distilkit.losses.chunked import HeadLossPlan, head_losses
-from distilkit.losses.cross_tokenizer import _GOLDRows, gold_rows
+from distilkit.losses.gold_rows import GOLDRows, gold_rows
 from distilkit.losses.sorted_l1 import sorted_l1, sorted_l1_fast
 from distilkit.models.heads import OutputHead
 from distilkit.teachers.live import HeadTargets
@@ -104,10 +104,19 @@ def test_uld_ignores_which_token_is_which() -> None:
     assert ULDLoss()(s, torch.randn(5, 13)) > 0.01
 
 
-@pytest.mark.parametrize("numpy_sort", [True, False], ids=["numpy-sort", "torch-sort"])
-def test_sorted_l1_fast_matches_the_plain_formula(numpy_sort: bool, monkeypatch) -> None:
-    """Both sorts the fast path uses (numpy's on the CPU, ``torch.sort`` on other devices)."""
+@pytest.mark.parametrize(
+    "numpy_sort, rows_per_thread",
+    [(True, 64), (True, 1), (False, 64)],
+    ids=["numpy-sort", "numpy-sort-in-threads", "torch-sort"],
+)
+def test_sorted_l1_fast_matches_the_plain_formula(
+    numpy_sort: bool, rows_per_thread: int, monkeypatch
+) -> None:
+    """Every sort the fast path uses: numpy's on the CPU (rows split over threads where there are enough),
+    ``torch.sort`` on other devices."""
     monkeypatch.setattr(sorted_l1_module, "NUMPY_SORT_DEVICES", ("cpu",) if numpy_sort else ())
+    monkeypatch.setattr(sorted_l1_module, "ROWS_PER_THREAD", rows_per_thread)
+    monkeypatch.setattr(sorted_l1_module.torch, "get_num_threads", lambda: 4)
     generator = torch.Generator().manual_seed(1)
     for q_size, p_size in [(50, 70), (70, 50), (64, 64)]:
         q = torch.randn(6, q_size, generator=generator).softmax(-1).requires_grad_(True)
@@ -257,7 +266,7 @@ def test_chunked_head_loss_with_a_teacher_of_another_vocabulary(make) -> None:
 
 
 def test_gold_closed_form_matches_autograd_through_the_plain_formula() -> None:
-    """:class:`_GOLDRows` (gradient formed in the forward pass) against :func:`gold_rows` (autograd), the form
+    """:class:`GOLDRows` (gradient formed in the forward pass) against :func:`gold_rows` (autograd), the form
     ``torch.compile`` gets; a teacher with masked (-inf) entries included."""
     s, t, _ = inputs(30, 40, seed=9)
     s, t = s.reshape(-1, 30), t.reshape(-1, 40)
@@ -267,7 +276,7 @@ def test_gold_closed_form_matches_autograd_through_the_plain_formula() -> None:
     )
     columns = gold.columns(30, 40, s.device)
     fast_input, plain_input = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
-    fast = _GOLDRows.apply(fast_input, t, columns, (0.5, 2.0))
+    fast = GOLDRows.apply(fast_input, t, columns, (0.5, 2.0))
     plain = gold_rows(plain_input, t, columns, (0.5, 2.0))
     (fast * torch.arange(len(fast))).sum().backward()  # a different weight for every row
     (plain * torch.arange(len(plain))).sum().backward()
@@ -286,6 +295,23 @@ def test_gold_stays_finite_where_probabilities_underflow() -> None:
     value = gold(s, t)
     value.backward()
     assert torch.isfinite(value) and value > 90 and torch.isfinite(s.grad).all()  # ≈ (2/3)·0.75·200
+
+
+def test_gold_rows_whose_shared_mass_underflows_are_taken_from_the_logits() -> None:
+    """A student sure of an unshared token (Q_S = e^-200, zero in float32): the exact term still compares
+    q̃ (uniform over the shared tokens) with p̃; value and gradient as the float64 reference, rows mixed."""
+    s, t, _ = inputs(9, 7, seed=11)
+    s, t = s.reshape(-1, 9), t.reshape(-1, 7)
+    s[::3] = 0.0
+    s[::3, 8] = 200.0  # student id 8 is not shared
+    pairs = [(i, i) for i in range(5)]
+    gold = GOLDLoss(exact_weight=0.5, uld_weight=2.0).bind(mapping_of(pairs, 9, 7))
+    value, grad = value_and_grad(gold, s, t, None)
+    s64 = s.double().requires_grad_(True)
+    want = gold_reference(s64, t.double(), pairs, 0.5, 2.0).mean()
+    want.backward()
+    torch.testing.assert_close(value, want.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, s64.grad.float(), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["uld", "gold"])
