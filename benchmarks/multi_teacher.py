@@ -55,18 +55,21 @@ VARIANTS: dict[str, list[str]] = {
     ],
 }
 LABELS = {
-    "alone": "2x128 alone (no teacher)",
-    "prose": "2x128 from the prose teacher only",
-    "code": "2x128 from the code teacher only",
-    "routed": "**2x128 from both, routed by source** (`multi_teacher.yaml`)",
-    "mixed": "2x128 from both, mixed 0.5 / 0.5",
+    "alone": "{size} alone (no teacher)",
+    "prose": "{size} from the prose teacher only",
+    "code": "{size} from the code teacher only",
+    "routed": "**{size} from both, routed by source** (`multi_teacher.yaml`)",
+    "mixed": "{size} from both, mixed 0.5 / 0.5",
 }
+#: ``--student``: the student every run trains instead of the recipe's (a config mapping, as JSON)
+STUDENT: list[str] = []
+SIZE = {"name": "2x128"}
 
 
 def fit(variant: str, seed: int, steps: int, run_dir: Path, threads: int) -> dict[str, float]:
     """One run of the recipe in a process of its own; its last validation row (the metrics as floats) and
     its wall time."""
-    command = [sys.executable, "-m", "distilkit", "fit", "--config", RECIPE, *VARIANTS[variant]]
+    command = [sys.executable, "-m", "distilkit", "fit", "--config", RECIPE, *VARIANTS[variant], *STUDENT]
     command += ["--trainer.default_root_dir", str(run_dir), "--seed_everything", str(seed)]
     command += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps)]
     command += ["--data.init_args.domains", "source", "--progress_bar.refresh_rate", "1000"]
@@ -92,7 +95,7 @@ def quality_table(results: dict, variants: list[str], seeds: list[int]) -> None:
     headers += [f"mean on {d}" for d in DOMAINS]
     rows = []
     for variant in variants:
-        cells = [LABELS[variant]]
+        cells = [LABELS[variant].format(size=SIZE["name"])]
         cells += [" / ".join(f"{v:.1f}" for v in ppl(results, variant, d, seeds)) for d in DOMAINS]
         cells += [f"{statistics.mean(ppl(results, variant, d, seeds)):.1f}" for d in DOMAINS]
         rows.append(cells)
@@ -139,7 +142,17 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each with cores/jobs threads")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--keep", type=Path, help="keep the run directories here (default: a temporary one)")
+    parser.add_argument(
+        "--student",
+        type=json.loads,
+        help="another student for every run: JSON keys over the recipe's gpt2 config, e.g. "
+        "'{\"n_embd\": 256}'",
+    )
     args = parser.parse_args()
+    if args.student:
+        student = {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4} | args.student
+        STUDENT.extend(["--model.init_args.student", json.dumps(student)])
+        SIZE["name"] = f"{student['n_layer']}x{student['n_embd']}"
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     print(f"load average at the start: {os.getloadavg()}; {args.jobs} jobs of {threads} threads")
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:

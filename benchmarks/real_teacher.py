@@ -9,8 +9,9 @@ and forward KL) and, for memory, ``teacher_dtype``. On the first ``--heldout`` h
 
 * answer NLL: mean NLL per token of the teacher's own answers (assistant tokens only, end-of-turn token
   included when the answer ended);
-* teacher NLL of own answers: the model answers each prompt (temperature 0.7, top-p 0.9, seeded, at most
-  ``--max_new_tokens``), and the teacher scores those answers per token;
+* teacher NLL of own answers: the model answers each prompt (temperature 0.7, top-p 0.9, at most
+  ``--max_new_tokens``), and the teacher scores those answers per token; the students answer once per seed
+  of ``--sample_seeds`` (the mean, and each seed's), the teacher with the first seed;
 * distinct-2: distinct token bigrams over all bigrams of those answers (a repetitive model shows);
 * parameters, and sampling speed (answer tokens per second, batch 8, on this machine);
 * peak memory (max RSS) of the KD fit with the teacher in float32 and in bfloat16 (each fit is a child
@@ -27,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -107,12 +109,12 @@ def answer_nll(model: nn.Module, tokenizer: Any, rows: list[dict[str, Any]], fin
 
 
 def sample_answers(
-    model: nn.Module, tokenizer: Any, prompts: list[list[dict[str, Any]]], max_new_tokens: int
+    model: nn.Module, tokenizer: Any, prompts: list[list[dict[str, Any]]], max_new_tokens: int, seed: int
 ) -> tuple[list[Reply], float]:
     """The model's answers to ``prompts`` (seeded, batches of 8) and answer tokens per second."""
     replies: list[Reply] = []
     start = time.perf_counter()
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     for first in range(0, len(prompts), 8):
         replies += generate_replies(
             model, tokenizer, prompts[first : first + 8], template=tokenizer.chat_template,
@@ -141,6 +143,12 @@ def main() -> None:
     parser.add_argument("--heldout_answers", help="its answers to the held-out prompts (default: generated)")
     parser.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory)")
     parser.add_argument("--show", type=int, default=2, help="answers printed side by side")
+    parser.add_argument(
+        "--sample_seeds", type=int, nargs="+", default=[0], help="sampling seeds of the students' answers"
+    )
+    parser.add_argument(
+        "--no_bfloat16_fit", action="store_true", help="skip the third fit (the teacher in bfloat16: memory)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
@@ -161,7 +169,7 @@ def main() -> None:
             (f"SFT (CE only), {args.steps} steps", ["--model.init_args.kd_ratio", "0"], "float32"),
             (f"KD (CE + forward KL), {args.steps} steps", [], "float32"),
             (f"KD, {args.steps} steps, teacher in bfloat16", [], "bfloat16"),
-        ]
+        ][: 2 if args.no_bfloat16_fit else 3]
         for index, (name, options, dtype) in enumerate(runs):
             run = work / f"run{index}"
             seconds, peak = child(
@@ -188,17 +196,24 @@ def score(models: dict[str, Path], heldout: Path, args: argparse.Namespace) -> N
     table, said = [], {}
     for name, model in [("teacher (SmolLM2-135M-Instruct)", teacher), *models.items()]:
         lm = model if isinstance(model, nn.Module) else AutoModelForCausalLM.from_pretrained(model).eval()
-        replies, speed = sample_answers(lm, tokenizer, prompts, args.max_new_tokens)
-        own = [
-            {"messages": [*p, {"role": "assistant", "content": r.text}]}
-            for p, r in zip(prompts, replies, strict=True)
-        ]
-        judged = answer_nll(teacher, tokenizer, own, [r.finished for r in replies])
+        seeds = args.sample_seeds[:1] if lm is teacher else args.sample_seeds
+        judged, distinct, speeds = [], [], []
+        for seed in seeds:
+            replies, speed = sample_answers(lm, tokenizer, prompts, args.max_new_tokens, seed)
+            own = [
+                {"messages": [*p, {"role": "assistant", "content": r.text}]}
+                for p, r in zip(prompts, replies, strict=True)
+            ]
+            judged.append(answer_nll(teacher, tokenizer, own, [r.finished for r in replies]))
+            distinct.append(distinct2(replies))
+            speeds.append(speed)
+            said.setdefault(name, replies)
         nll = answer_nll(lm, tokenizer, rows, finished)
         params = sum(p.numel() for p in lm.parameters())
-        table.append([name, f"{params / 1e6:.1f}", f"{nll:.3f} (ppl {math.exp(nll):.1f})", f"{judged:.3f}",
-                      f"{distinct2(replies):.3f}", f"{speed:.1f}"])  # fmt: skip
-        said[name] = replies
+        each = f" ({' / '.join(f'{value:.3f}' for value in judged)})" if len(judged) > 1 else ""
+        table.append([name, f"{params / 1e6:.1f}", f"{nll:.3f} (ppl {math.exp(nll):.1f})",
+                      f"{statistics.mean(judged):.3f}{each}", f"{statistics.mean(distinct):.3f}",
+                      f"{statistics.median(speeds):.1f}"])  # fmt: skip
         print(f"scored {name}", flush=True)
     print()
     print_table(

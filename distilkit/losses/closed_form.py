@@ -38,7 +38,7 @@ class _CrossEntropyAndForwardKL(torch.autograd.Function):
             log_q1, ce, log_q = student_side(student, labels, t, buffer)
             log_p = log_softmax_scaled(teacher.float(), t, buffer("log_p", log_q1))  # (n, V)
             p = torch.exp(log_p, out=buffer("p", log_q1))  # (n, V)
-            kd = _row_dots(p, log_p.sub_(log_q)).sum() * (t * t / n)  # T²·Σ p (log p − log q) / n
+            kd = row_dots(p, log_p.sub_(log_q)).sum() * (t * t / n)  # T²·Σ p (log p − log q) / n
             if ctx.needs_input_grad[0]:  # type: ignore[attr-defined]
                 q1 = log_q1.exp_()  # (n, V) softmax(s)
                 q = q1 if t == 1.0 else log_q.exp_()  # (n, V) softmax(s/T)
@@ -99,7 +99,7 @@ def log_softmax_scaled(logits: Tensor, temperature: float, out: Tensor) -> Tenso
     return torch.log_softmax(scaled, -1, out=out).clamp_min_(torch.finfo(out.dtype).min)
 
 
-def _row_dots(a: Tensor, b: Tensor) -> Tensor:
+def row_dots(a: Tensor, b: Tensor) -> Tensor:
     """Σ_v a[i, v]·b[i, v] for every row ``(m, V), (m, V) -> (m,)``, by batched matrix products (no temporary
     the size of the inputs)."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)

@@ -15,14 +15,18 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from distilkit.data.vocabulary import VocabularyMap
 from distilkit.losses.base import kl_from_log_probs
+from distilkit.losses.closed_form import row_dots
 from distilkit.losses.sorted_l1 import sorted_l1, sorted_l1_and_signs
+from distilkit.losses.workspace import Scratch, scratch_space
 
-#: Below this shared mass of the student (float32 sums of exponentials lose their precision near 1e-38),
-#: a row's exact term is taken by the plain formula, from the logits.
-SMALLEST_SHARED_MASS = 1e-30
+#: Below this shared mass Q_S of the student, a row's exact term is taken by the plain formula, from the
+#: logits: the difference form below loses about ε·|log Q_S|·P_S to rounding, and float32 sums of
+#: exponentials lose everything near 1e-38.
+SMALLEST_SHARED_MASS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -94,16 +98,19 @@ def gold_rows(student: Tensor, teacher: Tensor, columns: Columns, weights: tuple
     exact = torch.zeros_like(log_total_p.squeeze(-1))  # (M,)
     if k:
         mass = (teacher[:, :k].logsumexp(-1) - log_total_p.squeeze(-1)).exp()  # (M,) P_S
-        kl = kl_from_log_probs(teacher[:, :k].log_softmax(-1), student[:, :k].log_softmax(-1))  # KL(p̃‖q̃)
-        exact = torch.where(mass > 0, mass * kl, exact)  # P_S = 0: no shared mass, nothing to compare
+        # P_S = 0: no shared mass, nothing to compare; log p̃ (NaN where every shared logit is -inf) is set
+        # to 0 there, or its NaN would reach the gradient through the branch torch.where does not take
+        log_p = torch.where(mass.unsqueeze(-1) > 0, teacher[:, :k].log_softmax(-1), 0.0)  # (M, K) log p̃
+        kl = kl_from_log_probs(log_p, student[:, :k].log_softmax(-1))  # (M,) KL(p̃‖q̃)
+        exact = torch.where(mass > 0, mass * kl, exact)
     p_rest = (teacher[:, k:] - log_total_p).exp()  # (M, V_t − K)
     q_rest = student.softmax(-1)[:, k:]  # (M, V_s − K)
     return weights[0] * exact + weights[1] * sorted_l1(p_rest, q_rest)
 
 
 class GOLDRows(torch.autograd.Function):
-    """:func:`gold_rows` with the gradient with respect to the student's logits formed in the forward pass,
-    in the student's own column order (no reordering of either side's whole rows).
+    """:func:`gold_rows` of float32 logits with the gradient with respect to the student's logits formed in
+    the forward pass, in the student's own column order (no reordering of either side's whole rows).
 
     The exact term from the log-probabilities over each whole vocabulary (log p, log q: one log-softmax per
     side), with log p gathered into the student's columns:
@@ -116,11 +123,12 @@ class GOLDRows(torch.autograd.Function):
         ∂/∂s_i = (w_exact P_S / Q_S − σ) q_i − w_exact p_i   (i ∈ S),
         ∂/∂s_i = (w_uld g_i − σ) q_i                          (i ∉ S).
 
-    Passes over ``(M, V)``: a log-softmax of each side, a gather of log p, an exp of each side, a clamp,
-    a difference and a row dot, one matrix-vector product; for the gradient, a multiply and a subtraction.
-    The unshared columns (gathered, ``(M, V − K)``) are sorted. Rows where Q_S is below
-    :data:`SMALLEST_SHARED_MASS` (its float32 sum of exponentials imprecise) are redone by
-    :func:`gold_rows`.
+    Passes over ``(M, V)``: a log-softmax and a clamp (``-inf`` to the most negative float) of each side, a
+    gather of log p, an exp and a mask of p, its row sums, a difference and a row dot, an exp of log q, one
+    matrix-vector product; for the gradient a multiply, a subtraction and a scatter-add of the unshared
+    columns, which are gathered (``(M, V − K)``) and sorted. Large tensors live in the chunk loop's
+    workspace (:func:`~distilkit.losses.workspace.scratch_space`), autocast off. Rows where Q_S is below
+    :data:`SMALLEST_SHARED_MASS` are redone by :func:`gold_rows`.
     """
 
     @staticmethod
@@ -132,56 +140,63 @@ class GOLDRows(torch.autograd.Function):
         weights: tuple[float, float],
     ) -> Tensor:
         (exact_weight, uld_weight), want_grad = weights, ctx.needs_input_grad[0]  # type: ignore[attr-defined]
-        log_q = student.log_softmax(-1)  # (M, V_s)
-        log_p = teacher.log_softmax(-1)  # (M, V_t)
-        p_rest = log_p.index_select(-1, columns.teacher_rest).exp_()  # (M, V_t − K)
-        rows = torch.zeros(len(log_q), dtype=log_q.dtype, device=log_q.device)  # (M,)
-        ratio = p_shared = mass_q = None
-        if columns.shared:  # q from log q in place, once the exact term has read log q
-            rows, ratio, p_shared, mass_q, q = _exact(log_p, log_q, columns, exact_weight)
-        else:
-            q = log_q.exp_()  # (M, V_s)
-        del log_p
-        q_rest = q.index_select(-1, columns.student_rest)  # (M, V_s − K)
-        uld, signs = sorted_l1_and_signs(p_rest, q_rest, signs=want_grad)
-        rows += uld_weight * uld
-        grad = None
-        if signs is not None:
-            signed = torch.mul(q_rest, signs).mul_(uld_weight)  # (M, V_s − K) w·g ⊙ q, unshared
-            sigma = signed.sum(-1, keepdim=True)  # (M, 1)
-            if ratio is None or p_shared is None:
-                grad = q.mul_(-sigma)  # (M, V_s), in place of q
-            else:  # the ratio's term on every column, taken back from the unshared ones
-                grad = q.mul_(ratio.unsqueeze(-1) - sigma).sub_(p_shared, alpha=exact_weight)
-                signed.sub_(q_rest.mul_(ratio.unsqueeze(-1)))
-            grad.index_add_(-1, columns.student_rest, signed)  # + w·g·q, unshared
-        if mass_q is not None:
-            rows, grad = _redo_underflow(rows, grad, mass_q, student, teacher, columns, weights)
+        with torch.autocast(student.device.type, enabled=False):  # float32 throughout
+            buffer = scratch_space()
+            log_q = _log_softmax(student, buffer("log_q", student))  # (M, V_s)
+            log_p = _log_softmax(teacher, buffer("log_p", teacher))  # (M, V_t)
+            p_rest = log_p.index_select(-1, columns.teacher_rest).exp_()  # (M, V_t − K)
+            rows = torch.zeros(len(log_q), dtype=log_q.dtype, device=log_q.device)  # (M,)
+            ratio = p_shared = mass_q = None
+            if columns.shared:  # q from log q in place, once the exact term has read log q
+                rows, ratio, p_shared, mass_q, q = _exact(log_p, log_q, columns, exact_weight, buffer)
+            else:
+                q = log_q.exp_()  # (M, V_s)
+            q_rest = q.index_select(-1, columns.student_rest)  # (M, V_s − K)
+            uld, signs = sorted_l1_and_signs(p_rest, q_rest, signs=want_grad)
+            rows += uld_weight * uld
+            grad = None
+            if signs is not None:
+                signed = torch.mul(q_rest, signs).mul_(uld_weight)  # (M, V_s − K) w·g ⊙ q, unshared
+                sigma = signed.sum(-1, keepdim=True)  # (M, 1)
+                if ratio is None or p_shared is None:
+                    grad = q.mul_(-sigma)  # (M, V_s), in place of q
+                else:  # the ratio's term on every column, taken back from the unshared ones
+                    grad = q.mul_(ratio.unsqueeze(-1) - sigma).sub_(p_shared, alpha=exact_weight)
+                    signed.sub_(q_rest.mul_(ratio.unsqueeze(-1)))
+                grad.index_add_(-1, columns.student_rest, signed)  # + w·g·q, unshared
+            if mass_q is not None:
+                rows, grad = _redo_underflow(rows, grad, mass_q, student, teacher, columns, weights)
         if grad is not None:
             ctx.save_for_backward(grad)
         return rows
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_rows: Tensor):  # type: ignore[override]
         (grad,) = ctx.saved_tensors  # type: ignore[attr-defined]
-        return grad * grad_rows.unsqueeze(-1), None, None, None
+        return grad.mul_(grad_rows.unsqueeze(-1)), None, None, None
+
+
+def _log_softmax(logits: Tensor, out: Tensor) -> Tensor:
+    """``log_softmax(logits)`` into ``out``, ``-inf`` clamped to the most negative float (there the
+    probability is exactly 0, and 0 times a log-ratio stays 0)."""
+    return torch.log_softmax(logits, -1, out=out).clamp_min_(torch.finfo(out.dtype).min)
 
 
 def _exact(
-    log_p: Tensor, log_q: Tensor, columns: Columns, weight: float
+    log_p: Tensor, log_q: Tensor, columns: Columns, weight: float, buffer: Scratch
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The weighted exact term per row ``(M,)``, the gradient's coefficient of q on the shared columns
     w·P_S/Q_S ``(M,)``, p on the student's columns ``(M, V_s)`` (0 where unshared), Q_S ``(M,)`` and q
-    ``(M, V_s)`` (made from ``log_q`` in place). Large tensors are made in place where they can be: a fresh
-    one costs its page faults on the CPU, as much as a pass over it."""
-    log_p_s = log_p.index_select(-1, columns.teacher_of_student)  # (M, V_s): log p of each student id's pair
-    p_shared = log_p_s.exp().mul_(columns.student_shared)  # (M, V_s) p_k on S, 0 elsewhere
+    ``(M, V_s)`` (made from ``log_q`` in place)."""
+    shared = columns.student_shared.to(log_q.dtype)  # (V_s,) 1 on S
+    # (M, V_s): log p of each student id's pair (of teacher id 0 where unshared: masked below)
+    log_p_s = torch.index_select(log_p, -1, columns.teacher_of_student, out=buffer("log_p_s", log_q))
+    p_shared = torch.exp(log_p_s, out=buffer("p_shared", log_q)).mul_(shared)  # (M, V_s) p_k on S, else 0
     mass_p = p_shared.sum(-1)  # (M,) P_S
-    # -inf in log p (a masked teacher entry) where p = 0: clamped so that 0 · (log p − log q) stays 0
-    gap = log_p_s.clamp_min_(torch.finfo(log_p_s.dtype).min).sub_(log_q)  # (M, V_s) log p − log q
-    cross = gap.mul_(p_shared).sum(-1)  # (M,) Σ_S p (log p − log q)
+    cross = row_dots(p_shared, log_p_s.sub_(log_q))  # (M,) Σ_S p (log p − log q)
     q = log_q.exp_()  # (M, V_s)
-    mass_q = q @ columns.student_shared  # (M,) Q_S
+    mass_q = q @ shared  # (M,) Q_S
     log_ratio = mass_p.log() - mass_q.clamp_min(SMALLEST_SHARED_MASS).log()  # (M,) log(P_S / Q_S)
     exact = torch.where(mass_p > 0, cross - mass_p * log_ratio, 0.0)  # P_S = 0: nothing to compare
     return weight * exact, weight * log_ratio.exp(), p_shared, mass_q, q

@@ -11,6 +11,7 @@ the GIL while it sorts); elsewhere ``torch.sort``.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -119,3 +120,7 @@ def _by_rows(work: Callable[[slice], None], count: int) -> None:
 @functools.cache
 def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="distilkit-sort")
+
+
+# a forked child has none of the pools' threads: it makes its own (a DataLoader worker, a forked DDP rank)
+os.register_at_fork(after_in_child=_pool.cache_clear)

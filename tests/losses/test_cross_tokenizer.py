@@ -3,6 +3,9 @@ with masking and temperature, and through the chunked head loss."""
 
 from __future__ import annotations
 
+import multiprocessing
+
+import numpy as np
 import pytest
 import torch
 
@@ -127,6 +130,27 @@ def test_sorted_l1_fast_matches_the_plain_formula(
         (grad_plain,) = torch.autograd.grad(plain.sum(), q)
         torch.testing.assert_close(fast, plain)
         torch.testing.assert_close(grad_fast, grad_plain)
+
+
+def _sort_rows_in_threads() -> None:
+    values = np.random.default_rng(0).random((256, 40))
+    sorted_l1_module._by_rows(lambda part: values[part].sort(axis=-1), len(values))
+    assert (np.diff(values, axis=-1) >= 0).all()
+
+
+def test_sorted_rows_in_threads_work_in_a_forked_child(monkeypatch) -> None:
+    """The sorts' thread pool does not survive a fork: a child (a DataLoader worker, a forked rank) that
+    sorts after its parent did makes its own, and does not wait forever on the parent's (numpy only: torch's
+    own threads are not fork-safe either)."""
+    monkeypatch.setattr(sorted_l1_module, "ROWS_PER_THREAD", 1)
+    monkeypatch.setattr(sorted_l1_module.torch, "get_num_threads", lambda: 2)
+    _sort_rows_in_threads()  # the parent's pool, with its threads
+    child = multiprocessing.get_context("fork").Process(target=_sort_rows_in_threads)
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0
 
 
 def test_uld_of_a_uniform_student_is_finite() -> None:
@@ -282,6 +306,66 @@ def test_gold_closed_form_matches_autograd_through_the_plain_formula() -> None:
     (plain * torch.arange(len(plain))).sum().backward()
     torch.testing.assert_close(fast, plain)
     torch.testing.assert_close(fast_input.grad, plain_input.grad)
+
+
+def _edge(case: str):
+    """Logits ``(12, 9)``, ``(12, 11)`` and pairs for one edge case of :class:`GOLDRows`."""
+    s, t, _ = inputs(9, 11, seed=12)
+    s, t = s.reshape(-1, 9), t.reshape(-1, 11)
+    pairs = [(i, i + 1) for i in range(6)]
+    if case == "nothing shared":
+        pairs = []
+    elif case == "every student token shared":
+        pairs = [(i, i + 2) for i in range(9)]
+    elif case == "no teacher mass on the shared tokens":
+        t[0, 1:7] = -float("inf")
+    elif case == "a student -inf on an unshared token":
+        s[:, 8] = -float("inf")
+    elif case == "no teacher mass and the student's shared mass underflowing":
+        t[0, 1:7] = -float("inf")
+        s[0, 8] = 200.0
+    return s, t, pairs
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "nothing shared",
+        "every student token shared",
+        "no teacher mass on the shared tokens",
+        "a student -inf on an unshared token",
+        "no teacher mass and the student's shared mass underflowing",
+    ],
+)
+def test_gold_closed_form_matches_the_plain_formula_at_the_edges(case: str) -> None:
+    s, t, pairs = _edge(case)
+    gold = GOLDLoss(exact_weight=0.5, uld_weight=2.0).bind(mapping_of(pairs, 9, 11))
+    columns = gold.columns(9, 11, s.device)
+    fast_input, plain_input = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    fast = GOLDRows.apply(fast_input, t, columns, (0.5, 2.0))
+    plain = gold_rows(plain_input, t, columns, (0.5, 2.0))
+    (fast * torch.arange(len(fast))).sum().backward()
+    (plain * torch.arange(len(plain))).sum().backward()
+    assert torch.isfinite(fast).all() and torch.isfinite(fast_input.grad).all()
+    torch.testing.assert_close(fast, plain)
+    torch.testing.assert_close(fast_input.grad, plain_input.grad)
+
+
+def test_gold_leaves_its_inputs_alone_and_ignores_autocast() -> None:
+    """The logits handed in are not written to; under bfloat16 autocast the value and gradient are the float32
+    ones (the loss computes in float32 throughout); no gradient asked: the value alone, redone rows too."""
+    s, t, pairs = _edge("no teacher mass and the student's shared mass underflowing")
+    gold = GOLDLoss().bind(mapping_of(pairs, 9, 11))
+    s_before, t_before = s.clone(), t.clone()
+    value, grad = value_and_grad(gold, s, t, None)
+    torch.testing.assert_close(s, s_before, equal_nan=True)
+    torch.testing.assert_close(t, t_before, equal_nan=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast_value, cast_grad = value_and_grad(gold, s, t, None)
+    torch.testing.assert_close(cast_value, value)
+    torch.testing.assert_close(cast_grad, grad)
+    with torch.no_grad():
+        torch.testing.assert_close(gold(s, t), value)
 
 
 def test_gold_stays_finite_where_probabilities_underflow() -> None:
