@@ -12,10 +12,13 @@ and forward KL) and, for memory, ``teacher_dtype``. On the first ``--heldout`` h
 * teacher NLL of own answers: the model answers each prompt (temperature 0.7, top-p 0.9, at most
   ``--max_new_tokens``), and the teacher scores those answers per token; the students answer once per seed
   of ``--sample_seeds`` (the mean, and each seed's), the teacher with the first seed;
-* distinct-2: distinct token bigrams over all bigrams of those answers (a repetitive model shows);
-* parameters, and sampling speed (answer tokens per second, batch 8, on this machine);
+* distinct-2: distinct token bigrams over all bigrams of those answers (a repetitive model shows; the
+  mean over the seeds);
+* parameters, and sampling speed (answer tokens per second, batch 8, on this machine; the median over the
+  seeds);
 * peak memory (max RSS) of the KD fit with the teacher in float32 and in bfloat16 (each fit is a child
-  process; the SFT fit loads the teacher too, for ``val/teacher_ppl``).
+  process; the SFT fit loads the teacher too, for ``val/teacher_ppl``); ``--no_bfloat16_fit`` skips the
+  bfloat16 one.
 
 The teacher's answers are made with ``distilkit generate --chat`` (the recipe's settings) unless given
 (``--train_answers``, ``--heldout_answers``). A small run: ``python benchmarks/real_teacher.py --steps 2
