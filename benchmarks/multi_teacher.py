@@ -68,7 +68,10 @@ SIZE = {"name": "2x128"}
 
 def fit(variant: str, seed: int, steps: int, run_dir: Path, threads: int) -> dict[str, float]:
     """One run of the recipe in a process of its own; its last validation row (the metrics as floats) and
-    its wall time."""
+    its wall time. A run directory marked done (``--keep`` of an earlier call) is read back, not rerun."""
+    done = run_dir / "done.json"
+    if done.is_file():
+        return _last_validation(run_dir) | json.loads(done.read_text())
     command = [sys.executable, "-m", "distilkit", "fit", "--config", RECIPE, *VARIANTS[variant], *STUDENT]
     command += ["--trainer.default_root_dir", str(run_dir), "--seed_everything", str(seed)]
     command += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps)]
@@ -77,12 +80,17 @@ def fit(variant: str, seed: int, steps: int, run_dir: Path, threads: int) -> dic
     start = time.monotonic()
     log = run_dir.with_suffix(".log")
     with log.open("w") as out:
-        done = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{log.read_text()[-3000:]}")
+        finished = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if finished.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({finished.returncode}):\n{log.read_text()[-3000:]}")
+    seconds = {"seconds": time.monotonic() - start}
+    done.write_text(json.dumps(seconds))
+    return _last_validation(run_dir) | seconds
+
+
+def _last_validation(run_dir: Path) -> dict[str, float]:
     rows = [row for row in csv.DictReader((run_dir / "metrics.csv").open()) if row.get("val/loss")]
-    values = {key: float(value) for key, value in rows[-1].items() if value}
-    return values | {"seconds": time.monotonic() - start}
+    return {key: float(value) for key, value in rows[-1].items() if value}
 
 
 def ppl(results: dict, variant: str, domain: str, seeds: list[int], metric: str = "ppl") -> list[float]:
