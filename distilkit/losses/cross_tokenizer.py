@@ -84,7 +84,7 @@ class GOLDLoss(DistillationLoss):
     order, :class:`~distilkit.losses.gold_rows.GOLDRows`): a log-softmax of each side, a gather of the
     teacher's log-probabilities into the student's columns, about six in-place passes over ``(n, V_s)``, and
     a sort of each side's V − K unshared columns; backward: one multiply. A step at n = 2,048, V_s = 4,096
-    (K = 3,201 shared) costs about 1.4x a same-tokenizer KD step on 2 CPU cores
+    (K = 3,201 shared) costs about 1.3x a same-tokenizer KD step on 2 CPU cores
     (``benchmarks/cross_tokenizer.py``).
 
     The mapping is bound before use with :meth:`bind` (a teacher with another tokenizer does it from the
