@@ -61,18 +61,22 @@ LABELS = {
     "routed": "**{size} from both, routed by source** (`multi_teacher.yaml`)",
     "mixed": "{size} from both, mixed 0.5 / 0.5",
 }
-#: ``--student``: the student every run trains instead of the recipe's (a config mapping, as JSON)
-STUDENT: list[str] = []
-SIZE = {"name": "2x128"}
+#: the recipe's student, which ``--student`` updates
+RECIPE_STUDENT = {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4}
 
 
-def fit(variant: str, seed: int, steps: int, run_dir: Path, threads: int) -> dict[str, float]:
+def fit(
+    variant: str, seed: int, steps: int, run_dir: Path, threads: int, student: list[str]
+) -> dict[str, float]:
     """One run of the recipe in a process of its own; its last validation row (the metrics as floats) and
     its wall time. A run directory marked done (``--keep`` of an earlier call) is read back, not rerun."""
-    done = run_dir / "done.json"
-    if done.is_file():
-        return _last_validation(run_dir) | json.loads(done.read_text())
-    command = [sys.executable, "-m", "distilkit", "fit", "--config", RECIPE, *VARIANTS[variant], *STUDENT]
+    done, what = run_dir / "done.json", {"steps": steps, "student": student}
+    if done.is_file():  # read back, if it is the same run
+        kept = json.loads(done.read_text())
+        if {key: kept.get(key) for key in what} != what:
+            raise SystemExit(f"{run_dir} holds another run ({kept}, not {what}): give another --keep")
+        return _last_validation(run_dir) | {"seconds": kept["seconds"]}
+    command = [sys.executable, "-m", "distilkit", "fit", "--config", RECIPE, *VARIANTS[variant], *student]
     command += ["--trainer.default_root_dir", str(run_dir), "--seed_everything", str(seed)]
     command += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps)]
     command += ["--data.init_args.domains", "source", "--progress_bar.refresh_rate", "1000"]
@@ -84,7 +88,7 @@ def fit(variant: str, seed: int, steps: int, run_dir: Path, threads: int) -> dic
     if finished.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({finished.returncode}):\n{log.read_text()[-3000:]}")
     seconds = {"seconds": time.monotonic() - start}
-    done.write_text(json.dumps(seconds))
+    done.write_text(json.dumps(seconds | what))
     return _last_validation(run_dir) | seconds
 
 
@@ -97,13 +101,13 @@ def ppl(results: dict, variant: str, domain: str, seeds: list[int], metric: str 
     return [results[variant, seed][f"val/{DOMAINS[domain]}/{metric}"] for seed in seeds]
 
 
-def quality_table(results: dict, variants: list[str], seeds: list[int]) -> None:
+def quality_table(results: dict, variants: list[str], seeds: list[int], size: str) -> None:
     """Per variant: val ppl on each domain, per seed and mean."""
     headers = ["student", *(f"val ppl on {d} (seeds {' / '.join(map(str, seeds))})" for d in DOMAINS)]
     headers += [f"mean on {d}" for d in DOMAINS]
     rows = []
     for variant in variants:
-        cells = [LABELS[variant].format(size=SIZE["name"])]
+        cells = [LABELS[variant].format(size=size)]
         cells += [" / ".join(f"{v:.1f}" for v in ppl(results, variant, d, seeds)) for d in DOMAINS]
         cells += [f"{statistics.mean(ppl(results, variant, d, seeds)):.1f}" for d in DOMAINS]
         rows.append(cells)
@@ -157,24 +161,25 @@ def main() -> None:
         "'{\"n_embd\": 256}'",
     )
     args = parser.parse_args()
-    if args.student:
-        student = {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4} | args.student
-        STUDENT.extend(["--model.init_args.student", json.dumps(student)])
-        SIZE["name"] = f"{student['n_layer']}x{student['n_embd']}"
+    student = RECIPE_STUDENT | (args.student or {})
+    size = f"{student['n_layer']}x{student['n_embd']}"
+    override = ["--model.init_args.student", json.dumps(student)] if args.student else []
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     print(f"load average at the start: {os.getloadavg()}; {args.jobs} jobs of {threads} threads")
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
         base = args.keep or Path(tmp)
         base.mkdir(parents=True, exist_ok=True)
         futures = {
-            (variant, seed): pool.submit(fit, variant, seed, args.steps, base / f"{variant}-{seed}", threads)
+            (variant, seed): pool.submit(
+                fit, variant, seed, args.steps, base / f"{variant}-{seed}", threads, override
+            )
             for variant in reversed(args.variants)  # the costliest first: the runs finish closer together
             for seed in args.seeds
         }
         results = {key: future.result() for key, future in futures.items()}
     print(f"load average at the end: {os.getloadavg()}")
     print(f"\n{args.steps} steps of 16 x 128 tokens, validation on the whole held-out split:\n")
-    quality_table(results, args.variants, args.seeds)
+    quality_table(results, args.variants, args.seeds, size)
     print()
     goal_table(results, args.variants, args.seeds)
     print("\nwall seconds per run (mean over seeds): ", end="")
