@@ -75,10 +75,8 @@ class Columns:
         return self.teacher_order[self.shared :]
 
     def to(self, device: torch.device) -> Columns:
-        return Columns(self.shared, *(index.to(device) for index in self._tensors()))
-
-    def _tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.student_order, self.teacher_order, self.teacher_of_student, self.student_shared
+        indices = (self.student_order, self.teacher_order, self.teacher_of_student, self.student_shared)
+        return Columns(self.shared, *(index.to(device) for index in indices))
 
 
 def _shared_first(ids: Tensor, size: int) -> Tensor:
