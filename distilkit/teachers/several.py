@@ -27,26 +27,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from distilkit.batch import Batch, next_token_targets
 from distilkit.data.sources import FILE_DOMAIN
-from distilkit.data.teacher_cache import SparseTargets
 from distilkit.errors import ConfigError
 from distilkit.losses import DistillationLoss
-from distilkit.losses.aligned import AlignedLogits
-from distilkit.losses.chunked import TeacherChunks
-from distilkit.losses.partial import PartialTargets
 from distilkit.models.loading import check_context, load_causal_lm, parse_dtype, shared_vocab_size
 from distilkit.teachers.base import Split, TeacherSource
 from distilkit.teachers.cache import CachedTeacher
 from distilkit.teachers.live import LiveTeacher
+from distilkit.teachers.teachings import FIELD, LABELS_ONLY, NOT_PREDICTED, MixedTeaching, RoutedTeaching
 
 #: What a position whose document names no teacher does: refused before the first step, or trained on its
 #: label alone.
@@ -54,9 +50,6 @@ Unrouted = Literal["error", "labels"]
 
 #: ``route_by`` when ``teachers`` is given with neither ``route_by`` nor ``mix``.
 DEFAULT_ROUTE_FIELD = "teacher"
-
-FIELD = "model.teachers"
-_NOT_PREDICTED, _LABELS_ONLY = -2, -1  # route of a position that predicts nothing / that no teacher teaches
 
 
 class SeveralTeachers(TeacherSource):
@@ -152,9 +145,9 @@ class SeveralTeachers(TeacherSource):
             )
         keep, _ = next_token_targets(batch["labels"])  # (B, T-1)
         target = domain[:, 1:].cpu()  # (B, T-1): the domain of the token each position predicts
-        route = torch.where(target >= 0, self._routes[target.clamp_min(0)], _LABELS_ONLY)  # (B, T-1)
-        route = torch.where(keep.cpu(), route, _NOT_PREDICTED)
-        if self.unrouted == "error" and bool((route == _LABELS_ONLY).any()):
+        route = torch.where(target >= 0, self._routes[target.clamp_min(0)], LABELS_ONLY)  # (B, T-1)
+        route = torch.where(keep.cpu(), route, NOT_PREDICTED)
+        if self.unrouted == "error" and bool((route == LABELS_ONLY).any()):
             raise ConfigError(
                 "data", "a batch", f"has tokens whose {self.route_by} names no teacher", "fix the data"
             )
@@ -232,8 +225,8 @@ class SeveralTeachers(TeacherSource):
                 "equal; route with distilkit.TextDataModule",
             )
         names: list[str | None] = list(data.domain_names)
-        table = [self.names.index(name) if name in self.names else _LABELS_ONLY for name in names]
-        unknown = [name for name, index in zip(names, table, strict=True) if index == _LABELS_ONLY]
+        table = [self.names.index(name) if name in self.names else LABELS_ONLY for name in names]
+        unknown = [name for name, index in zip(names, table, strict=True) if index == LABELS_ONLY]
         if unknown and self.unrouted == "error":
             name = unknown[0]
             where = data.document_domains.row(name)
@@ -279,122 +272,6 @@ class SeveralTeachers(TeacherSource):
             combined = {"mix": dict(zip(self.names, self.weights, strict=True))}
         teachers = {name: self.teacher(i).identity() for i, name in enumerate(self.names)}
         return {"kind": "several", **combined, "teachers": teachers}
-
-
-# ---------------------------------------------------------------------------------------------- teachings
-@dataclass(frozen=True)
-class RoutedTeaching:
-    """A batch taught by routes: each position's teacher and what each teacher said about its rows.
-
-    Attributes:
-        route: ``(B, T-1)`` long on the CPU: the index of the teacher of each position, -1 where it learns
-            from its label alone, -2 where it predicts nothing.
-        taught: per teacher index, ``(rows (B,) bool, its teaching of those rows)``.
-        labels_only: whether untaught positions are allowed (``unrouted: labels``).
-        device: the batch's device.
-    """
-
-    route: Tensor
-    taught: dict[int, tuple[Tensor, Any]]
-    labels_only: bool
-    device: torch.device
-    hidden_states: None = None
-
-    @property
-    def logged(self) -> dict[str, Tensor]:
-        """``labels_only_share``: the share of predicted positions that learn from their labels alone."""
-        if not self.labels_only:
-            return {}
-        predicted = int((self.route != _NOT_PREDICTED).sum())
-        alone = int((self.route == _LABELS_ONLY).sum())
-        return {"labels_only_share": torch.tensor(alone / max(predicted, 1), device=self.device)}
-
-    def at(self, keep: Tensor) -> RoutedChunks:
-        """Each teacher's chunks at its positions among ``keep`` ``(B, T-1)``, merged in row order."""
-        kept_route = self.route[keep.cpu()].numpy()  # (N,)
-        parts = []
-        for index, (rows, teaching) in self.taught.items():
-            own = keep[rows.to(keep.device)] & (self.route[rows] == index).to(keep.device)  # (b, T-1)
-            parts.append((np.flatnonzero(kept_route == index), teaching.at(own)))
-        return RoutedChunks(tuple(parts), np.flatnonzero(kept_route == _LABELS_ONLY), self.device)
-
-
-@dataclass(frozen=True)
-class RoutedChunks:
-    """The routed teachers' targets for any rows of the N kept positions.
-
-    Attributes:
-        parts: per teacher, ``(positions, chunks)``: the sorted kept positions it teaches ``(N_j,)`` and its
-            chunk source over exactly those positions, in order.
-        alone: the sorted kept positions that learn from their labels alone.
-        device: where the targets are.
-    """
-
-    parts: tuple[tuple[np.ndarray, TeacherChunks], ...]
-    alone: np.ndarray
-    device: torch.device
-
-    def __call__(self, rows: slice, out: Tensor | None = None) -> Tensor | SparseTargets | PartialTargets:
-        """The targets of ``rows``: one teacher's own chunk when it teaches them all (the usual case: blocks
-        are mostly one document), else the teachers' rows merged, wrapped as :class:`PartialTargets` when
-        some rows learn from their labels alone."""
-        start, stop = rows.start, rows.stop
-        pieces = []
-        for positions, chunks in self.parts:
-            low, high = np.searchsorted(positions, [start, stop])
-            if high > low:
-                pieces.append((positions[low:high] - start, chunks, slice(int(low), int(high))))
-        low, high = np.searchsorted(self.alone, [start, stop])
-        alone = self.alone[low:high] - start
-        if not len(alone) and len(pieces) == 1:
-            whole = pieces[0][1](pieces[0][2], out=out)
-            assert not isinstance(whole, AlignedLogits)  # its teachers read the data's tokens (TeacherLoader)
-            return whole
-        if not pieces:  # every row learns from its label (or there are none)
-            return PartialTargets(torch.zeros(stop - start, dtype=torch.bool, device=self.device), None, 0)
-        taught = np.sort(np.concatenate([local for local, _, _ in pieces]))
-        merged = _merge(
-            [(np.searchsorted(taught, local), chunks(part)) for local, chunks, part in pieces], out
-        )
-        if not len(alone):
-            return merged
-        mask = torch.ones(stop - start, dtype=torch.bool)
-        mask[torch.from_numpy(alone)] = False
-        return PartialTargets(mask.to(self.device), merged, len(taught))
-
-
-@dataclass(frozen=True)
-class MixedTeaching:
-    """The active teachers' teachings of one batch, with their weights."""
-
-    teachings: tuple[Any, ...]
-    weights: tuple[float, ...]
-    hidden_states: None = None
-
-    def at(self, keep: Tensor) -> MixedChunks:
-        return MixedChunks(tuple(teaching.at(keep) for teaching in self.teachings), self.weights)
-
-
-@dataclass(frozen=True)
-class MixedChunks:
-    """``log m = logsumexp_j(log_softmax(z_j) + log(w_j / Σ w))`` ``(n, V)`` float32 for any rows, from each
-    teacher's logits ``z_j``; one teacher: its logits as they are."""
-
-    sources: tuple[TeacherChunks, ...]
-    weights: tuple[float, ...]
-
-    def __call__(self, rows: slice, out: Tensor | None = None) -> Tensor:
-        if len(self.sources) == 1:
-            return self.sources[0](rows, out=out)  # type: ignore[return-value]
-        total = sum(self.weights)
-        mixed: Tensor | None = None
-        for source, weight in zip(self.sources, self.weights, strict=True):
-            logits = source(rows)
-            assert isinstance(logits, Tensor), "mixed teachers hand out logits"
-            log_probs = logits.float().log_softmax(-1) + math.log(weight / total)  # (n, V)
-            mixed = log_probs if mixed is None else torch.logaddexp(mixed, log_probs)
-        assert mixed is not None
-        return mixed
 
 
 # ---------------------------------------------------------------------------------------------- opening
@@ -541,38 +418,3 @@ def _rows(batch: Batch, rows: Tensor) -> dict[str, Tensor]:
         for name, value in batch.items()
         if isinstance(value, Tensor) and value.dim() >= 1 and value.shape[0] == size
     }
-
-
-def _merge(values: list[tuple[np.ndarray, Any]], out: Tensor | None) -> Tensor | SparseTargets:
-    """One chunk from pieces: each ``(slots, rows)`` puts its rows at those slots (``0..n_t``); dense rows in
-    float32, in ``out`` when it is a buffer of at least that many rows."""
-    count = sum(len(slots) for slots, _ in values)
-    first = values[0][1]
-    if isinstance(first, SparseTargets):
-        order = torch.from_numpy(np.argsort(np.concatenate([slots for slots, _ in values]), kind="stable"))
-        parts = [targets for _, targets in values]
-        if len({targets.entries for targets in parts}) > 1:
-            raise ConfigError(
-                FIELD, sorted({t.entries for t in parts}), "caches keep different numbers of entries",
-                "make the routed caches with one --top_k / --samples",
-            )  # fmt: skip
-        return _cat_sparse(parts)[order.to(first.ids.device)]
-    shape = (count, first.shape[-1])
-    usable = (
-        out is not None and out.dtype == torch.float32 and out.shape[0] >= count and out.shape[1] == shape[1]
-    )
-    merged = out[:count] if usable else torch.empty(shape, dtype=torch.float32, device=first.device)  # type: ignore[index]
-    for slots, logits in values:
-        merged[torch.from_numpy(slots).to(logits.device)] = logits.float()
-    return merged
-
-
-def _cat_sparse(parts: list[SparseTargets]) -> SparseTargets:
-    """Sparse targets one after another along the rows."""
-    first = parts[0]
-    tail = None if first.tail is None else torch.cat([p.tail for p in parts if p.tail is not None])
-    weights = (
-        None if first.weights is None else torch.cat([p.weights for p in parts if p.weights is not None])
-    )
-    ids, log_probs = torch.cat([p.ids for p in parts]), torch.cat([p.log_probs for p in parts])
-    return replace(first, ids=ids, log_probs=log_probs, tail=tail, weights=weights)

@@ -36,7 +36,7 @@ from distilkit.losses import ForwardKLLoss
 from distilkit.losses.partial import PartialTargets
 from distilkit.run.loggers import CSVLogger
 from distilkit.teachers import CachedTeacher, LiveTeacher, SeveralTeachers
-from distilkit.teachers.several import MixedChunks, _cat_sparse, _merge
+from distilkit.teachers.teachings import MixedChunks, cat_sparse, merge_rows
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +270,7 @@ def test_routed_sparse_targets_are_merged_in_row_order():
         rows = torch.tensor(ids).unsqueeze(-1).repeat(1, 3)  # (n, 3)
         return SparseTargets("topk", rows, -rows.float(), tail=torch.zeros(len(ids)))
 
-    merged = _merge(
+    merged = merge_rows(
         [
             (torch.tensor([0, 3]).numpy(), targets([10, 13])),
             (torch.tensor([1, 2]).numpy(), targets([11, 12])),
@@ -283,7 +283,7 @@ def test_routed_sparse_targets_are_merged_in_row_order():
         "topk", torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2), tail=torch.zeros(2)
     )
     with pytest.raises(ConfigError, match="caches keep different numbers of entries"):
-        _merge(
+        merge_rows(
             [(torch.tensor([0, 1]).numpy(), targets([1, 2])), (torch.tensor([2, 3]).numpy(), narrow)], None
         )
 
@@ -454,7 +454,7 @@ def test_teacher_caches_are_routed_too(tmp_path, sourced, tokenizer_dir, cache_d
     on_code = batch["domain"][:, 1:][keep] == data.domain_names.index("code")
     chunks = source.teach(batch, "train").at(keep)
     parts = [chunks(slice(a, min(a + 5, len(on_code)))) for a in range(0, len(on_code), 5)]
-    merged = _cat_sparse(parts)  # the rows of every chunk, in order
+    merged = cat_sparse(parts)  # the rows of every chunk, in order
     own = {
         name: member.teach(batch, "train").at(keep)(slice(0, len(on_code)))
         for name, member in members.items()

@@ -1,0 +1,175 @@
+"""What several teachers hand the loss for one batch: routed teachings (each position taught by its own
+teacher, the teachers' rows merged back in position order) and mixed teachings (every position from the
+weighted mixture of the teachers' distributions). :class:`~distilkit.teachers.several.SeveralTeachers` makes
+them; the chunked loss reads them a slice of rows at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from distilkit.data.teacher_cache import SparseTargets
+from distilkit.errors import ConfigError
+from distilkit.losses.aligned import AlignedLogits
+from distilkit.losses.chunked import TeacherChunks
+from distilkit.losses.partial import PartialTargets
+
+FIELD = "model.teachers"
+#: the route of a position that predicts nothing / that no teacher teaches (it learns from its label alone)
+NOT_PREDICTED, LABELS_ONLY = -2, -1
+
+
+@dataclass(frozen=True)
+class RoutedTeaching:
+    """A batch taught by routes: each position's teacher and what each teacher said about its rows.
+
+    Attributes:
+        route: ``(B, T-1)`` long on the CPU: the index of the teacher of each position, -1 where it learns
+            from its label alone, -2 where it predicts nothing.
+        taught: per teacher index, ``(rows (B,) bool, its teaching of those rows)``.
+        labels_only: whether untaught positions are allowed (``unrouted: labels``).
+        device: the batch's device.
+    """
+
+    route: Tensor
+    taught: dict[int, tuple[Tensor, Any]]
+    labels_only: bool
+    device: torch.device
+    hidden_states: None = None
+
+    @property
+    def logged(self) -> dict[str, Tensor]:
+        """``labels_only_share``: the share of predicted positions that learn from their labels alone."""
+        if not self.labels_only:
+            return {}
+        predicted = int((self.route != NOT_PREDICTED).sum())
+        alone = int((self.route == LABELS_ONLY).sum())
+        return {"labels_only_share": torch.tensor(alone / max(predicted, 1), device=self.device)}
+
+    def at(self, keep: Tensor) -> RoutedChunks:
+        """Each teacher's chunks at its positions among ``keep`` ``(B, T-1)``, merged in row order."""
+        kept_route = self.route[keep.cpu()].numpy()  # (N,)
+        parts = []
+        for index, (rows, teaching) in self.taught.items():
+            own = keep[rows.to(keep.device)] & (self.route[rows] == index).to(keep.device)  # (b, T-1)
+            parts.append((np.flatnonzero(kept_route == index), teaching.at(own)))
+        return RoutedChunks(tuple(parts), np.flatnonzero(kept_route == LABELS_ONLY), self.device)
+
+
+@dataclass(frozen=True)
+class RoutedChunks:
+    """The routed teachers' targets for any rows of the N kept positions.
+
+    Attributes:
+        parts: per teacher, ``(positions, chunks)``: the sorted kept positions it teaches ``(N_j,)`` and its
+            chunk source over exactly those positions, in order.
+        alone: the sorted kept positions that learn from their labels alone.
+        device: where the targets are.
+    """
+
+    parts: tuple[tuple[np.ndarray, TeacherChunks], ...]
+    alone: np.ndarray
+    device: torch.device
+
+    def __call__(self, rows: slice, out: Tensor | None = None) -> Tensor | SparseTargets | PartialTargets:
+        """The targets of ``rows``: one teacher's own chunk when it teaches them all (the usual case: blocks
+        are mostly one document), else the teachers' rows merged, wrapped as :class:`PartialTargets` when
+        some rows learn from their labels alone."""
+        start, stop = rows.start, rows.stop
+        pieces = []
+        for positions, chunks in self.parts:
+            low, high = np.searchsorted(positions, [start, stop])
+            if high > low:
+                pieces.append((positions[low:high] - start, chunks, slice(int(low), int(high))))
+        low, high = np.searchsorted(self.alone, [start, stop])
+        alone = self.alone[low:high] - start
+        if not len(alone) and len(pieces) == 1:
+            whole = pieces[0][1](pieces[0][2], out=out)
+            assert not isinstance(whole, AlignedLogits)  # its teachers read the data's tokens (TeacherLoader)
+            return whole
+        if not pieces:  # every row learns from its label (or there are none)
+            return PartialTargets(torch.zeros(stop - start, dtype=torch.bool, device=self.device), None, 0)
+        taught = np.sort(np.concatenate([local for local, _, _ in pieces]))
+        merged = merge_rows(
+            [(np.searchsorted(taught, local), chunks(part)) for local, chunks, part in pieces], out
+        )
+        if not len(alone):
+            return merged
+        mask = torch.ones(stop - start, dtype=torch.bool)
+        mask[torch.from_numpy(alone)] = False
+        return PartialTargets(mask.to(self.device), merged, len(taught))
+
+
+@dataclass(frozen=True)
+class MixedTeaching:
+    """The active teachers' teachings of one batch, with their weights."""
+
+    teachings: tuple[Any, ...]
+    weights: tuple[float, ...]
+    hidden_states: None = None
+
+    def at(self, keep: Tensor) -> MixedChunks:
+        return MixedChunks(tuple(teaching.at(keep) for teaching in self.teachings), self.weights)
+
+
+@dataclass(frozen=True)
+class MixedChunks:
+    """``log m = logsumexp_j(log_softmax(z_j) + log(w_j / Σ w))`` ``(n, V)`` float32 for any rows, from each
+    teacher's logits ``z_j``; one teacher: its logits as they are."""
+
+    sources: tuple[TeacherChunks, ...]
+    weights: tuple[float, ...]
+
+    def __call__(self, rows: slice, out: Tensor | None = None) -> Tensor:
+        if len(self.sources) == 1:
+            return self.sources[0](rows, out=out)  # type: ignore[return-value]
+        total = sum(self.weights)
+        mixed: Tensor | None = None
+        for source, weight in zip(self.sources, self.weights, strict=True):
+            logits = source(rows)
+            assert isinstance(logits, Tensor), "mixed teachers hand out logits"
+            log_probs = logits.float().log_softmax(-1) + math.log(weight / total)  # (n, V)
+            mixed = log_probs if mixed is None else torch.logaddexp(mixed, log_probs)
+        assert mixed is not None
+        return mixed
+
+
+def merge_rows(values: list[tuple[np.ndarray, Any]], out: Tensor | None) -> Tensor | SparseTargets:
+    """One chunk from pieces: each ``(slots, rows)`` puts its rows at those slots (``0..n_t``); dense rows in
+    float32, in ``out`` when it is a buffer of at least that many rows."""
+    count = sum(len(slots) for slots, _ in values)
+    first = values[0][1]
+    if isinstance(first, SparseTargets):
+        order = torch.from_numpy(np.argsort(np.concatenate([slots for slots, _ in values]), kind="stable"))
+        parts = [targets for _, targets in values]
+        if len({targets.entries for targets in parts}) > 1:
+            raise ConfigError(
+                FIELD, sorted({t.entries for t in parts}), "caches keep different numbers of entries",
+                "make the routed caches with one --top_k / --samples",
+            )  # fmt: skip
+        return cat_sparse(parts)[order.to(first.ids.device)]
+    shape = (count, first.shape[-1])
+    usable = (
+        out is not None and out.dtype == torch.float32 and out.shape[0] >= count and out.shape[1] == shape[1]
+    )
+    merged = out[:count] if usable else torch.empty(shape, dtype=torch.float32, device=first.device)  # type: ignore[index]
+    for slots, logits in values:
+        merged[torch.from_numpy(slots).to(logits.device)] = logits.float()
+    return merged
+
+
+def cat_sparse(parts: list[SparseTargets]) -> SparseTargets:
+    """Sparse targets one after another along the rows."""
+    first = parts[0]
+    tail = None if first.tail is None else torch.cat([p.tail for p in parts if p.tail is not None])
+    weights = (
+        None if first.weights is None else torch.cat([p.weights for p in parts if p.weights is not None])
+    )
+    ids, log_probs = torch.cat([p.ids for p in parts]), torch.cat([p.log_probs for p in parts])
+    return replace(first, ids=ids, log_probs=log_probs, tail=tail, weights=weights)
