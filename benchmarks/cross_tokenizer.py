@@ -35,14 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import interleaved_medians, print_table
+from _common import ROOT, interleaved_medians, print_table
 
 from distilkit import DistillationModule, TextDataModule
 from distilkit.cli import main as distilkit
 from distilkit.losses import DistillationLoss, ForwardKLLoss, GOLDLoss, ULDLoss
 from distilkit.teachers import for_data
 
-ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "recipes" / "cross_tokenizer.yaml"
 TEACHER = ROOT / "recipes" / "teacher"
 STUDENT = {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4}

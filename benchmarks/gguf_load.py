@@ -18,9 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import print_table
+from _common import ROOT, print_table
 
-ROOT = Path(__file__).parents[1]
 SMOLLM2 = ROOT / "recipes" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -36,9 +36,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _common import print_table
+from _common import ROOT, print_table
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/multi_teacher.yaml"
 DOMAINS = {"prose": "python-reference", "code": "python-code"}
 NO_TEACHERS = ["--model.init_args.teachers", "null", "--model.init_args.route_by", "null"]

@@ -54,9 +54,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
-from _common import print_table
+from _common import ROOT, print_table
 
-ROOT = Path(__file__).resolve().parents[1]
 TEACHER_PRETRAIN_STEPS = 400  # recipes/teacher: the best checkpoint of teacher_pretrain.yaml, at step 400
 
 

@@ -23,11 +23,10 @@ import time
 from pathlib import Path
 
 import torch
-from _common import print_table
+from _common import ROOT, print_table
 
 from distilkit.cli import main as distilkit
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ["--config", "recipes/on_policy.yaml"]
 NO_WARMUP = ["--model.init_args.off_policy_steps", "0"]
 VARIANTS = {

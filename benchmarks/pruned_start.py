@@ -28,11 +28,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from _common import print_table
+from _common import ROOT, print_table
 
 from distilkit.cli import main as distilkit
 
-ROOT = Path(__file__).resolve().parents[1]
 CUT = {"n_layer": 2, "n_embd": 128, "n_head": 4, "n_inner": 512}
 
 

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 import yaml
-from _common import print_table
+from _common import ROOT, print_table
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -50,7 +50,6 @@ from distilkit.data.chat import encode_conversation
 from distilkit.models.loading import load_causal_lm, tokenizer_of
 from distilkit.models.replies import Reply, generate_replies
 
-ROOT = Path(__file__).resolve().parents[1]
 TEACHER = "recipes/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SAMPLING = {"temperature": 0.7, "top_p": 0.9}
 

@@ -10,11 +10,10 @@ import csv
 import tempfile
 from pathlib import Path
 
-from _common import print_table
+from _common import ROOT, print_table
 
 from distilkit.cli import main as distilkit
 
-ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--trainer.val_check_interval", "25", "--trainer.limit_val_batches", "10"]
 VARIANTS = {
     "constant lr 2e-3": ["--config", "recipes/quickstart.yaml", "--model.init_args.lr_scheduler", "null"],

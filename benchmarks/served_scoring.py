@@ -21,14 +21,13 @@ import time
 from pathlib import Path
 
 import torch
-from _common import print_table
+from _common import ROOT, print_table
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from distilkit.data.corpus import builtin_documents
 from distilkit.teachers.server import ServedTeacher
 from distilkit.teachers.vllm_launcher import VLLMServer, vllm_python
 
-ROOT = Path(__file__).parents[1]
 TINY_LLAMA = {
     "num_hidden_layers": 2,
     "hidden_size": 128,

@@ -43,10 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from _common import print_table
+from _common import ROOT, print_table
 from lightning.pytorch.callbacks import Callback
 
-ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
 CORPUS = "builtin:python-reference"
 SMOLLM2 = ROOT / "recipes" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import interleaved_medians, print_table
+from _common import ROOT, interleaved_medians, print_table
 
 from distilkit import DistillationModule, ForwardKLLoss, TextDataModule
 from distilkit.cli import main as distilkit
@@ -42,7 +42,6 @@ from distilkit.losses import DistillationLoss, SparseTargets
 from distilkit.losses.aligned import AlignedLogits
 from distilkit.losses.partial import PartialTargets
 
-ROOT = Path(__file__).parents[1]
 QUICKSTART, BASELINE = ROOT / "recipes" / "quickstart.yaml", ROOT / "recipes" / "baseline.yaml"
 TEACHER = ROOT / "recipes" / "teacher"
 STUDENT = {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4}
