@@ -4,7 +4,9 @@ training on its answers, with CE alone (SFT) and with KD, at equal steps on the 
 Everything is ``recipes/smollm2.yaml`` (run ``make smollm2`` first): the teacher's answers to the shipped
 training prompts, the student cut from the teacher at a third of its parameters, 4 x 256 tokens a step. The
 runs differ only in ``kd_ratio`` (0: supervised fine-tuning on the answers, CE only; the recipe's 0.5: CE
-and forward KL) and, for memory, ``teacher_dtype``. On the first ``--heldout`` held-out prompts
+and KD), in the KD divergence (``--kd_losses``: the recipe's, or several side by side) and, for memory, in
+``teacher_dtype``. ``--seed`` sets every fit's ``seed_everything`` (the cut's calibration batches, the data
+order). On the first ``--heldout`` held-out prompts
 (``recipes/smollm2/heldout_prompts.jsonl``, never trained on) each model is scored on:
 
 * answer NLL: mean NLL per token of the teacher's own answers (assistant tokens only, end-of-turn token
@@ -45,6 +47,7 @@ from _common import ROOT, print_table
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from distilkit import losses
 from distilkit.commands.generate import generate
 from distilkit.data.chat import encode_conversation
 from distilkit.models.loading import load_causal_lm, tokenizer_of
@@ -75,10 +78,11 @@ def answers(path: str | None, prompts: str, count: int, out: Path, max_new_token
     return generate(TEACHER, str(out), prompts=str(subset), chat=True, overwrite=True, **options)
 
 
-def recipe_for(work: Path, train: Path, heldout: Path, steps: int, batch_size: int) -> Path:
+def recipe_for(work: Path, train: Path, heldout: Path, steps: int, batch_size: int, seed: int) -> Path:
     """``recipes/smollm2.yaml`` on these answers, ``steps`` of ``batch_size`` blocks long, validated once at
     the end on one batch."""
     config = yaml.safe_load((ROOT / "recipes" / "smollm2.yaml").read_text())
+    config["seed_everything"] = seed
     config["data"]["init_args"] |= {"train_files": str(train), "val_files": str(heldout)}
     config["data"]["init_args"]["batch_size"] = batch_size
     config["trainer"] |= {
@@ -132,6 +136,21 @@ def distinct2(replies: list[Reply]) -> float:
     return len(set(bigrams)) / max(len(bigrams), 1)
 
 
+def fits(recipe: Path, args: argparse.Namespace) -> list[tuple[str, list[str], str]]:
+    """The fits to run, each ``(name, overrides, teacher dtype)``: SFT, KD with each of ``--kd_losses``
+    (the recipe's divergence by default), then the first KD again with the teacher in bfloat16."""
+    loss = yaml.safe_load(recipe.read_text())["model"]["init_args"]["loss"]["class_path"]
+    names = args.kd_losses or [loss.rsplit(".", 1)[-1]]
+    steps = f"{args.steps} steps"
+    runs = [(f"SFT (CE only), {steps}", ["--model.init_args.kd_ratio", "0"], "float32")]
+    for name in names:
+        option = json.dumps({"class_path": f"distilkit.losses.{name}"})
+        runs.append((f"KD (CE + {name}), {steps}", ["--model.init_args.loss", option], "float32"))
+    if not args.no_bfloat16_fit:
+        runs.append((f"KD (CE + {names[0]}), {steps}, teacher in bfloat16", runs[1][1], "bfloat16"))
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50, help="training steps of each fit (the recipe's 50)")
@@ -149,9 +168,17 @@ def main() -> None:
         "--sample_seeds", type=int, nargs="+", default=[0], help="sampling seeds of the students' answers"
     )
     parser.add_argument(
-        "--no_bfloat16_fit", action="store_true", help="skip the third fit (the teacher in bfloat16: memory)"
+        "--kd_losses", nargs="+", metavar="LOSS",
+        help="KD divergences, one fit each: class names of distilkit.losses (default: the recipe's)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed_everything of every fit (the recipe's 0)")
+    parser.add_argument(
+        "--no_bfloat16_fit", action="store_true", help="skip the last fit (the teacher in bfloat16: memory)"
     )
     args = parser.parse_args()
+    unknown = [name for name in args.kd_losses or [] if not isinstance(getattr(losses, name, None), type)]
+    if unknown:
+        parser.error(f"--kd_losses {' '.join(unknown)}: not a loss of distilkit.losses (e.g. ForwardKLLoss)")
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -163,16 +190,11 @@ def main() -> None:
             args.heldout_answers, "recipes/smollm2/heldout_prompts.jsonl", args.heldout,
             work / "heldout_answers.jsonl", args.max_new_tokens,
         )  # fmt: skip
-        recipe = recipe_for(work, train, heldout, args.steps, args.batch_size)
+        recipe = recipe_for(work, train, heldout, args.steps, args.batch_size, args.seed)
         child("prune", "--config", str(recipe), "--output_dir", str(work / "cut"), "--overwrite", "true")
         memory: list[list[object]] = []
         models = {"cut, untrained": work / "cut"}
-        runs = [
-            (f"SFT (CE only), {args.steps} steps", ["--model.init_args.kd_ratio", "0"], "float32"),
-            (f"KD (CE + forward KL), {args.steps} steps", [], "float32"),
-            (f"KD, {args.steps} steps, teacher in bfloat16", [], "bfloat16"),
-        ][: 2 if args.no_bfloat16_fit else 3]
-        for index, (name, options, dtype) in enumerate(runs):
+        for index, (name, options, dtype) in enumerate(fits(recipe, args)):
             run = work / f"run{index}"
             seconds, peak = child(
                 "fit", "--config", str(recipe), "--trainer.default_root_dir", str(run), *options,
