@@ -5,8 +5,9 @@ Everything is ``recipes/smollm2.yaml`` (run ``make smollm2`` first): the teacher
 training prompts, the student cut from the teacher at a third of its parameters, 4 x 256 tokens a step. The
 runs differ only in ``kd_ratio`` (0: supervised fine-tuning on the answers, CE only; the recipe's 0.5: CE
 and KD), in the KD divergence (``--kd_losses``: the recipe's, or several side by side) and, for memory, in
-``teacher_dtype``. ``--seed`` sets every fit's ``seed_everything`` (the cut's calibration batches, the data
-order). On the first ``--heldout`` held-out prompts
+``teacher_dtype``. ``--seed`` seeds every fit (``seed_everything`` and the data's ``seed``: the order of the
+training blocks, so also the cut's calibration batches; the student is cut, not drawn, and has no dropout,
+so ``seed_everything`` alone changes nothing). On the first ``--heldout`` held-out prompts
 (``recipes/smollm2/heldout_prompts.jsonl``, never trained on) each model is scored on:
 
 * answer NLL: mean NLL per token of the teacher's own answers (assistant tokens only, end-of-turn token
@@ -83,6 +84,7 @@ def recipe_for(work: Path, train: Path, heldout: Path, steps: int, batch_size: i
     the end on one batch."""
     config = yaml.safe_load((ROOT / "recipes" / "smollm2.yaml").read_text())
     config["seed_everything"] = seed
+    config["data"]["init_args"]["seed"] = seed
     config["data"]["init_args"] |= {"train_files": str(train), "val_files": str(heldout)}
     config["data"]["init_args"]["batch_size"] = batch_size
     config["trainer"] |= {
@@ -171,7 +173,9 @@ def main() -> None:
         "--kd_losses", nargs="+", metavar="LOSS",
         help="KD divergences, one fit each: class names of distilkit.losses (default: the recipe's)",
     )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0, help="seed_everything of every fit (the recipe's 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed_everything and data seed of every fit (the recipe's 0)"
+    )
     parser.add_argument(
         "--no_bfloat16_fit", action="store_true", help="skip the last fit (the teacher in bfloat16: memory)"
     )
