@@ -138,6 +138,16 @@ def distinct2(replies: list[Reply]) -> float:
     return len(set(bigrams)) / max(len(bigrams), 1)
 
 
+def is_divergence(kind: Any) -> bool:
+    """Whether ``kind`` is a divergence the recipe's same-tokenizer KD can take: a loss of
+    :mod:`distilkit.losses` with its own ``divergence`` (not the base class), and not one of the
+    cross-tokenizer losses, which need a teacher tokenizer."""
+    base = losses.DistillationLoss
+    if not (isinstance(kind, type) and issubclass(kind, base)) or kind.divergence is base.divergence:
+        return False
+    return not issubclass(kind, (losses.GOLDLoss, losses.ULDLoss))
+
+
 def fits(recipe: Path, args: argparse.Namespace) -> list[tuple[str, list[str], str]]:
     """The fits to run, each ``(name, overrides, teacher dtype)``: SFT, KD with each of ``--kd_losses``
     (the recipe's divergence by default), then the first KD again with the teacher in bfloat16."""
@@ -180,9 +190,13 @@ def main() -> None:
         "--no_bfloat16_fit", action="store_true", help="skip the last fit (the teacher in bfloat16: memory)"
     )
     args = parser.parse_args()
-    unknown = [name for name in args.kd_losses or [] if not isinstance(getattr(losses, name, None), type)]
+    unknown = [name for name in args.kd_losses or [] if not is_divergence(getattr(losses, name, None))]
     if unknown:
-        parser.error(f"--kd_losses {' '.join(unknown)}: not a loss of distilkit.losses (e.g. ForwardKLLoss)")
+        parser.error(
+            f"--kd_losses {' '.join(unknown)}: not a divergence of distilkit.losses (e.g. ForwardKLLoss)"
+        )
+    if args.kd_losses and len(set(args.kd_losses)) < len(args.kd_losses):
+        parser.error(f"--kd_losses {' '.join(args.kd_losses)}: a loss named twice")
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
