@@ -90,7 +90,8 @@ class DomainMetrics(nn.Module):
 
     def log(self, module: Any, stage: str) -> None:
         """``{stage}/<domain>/ppl`` (and ``teacher_ppl``) of every named domain with tokens; then reset."""
-        ppl, teacher_ppl, tokens, teacher_tokens = self.nll.compute()
+        # torchmetrics squeezes one-element results: one domain would come back 0-dim
+        ppl, teacher_ppl, tokens, teacher_tokens = (t.reshape(-1) for t in self.nll.compute())
         for index, name in enumerate(self.names):
             if name is None or not int(tokens[index]):
                 continue
