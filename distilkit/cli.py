@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.text import Text
 
+from distilkit.commands.argument_errors import one_line
 from distilkit.commands.cache import run_cache
 from distilkit.commands.evaluate import evaluate_command
 from distilkit.commands.export import export
@@ -141,7 +142,11 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(1)
     except ArgumentError as err:
         command = argv[0] if argv and argv[0] in COMMANDS else ""
-        _say("error:", f"{err}\nSee `distilkit {command} --help`.".replace("  ", " "), "bold red")
+        typed = one_line(str(err))
+        if typed is not None:
+            _say("error:", str(typed), "bold red")
+        else:
+            _say("error:", f"{err}\nSee `distilkit {command} --help`.".replace("  ", " "), "bold red")
         sys.exit(2)
     except Exception as err:
         user_error = find_config_error(err)

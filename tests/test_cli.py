@@ -106,8 +106,12 @@ def test_resume_from_a_checkpoint(tmp_path, corpus, tokenizer_dir, cache_dir):
             ["--model.init_args.teacher", '{"model_type": "gpt2", "n_layer": 1, "vocab_size": 300}'],
             "model.teacher='vocabulary of 300': differs from the student's 512",
         ),
-        (["--data.init_args.block_size", "abc"], "block_size"),
+        (["--data.init_args.block_size", "abc"], "error: data.block_size='abc': is not an int; give an int."),
         (["--model.init_args.kd_ratio", "null"], "kd_ratio"),
+        (
+            ["--model.init_args.nonfinite", "maybe"],
+            "error: model.nonfinite='maybe': is not one of 'stop', 'skip'; give one of them.",
+        ),
         (["--ckpt_path", "last"], "ckpt_path='last': found no last*.ckpt in"),
         (["--ckpt_path", "no/such.ckpt"], "ckpt_path='no/such.ckpt': is not a file"),
         (["--data.init_args.train_files", "data.csv"], "has an unsupported suffix '.csv'"),
