@@ -10,7 +10,9 @@ teacher side changed by overrides only:
 - ``prose``: ``teacher: recipes/teacher`` (the shipped prose teacher) on every token;
 - ``code``: ``teacher: recipes/code_teacher`` on every token;
 - ``routed``: the recipe as it is: each document taught by the teacher its ``source`` names;
-- ``mixed``: ``mix: {python-reference: 0.5, python-code: 0.5}``: every token from the mixture.
+- ``mixed``: ``mix: {python-reference: 0.5, python-code: 0.5}``: every token from the mixture;
+- ``posterior``: the same prior, ``mix_by: posterior``: every token from the mixture weighted by each
+  teacher's probability of that token (mostly the teacher that knows it best).
 
 Every run logs ``val/python-reference/ppl`` and ``val/python-code/ppl`` (``data.domains: source``) on the
 whole validation split at its last step. The goal: the two-teacher student within 3% of each
@@ -53,12 +55,14 @@ VARIANTS: dict[str, list[str]] = {
         json.dumps({"python-reference": 0.5, "python-code": 0.5}),
     ],
 }
+VARIANTS["posterior"] = [*VARIANTS["mixed"], "--model.init_args.mix_by", "posterior"]
 LABELS = {
     "alone": "{size} alone (no teacher)",
     "prose": "{size} from the prose teacher only",
     "code": "{size} from the code teacher only",
     "routed": "**{size} from both, routed by source** (`multi_teacher.yaml`)",
     "mixed": "{size} from both, mixed 0.5 / 0.5",
+    "posterior": "{size} from both, mixed by posterior (prior 0.5 / 0.5)",
 }
 #: the recipe's student, which ``--student`` updates
 RECIPE_STUDENT = {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4}
@@ -120,7 +124,7 @@ def goal_table(results: dict, variants: list[str], seeds: list[int]) -> None:
     """Each two-teacher student against each single-teacher student, domain by domain: the ratio of mean
     val ppl (per seed in brackets) and whether it meets the goal."""
     rows = []
-    for both in ("routed", "mixed"):
+    for both in ("routed", "mixed", "posterior"):
         if both not in variants:
             continue
         for single in ("prose", "code"):

@@ -34,7 +34,7 @@ from distilkit.teachers import (
     open_teacher,
 )
 from distilkit.teachers.served import is_served
-from distilkit.teachers.several import Unrouted
+from distilkit.teachers.several import MixBy, Unrouted
 
 
 class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # type: ignore[misc]
@@ -97,6 +97,9 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
         mix: with ``teachers``, instead of routing: ``{NAME: weight}``, every position learns from the
             weighted mixture of the teachers' distributions; knobs ``mix.NAME``.
         unrouted: routing: rows naming no teacher are an ``error``, or learn from their ``labels`` alone.
+        mix_by: mixing: every position by ``mix``'s ``weights``, or by the ``posterior`` of each teacher given
+            the token that follows (``mix`` the prior): each token learns mostly from the teacher that
+            knows it best.
     """
 
     knobs: ClassVar[tuple[str, ...]] = ("kd_ratio",)
@@ -126,6 +129,7 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
         route_by: str | None = None,
         mix: dict[str, float] | None = None,
         unrouted: Unrouted = "error",
+        mix_by: MixBy = "weights",
     ) -> None:
         super().__init__()
         modules = [
@@ -146,7 +150,8 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
         )  # fmt: skip
         self.teacher_source = given or open_teacher(
             teacher, teacher_model if apart is None else apart, teacher_cache, self.vocab_size, tokens,
-            teachers=teachers, route_by=route_by, mix=mix, unrouted=unrouted, load=TeacherLoader(
+            teachers=teachers, route_by=route_by, mix=mix, unrouted=unrouted, mix_by=mix_by,
+            load=TeacherLoader(
                 self.student, self.vocab_size, teacher_dtype, vocab_size, block_size, eos_token_id
             ),
         )  # fmt: skip

@@ -17,7 +17,12 @@ of two ways:
   distributions, ``m = Σ_j w_j · softmax(z_j) / Σ_j w_j``, handed to the loss as ``log m`` (log-space, as the
   cohort's :class:`~distilkit.teachers.mixture.PeerMixture`; a loss's temperature T then takes
   ``softmax(log m / T)``). The weights are knobs a curriculum stage may change (``mix.NAME``); a teacher of
-  weight 0 is not run.
+  weight 0 is not run. With ``mix_by: posterior`` the weights are a prior, updated at every position by how
+  likely each teacher finds the token that follows: ``π_j(t) = w_j p_j(y_t) / Σ_k w_k p_k(y_t)``, and
+  ``m_t = Σ_j π_j(t) · softmax(z_j)`` (the posterior that teacher j wrote ``y_t``; confidence-weighted
+  teachers, as in CA-MKD). Each token then learns mostly from the teacher that knows it best (a code
+  example in prose from the code teacher), where fixed weights blur the two everywhere. The mixture reads
+  the label it teaches, so its perplexity is no fair score of the teachers.
 
 Teachers the run never needs (no domain of the data names them; weight 0 when training starts) are kept off
 the device, on the CPU, and moved there the first time a batch needs them.
@@ -48,6 +53,10 @@ from distilkit.teachers.teachings import FIELD, LABELS_ONLY, NOT_PREDICTED, Mixe
 #: label alone.
 Unrouted = Literal["error", "labels"]
 
+#: How a mixture weighs its teachers at a position: by ``mix``'s weights, or by their posterior given the
+#: token that follows (the weights as the prior).
+MixBy = Literal["weights", "posterior"]
+
 #: ``route_by`` when ``teachers`` is given with neither ``route_by`` nor ``mix``.
 DEFAULT_ROUTE_FIELD = "teacher"
 
@@ -62,6 +71,8 @@ class SeveralTeachers(TeacherSource):
         mix: a weight per teacher (teachers left out weigh 0), each >= 0, some > 0; None to route.
         unrouted: routing only: ``error`` (rows naming no teacher are refused) or ``labels`` (they learn from
             their labels alone).
+        mix_by: mixing only: ``weights`` (every position by ``mix``) or ``posterior`` (``mix`` as the prior,
+            updated by each teacher's probability of the position's next token).
     """
 
     def __init__(
@@ -70,6 +81,7 @@ class SeveralTeachers(TeacherSource):
         route_by: str | None = None,
         mix: Mapping[str, float] | None = None,
         unrouted: Unrouted = "error",
+        mix_by: MixBy = "weights",
     ) -> None:
         super().__init__()
         members = dict(teachers)
@@ -86,12 +98,21 @@ class SeveralTeachers(TeacherSource):
                 "is for routing: with model.mix every position learns from the mixture",
                 "drop model.unrouted, or route (model.route_by) instead of mixing",
             )  # fmt: skip
+        if mix_by not in ("weights", "posterior"):
+            raise ConfigError(
+                "model.mix_by", mix_by, "is not weights or posterior", "use weights or posterior"
+            )
+        if mix is None and mix_by != "weights":
+            raise ConfigError(
+                "model.mix_by", mix_by, "is for mixing: routed positions learn from one teacher each",
+                "give model.mix (the prior weights), or drop model.mix_by",
+            )  # fmt: skip
         if mix is None and not (route_by is None or (isinstance(route_by, str) and route_by)):
             raise ConfigError("model.route_by", route_by, "is not a field name", "name a row field, or file")
         self.names = tuple(members)
         self.route_by = None if mix is not None else (route_by or DEFAULT_ROUTE_FIELD)
         self.domains = self.route_by or FILE_DOMAIN  # mixed: by data file, for val/<domain>/ppl
-        self.unrouted = unrouted
+        self.unrouted, self.mix_by = unrouted, mix_by
         self.weights = None if mix is None else _mix_weights(mix, self.names)
         self.knobs = () if mix is None else tuple(f"mix.{name}" for name in self.names)
         self.members = nn.ModuleDict({str(i): member for i, member in enumerate(members.values())})
@@ -172,7 +193,8 @@ class SeveralTeachers(TeacherSource):
             )  # fmt: skip
         device = batch["input_ids"].device
         teachings = [self.teacher(index, device).teach(batch, split) for index, _ in active]
-        return MixedTeaching(tuple(teachings), tuple(weight for _, weight in active))
+        labels = batch["labels"][:, 1:] if self.mix_by == "posterior" else None  # (B, T-1)
+        return MixedTeaching(tuple(teachings), tuple(weight for _, weight in active), labels)
 
     # -------------------------------------------------------------------------------------------- knobs
     def set_knob(self, name: str, value: float) -> bool:
@@ -269,7 +291,7 @@ class SeveralTeachers(TeacherSource):
         """The teachers' identities by name, and how they are combined."""
         combined: dict[str, Any] = {"route_by": self.route_by, "unrouted": self.unrouted}
         if self.weights is not None:
-            combined = {"mix": dict(zip(self.names, self.weights, strict=True))}
+            combined = {"mix": dict(zip(self.names, self.weights, strict=True)), "mix_by": self.mix_by}
         teachers = {name: self.teacher(i).identity() for i, name in enumerate(self.names)}
         return {"kind": "several", **combined, "teachers": teachers}
 
@@ -314,6 +336,7 @@ def open_several(
     route_by: str | None = None,
     mix: Mapping[str, float] | None = None,
     unrouted: Unrouted = "error",
+    mix_by: MixBy = "weights",
 ) -> SeveralTeachers:
     """The :class:`SeveralTeachers` that ``model.teachers`` and ``route_by``, ``mix``, ``unrouted`` describe.
 
@@ -322,7 +345,7 @@ def open_several(
             ``{cache: DIR}``, or a :class:`TeacherSource`.
         vocab_size: the logit width the losses compare.
         load: ``(spec, field) -> model``, e.g. a :class:`TeacherLoader`.
-        route_by / mix / unrouted: as :class:`SeveralTeachers` takes them.
+        route_by / mix / unrouted / mix_by: as :class:`SeveralTeachers` takes them.
     """
     if not isinstance(teachers, Mapping) or not teachers:
         raise ConfigError(
@@ -341,7 +364,7 @@ def open_several(
             )
         else:
             members[name] = LiveTeacher(load(spec, field), vocab_size, spec=spec, field=field)
-    return SeveralTeachers(members, route_by=route_by, mix=mix, unrouted=unrouted)
+    return SeveralTeachers(members, route_by=route_by, mix=mix, unrouted=unrouted, mix_by=mix_by)
 
 
 # -------------------------------------------------------------------------------------------------- helpers

@@ -23,7 +23,7 @@ from distilkit.teachers.cache import FIELD as CACHE_FIELD
 from distilkit.teachers.cache import CachedTeacher
 from distilkit.teachers.live import LiveTeacher
 from distilkit.teachers.served import ServedTeacherSource, is_served
-from distilkit.teachers.several import Unrouted, open_several
+from distilkit.teachers.several import MixBy, Unrouted, open_several
 
 TOKENIZER_FIELD = "model.teacher_tokenizer"
 
@@ -112,6 +112,7 @@ def open_teacher(
     route_by: str | None = None,
     mix: Mapping[str, float] | None = None,
     unrouted: Unrouted = "error",
+    mix_by: MixBy = "weights",
     load: Callable[[Any, str], nn.Module] | None = None,
 ) -> TeacherSource | None:
     """The teacher source a module's settings describe.
@@ -124,7 +125,8 @@ def open_teacher(
         vocab_size: the logit width the losses compare.
         tokens: the teacher's tokenizer (:class:`TeacherTokenizer`); None: the data's.
         teachers: ``model.teachers``: several teachers by name (:mod:`distilkit.teachers.several`), in place
-            of ``teacher`` and ``teacher_cache``; combined by ``route_by`` or ``mix`` (with ``unrouted``).
+            of ``teacher`` and ``teacher_cache``; combined by ``route_by`` or ``mix`` (with ``unrouted`` or
+            ``mix_by``).
         load: ``(spec, field) -> model``: loads the teachers' models (a
             :class:`~distilkit.teachers.several.TeacherLoader`).
 
@@ -147,10 +149,14 @@ def open_teacher(
             )  # fmt: skip
         if load is None:
             raise ValueError("open_teacher needs load= to load model.teachers")
-        return open_several(teachers, vocab_size, load, route_by=route_by, mix=mix, unrouted=unrouted)
-    alone = (("model.route_by", route_by), ("model.mix", mix), ("model.unrouted", unrouted != "error"))
+        return open_several(
+            teachers, vocab_size, load, route_by=route_by, mix=mix, unrouted=unrouted, mix_by=mix_by
+        )
+    alone: list[tuple[str, Any]] = [("model.route_by", route_by), ("model.mix", mix)]
+    alone += [("model.unrouted", None if unrouted == "error" else unrouted)]
+    alone += [("model.mix_by", None if mix_by == "weights" else mix_by)]
     for field, value in alone:
-        if value not in (None, False):
+        if value is not None:
             raise ConfigError(field, value, "is for model.teachers", "give model.teachers, or drop it")
     if cache is not None and (model is not None or is_served(spec)):
         raise ConfigError(

@@ -108,36 +108,77 @@ class RoutedChunks:
 
 @dataclass(frozen=True)
 class MixedTeaching:
-    """The active teachers' teachings of one batch, with their weights."""
+    """The active teachers' teachings of one batch, with their weights.
+
+    Attributes:
+        teachings: per active teacher, its teaching of the whole batch.
+        weights: per active teacher, its weight (> 0; normalised when used).
+        labels: ``(B, T-1)`` the token each position predicts, when the weights are a prior to update by
+            each teacher's probability of it (``mix_by: posterior``); None: fixed weights.
+    """
 
     teachings: tuple[Any, ...]
     weights: tuple[float, ...]
+    labels: Tensor | None = None
     hidden_states: None = None
 
     def at(self, keep: Tensor) -> MixedChunks:
-        return MixedChunks(tuple(teaching.at(keep) for teaching in self.teachings), self.weights)
+        labels = None if self.labels is None else self.labels[keep]  # (N,)
+        return MixedChunks(tuple(teaching.at(keep) for teaching in self.teachings), self.weights, labels)
 
 
 @dataclass(frozen=True)
 class MixedChunks:
-    """``log m = logsumexp_j(log_softmax(z_j) + log(w_j / Σ w))`` ``(n, V)`` float32 for any rows, from each
-    teacher's logits ``z_j``; one teacher: its logits as they are."""
+    """The teachers' mixture ``(n, V)`` float32 log-probabilities for any rows, from each teacher's logits
+    ``z_j``; one teacher: its logits as they are.
+
+    Fixed weights (``labels`` None): ``log m = logsumexp_j(log_softmax(z_j) + log(w_j / Σ w))``.
+    Posterior weights: with ``y`` the row's label, ``a_j = log w_j + log_softmax(z_j)[y]`` and
+    ``log m = logsumexp_j(log_softmax(z_j) + a_j) - logsumexp_j(a_j)``, i.e. ``m = Σ_j π_j · softmax(z_j)``
+    with ``π_j = w_j p_j(y) / Σ_k w_k p_k(y)`` (the prior ``w`` where every teacher rules ``y`` out); it holds
+    the J teachers' ``(n, V)`` log-probabilities at once.
+
+    Attributes:
+        sources: per teacher, its chunk source over the N kept positions.
+        weights: per teacher, its weight (> 0).
+        labels: ``(N,)`` the kept positions' labels (posterior weights), or None.
+    """
 
     sources: tuple[TeacherChunks, ...]
     weights: tuple[float, ...]
+    labels: Tensor | None = None
 
     def __call__(self, rows: slice, out: Tensor | None = None) -> Tensor:
         if len(self.sources) == 1:
             return self.sources[0](rows, out=out)  # type: ignore[return-value]
         total = sum(self.weights)
-        mixed: Tensor | None = None
-        for source, weight in zip(self.sources, self.weights, strict=True):
-            logits = source(rows)
-            assert isinstance(logits, Tensor), "mixed teachers hand out logits"
-            log_probs = logits.float().log_softmax(-1) + math.log(weight / total)  # (n, V)
-            mixed = log_probs if mixed is None else torch.logaddexp(mixed, log_probs)
-        assert mixed is not None
+        log_prior = torch.tensor([math.log(w / total) for w in self.weights])  # (J,)
+        if self.labels is None:
+            mixed: Tensor | None = None
+            for source, log_weight in zip(self.sources, log_prior.tolist(), strict=True):
+                log_probs = _log_probs(source, rows) + log_weight  # (n, V)
+                mixed = log_probs if mixed is None else torch.logaddexp(mixed, log_probs)
+            assert mixed is not None
+            return mixed
+        every = [_log_probs(source, rows) for source in self.sources]  # J x (n, V)
+        label = self.labels[rows].to(every[0].device)[:, None]  # (n, 1)
+        joint = torch.cat([log_probs.gather(-1, label) for log_probs in every], -1)  # (n, J) log w_j p_j(y)
+        joint = joint + log_prior.to(joint.device)
+        ruled_out = joint.isneginf().all(
+            -1, keepdim=True
+        )  # (n, 1): a label no teacher allows keeps the prior
+        posterior = torch.where(ruled_out, log_prior.to(joint.device), joint).log_softmax(-1)  # (n, J)
+        mixed = every[0] + posterior[:, :1]
+        for j in range(1, len(every)):
+            mixed = torch.logaddexp(mixed, every[j] + posterior[:, j : j + 1])
         return mixed
+
+
+def _log_probs(source: TeacherChunks, rows: slice) -> Tensor:
+    """A teacher's ``(n, V)`` float32 log-probabilities at ``rows``."""
+    logits = source(rows)
+    assert isinstance(logits, Tensor), "mixed teachers hand out logits"
+    return logits.float().log_softmax(-1)
 
 
 def merge_rows(values: list[tuple[np.ndarray, Any]], out: Tensor | None) -> Tensor | SparseTargets:

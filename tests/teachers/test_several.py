@@ -229,6 +229,48 @@ def test_the_mixture_is_the_weighted_mean_of_the_distributions():
     assert torch.equal(alone(slice(0, 5)), a), "one teacher: its logits as they are"
 
 
+def test_the_posterior_mixture_weighs_each_teacher_by_its_probability_of_the_next_token():
+    """``m = Σ_j π_j softmax(z_j)``, ``π_j = w_j p_j(y) / Σ_k w_k p_k(y)``, against float64 by hand."""
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 7), torch.randn(6, 7) * 3
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    chunks = MixedChunks((lambda rows, out=None: a[rows], lambda rows, out=None: b[rows]), (1.0, 3.0), labels)
+    p, q = F.softmax(a.double(), -1), F.softmax(b.double(), -1)
+    pa, qb = 0.25 * p[range(6), labels][:, None], 0.75 * q[range(6), labels][:, None]
+    by_hand = torch.log((pa * p + qb * q) / (pa + qb)).float()
+    torch.testing.assert_close(chunks(slice(0, 6)), by_hand, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunks(slice(2, 5)), by_hand[2:5], rtol=1e-5, atol=1e-5)
+    doubt = a.clone()
+    doubt[[0, 1], [0, 1]] = -40.0  # the first teacher all but rules out the labels: the second teaches
+    chunks = MixedChunks(
+        (lambda rows, out=None: doubt[rows], lambda rows, out=None: b[rows]), (1.0, 1.0), labels
+    )
+    torch.testing.assert_close(chunks(slice(0, 2)).exp(), b[:2].softmax(-1), rtol=0, atol=1e-6)
+    flat, never = torch.zeros(1, 7), a[:1].clone()
+    flat[0, 0] = never[0, 0] = -math.inf  # a label both teachers rule out: the prior, never NaN
+    chunks = MixedChunks((lambda rows, out=None: flat, lambda rows, out=None: never), (1.0, 9.0), labels)
+    first = chunks(slice(0, 1))
+    assert not first.isnan().any()
+    torch.testing.assert_close(first.exp(), flat.softmax(-1) / 10 + 9 * never.softmax(-1) / 10)
+
+
+def test_posterior_mixing_of_live_teachers(sourced, tokenizer_dir, cache_dir):
+    data = _data(str(sourced), tokenizer_dir, cache_dir, domains="source")
+    source = _several(data, route_by=None, mix={"prose": 1.0, "code": 2.0}, mix_by="posterior")
+    batch = _batch(data, [0, 1])
+    keep, labels = next_token_targets(batch["labels"])
+    chunks = source.teach(batch, "train").at(keep)
+    with torch.no_grad():
+        p = [
+            t.model(batch["input_ids"]).logits[:, :-1][keep].double().softmax(-1)
+            for t in source.all_teachers()
+        ]
+    joint = [w * probs[range(len(labels)), labels][:, None] for w, probs in zip((1, 2), p, strict=True)]
+    by_hand = torch.log((joint[0] * p[0] + joint[1] * p[1]) / (joint[0] + joint[1])).float()
+    torch.testing.assert_close(_gather(chunks, len(by_hand), 6), by_hand, rtol=1e-5, atol=1e-5)
+    assert source.identity()["mix_by"] == "posterior"
+
+
 def test_mixed_teachers_teach_every_position_and_weight_zero_is_not_run(sourced, tokenizer_dir, cache_dir):
     data = _data(str(sourced), tokenizer_dir, cache_dir, domains="source")
     source = _several(data, route_by=None, mix={"prose": 1.0, "code": 0.0})
@@ -338,6 +380,15 @@ def test_settings_that_do_not_fit_together_are_one_line_errors(tmp_path, sourced
         ({"teacher": None, "teachers": two, "mix": {"poetry": 1}}, "model.mix.poetry=1: names no teacher"),
         ({"teacher": None, "teachers": two, "mix": {"code": 0}}, "model.mix=.*gives no teacher a positive"),
         ({"teacher": TINY_TEACHER, "route_by": "source"}, "model.route_by='source': is for model.teachers"),
+        ({"teacher": TINY_TEACHER, "mix_by": "posterior"}, "model.mix_by='posterior': is for model.teachers"),
+        (
+            {"teacher": None, "teachers": two, "route_by": "source", "mix_by": "posterior"},
+            "model.mix_by='posterior': is for mixing",
+        ),
+        (
+            {"teacher": None, "teachers": two, "mix": {"code": 1}, "mix_by": "label"},
+            "model.mix_by='label': is not weights or posterior",
+        ),
         ({"teacher": None, "teachers": {"a.b": TINY_TEACHER}}, "model.teachers='a.b': is not a teacher name"),
         ({"teacher": None, "teachers": {}}, "model.teachers=.*is not a mapping"),
     ]
@@ -370,6 +421,10 @@ TWO = json.dumps({"prose": TINY_TEACHER, "code": TINY_TEACHER})
         (
             ["--model.init_args.teachers", json.dumps({"prose": TINY_TEACHER, "poetry": TINY_TEACHER})],
             "docs.jsonl:7: source='code': names no teacher of model.teachers ['prose', 'poetry']",
+        ),
+        (
+            ["--model.init_args.teachers", TWO, "--model.init_args.mix_by", "posterior"],
+            "model.mix_by='posterior': is for mixing",
         ),
         (["--model.init_args.teachers", TWO, "--data.init_args.domains", ""], "data.domains='': is empty"),
         (
@@ -411,6 +466,25 @@ def test_a_routed_recipe_runs_from_yaml(tmp_path, sourced, tokenizer_dir, cache_
         saved["teachers"] == {"prose": TINY_TEACHER, "code": TINY_TEACHER} and saved["route_by"] == "source"
     )
     assert saved["student"] == TINY_STUDENT
+
+
+def test_a_posterior_mixture_recipe_runs_from_yaml(tmp_path, sourced, tokenizer_dir, cache_dir):
+    recipe = tiny_recipe(
+        tmp_path / "r.yaml", sourced, tokenizer_dir, cache_dir, max_steps=2, val_check_interval=2
+    )
+    config = yaml.safe_load(recipe.read_text())
+    config["model"]["init_args"] |= {
+        "teacher": None, "teachers": {"prose": TINY_TEACHER, "code": TINY_TEACHER},
+        "mix": {"prose": 1, "code": 3}, "mix_by": "posterior",
+    }  # fmt: skip
+    recipe.write_text(yaml.safe_dump(config))
+    fit_run(recipe, tmp_path / "run")
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    kd = [float(row["train/kd_loss"]) for row in rows if row.get("train/kd_loss")]
+    assert kd and all(math.isfinite(value) for value in kd)
+    assert [row["val/docs/ppl"] for row in rows if row.get("val/docs/ppl")], "one domain (the file) logged"
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["init_args"]
+    assert saved["mix_by"] == "posterior" and saved["mix"] == {"prose": 1, "code": 3}
 
 
 @pytest.mark.slow
