@@ -1,6 +1,6 @@
 """One student from two domain experts: per-domain validation perplexity of the 2 x 128 student trained
-alone, from the prose teacher only, from the code teacher only, and from both (routed by source, and mixed),
-at equal steps and data, over several seeds.
+alone, from the prose teacher only, from the code teacher only, and from both (routed by source, mixed, and
+mixed by posterior), at equal steps and data, over several seeds.
 
 Every run is ``recipes/multi_teacher.yaml`` (the quickstart's student, loss and optimizer on both built-in
 corpora, each holding out what its teacher held out: ``split_per_file``) through ``distilkit fit``, with the
@@ -11,8 +11,8 @@ teacher side changed by overrides only:
 - ``code``: ``teacher: recipes/code_teacher`` on every token;
 - ``routed``: the recipe as it is: each document taught by the teacher its ``source`` names;
 - ``mixed``: ``mix: {python-reference: 0.5, python-code: 0.5}``: every token from the mixture;
-- ``posterior``: the same prior, ``mix_by: posterior``: every token from the mixture weighted by each
-  teacher's probability of that token (mostly the teacher that knows it best).
+- ``posterior``: ``mix_by: posterior`` with the prior ``--prior P`` (prose) and ``1 - P`` (code): every token
+  from the mixture weighted by each teacher's probability of that token.
 
 Every run logs ``val/python-reference/ppl`` and ``val/python-code/ppl`` (``data.domains: source``) on the
 whole validation split at its last step. The goal: the two-teacher student within 3% of each
@@ -55,37 +55,46 @@ VARIANTS: dict[str, list[str]] = {
         json.dumps({"python-reference": 0.5, "python-code": 0.5}),
     ],
 }
-VARIANTS["posterior"] = [*VARIANTS["mixed"], "--model.init_args.mix_by", "posterior"]
+POSTERIOR = ["--model.init_args.route_by", "null", "--model.init_args.mix_by", "posterior"]
+
+
+def posterior(prior: float) -> list[str]:
+    """The overrides of the ``posterior`` variant: prior ``prior`` on the prose teacher, the rest on code."""
+    weights = {"python-reference": prior, "python-code": round(1 - prior, 6)}
+    return [*POSTERIOR, "--model.init_args.mix", json.dumps(weights)]
+
+
 LABELS = {
     "alone": "{size} alone (no teacher)",
     "prose": "{size} from the prose teacher only",
     "code": "{size} from the code teacher only",
     "routed": "**{size} from both, routed by source** (`multi_teacher.yaml`)",
     "mixed": "{size} from both, mixed 0.5 / 0.5",
-    "posterior": "{size} from both, mixed by posterior (prior 0.5 / 0.5)",
+    "posterior": "{size} from both, mixed by posterior (prior {prior:g} / {rest:g})",
 }
 #: the recipe's student, which ``--student`` updates
 RECIPE_STUDENT = {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4}
 
 
 def fit(
-    variant: str, seed: int, steps: int, run_dir: Path, threads: int, student: list[str]
+    overrides: list[str], seed: int, steps: int, run_dir: Path, threads: int, student: list[str]
 ) -> dict[str, float]:
-    """One run of the recipe in a process of its own; its last validation row (the metrics as floats) and
-    its wall time. A run directory marked done (``--keep`` of an earlier call) is read back, not rerun."""
-    done, what = run_dir / "done.json", {"steps": steps, "student": student}
+    """One run of the recipe with a variant's ``overrides`` in a process of its own; its last validation row
+    (the metrics as floats) and its wall time. A run directory marked done (``--keep`` of an earlier call)
+    is read back, not rerun, if it holds the same run (older marks do not record the overrides)."""
+    done, what = run_dir / "done.json", {"steps": steps, "student": student, "overrides": overrides}
     if done.is_file():  # read back, if it is the same run
         kept = json.loads(done.read_text())
-        if {key: kept.get(key) for key in what} != what:
+        if any(kept.get(key, value) != value for key, value in what.items()):
             raise SystemExit(f"{run_dir} holds another run ({kept}, not {what}): give another --keep")
         return _last_validation(run_dir) | {"seconds": kept["seconds"]}
-    command = [sys.executable, "-m", "distilkit", "fit", "--config", RECIPE, *VARIANTS[variant], *student]
+    command = [sys.executable, "-m", "distilkit", "fit", "--config", RECIPE, *overrides, *student]
     command += ["--trainer.default_root_dir", str(run_dir), "--seed_everything", str(seed)]
     command += ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps)]
     command += ["--data.init_args.domains", "source", "--progress_bar.refresh_rate", "1000"]
     env = os.environ | {"OMP_NUM_THREADS": str(threads)}
     start = time.monotonic()
-    log = run_dir.with_suffix(".log")
+    log = run_dir.parent / f"{run_dir.name}.log"  # not with_suffix: a name may hold a dot (p0.25)
     with log.open("w") as out:
         finished = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     if finished.returncode != 0:
@@ -104,13 +113,13 @@ def ppl(results: dict, variant: str, domain: str, seeds: list[int], metric: str 
     return [results[variant, seed][f"val/{DOMAINS[domain]}/{metric}"] for seed in seeds]
 
 
-def quality_table(results: dict, variants: list[str], seeds: list[int], size: str) -> None:
+def quality_table(results: dict, variants: list[str], seeds: list[int], size: str, prior: float) -> None:
     """Per variant: val ppl on each domain, per seed and mean."""
     headers = ["student", *(f"val ppl on {d} (seeds {' / '.join(map(str, seeds))})" for d in DOMAINS)]
     headers += [f"mean on {d}" for d in DOMAINS]
     rows = []
     for variant in variants:
-        cells = [LABELS[variant].format(size=size)]
+        cells = [LABELS[variant].format(size=size, prior=prior, rest=round(1 - prior, 6))]
         cells += [" / ".join(f"{v:.1f}" for v in ppl(results, variant, d, seeds)) for d in DOMAINS]
         cells += [f"{statistics.mean(ppl(results, variant, d, seeds)):.1f}" for d in DOMAINS]
         rows.append(cells)
@@ -155,7 +164,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every run")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each with cores/jobs threads")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    names = [*VARIANTS, "posterior"]
+    parser.add_argument("--variants", nargs="+", choices=names, default=names)
+    parser.add_argument(
+        "--prior", type=float, default=0.5, help="posterior: the prose teacher's prior weight (code: 1 - P)"
+    )
     parser.add_argument("--keep", type=Path, help="keep the run directories here (default: a temporary one)")
     parser.add_argument(
         "--student",
@@ -172,9 +185,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
         base = args.keep or Path(tmp)
         base.mkdir(parents=True, exist_ok=True)
+        overrides = VARIANTS | {"posterior": posterior(args.prior)}
+        named = {
+            v: f"posterior-p{args.prior:g}" if v == "posterior" and args.prior != 0.5 else v for v in names
+        }
         futures = {
             (variant, seed): pool.submit(
-                fit, variant, seed, args.steps, base / f"{variant}-{seed}", threads, override
+                fit,
+                overrides[variant],
+                seed,
+                args.steps,
+                base / f"{named[variant]}-{seed}",
+                threads,
+                override,
             )
             for variant in reversed(args.variants)  # the costliest first: the runs finish closer together
             for seed in args.seeds
@@ -182,7 +205,7 @@ def main() -> None:
         results = {key: future.result() for key, future in futures.items()}
     print(f"load average at the end: {os.getloadavg()}")
     print(f"\n{args.steps} steps of 16 x 128 tokens, validation on the whole held-out split:\n")
-    quality_table(results, args.variants, args.seeds, size)
+    quality_table(results, args.variants, args.seeds, size, args.prior)
     print()
     goal_table(results, args.variants, args.seeds)
     print("\nwall seconds per run (mean over seeds): ", end="")

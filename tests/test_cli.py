@@ -110,7 +110,15 @@ def test_resume_from_a_checkpoint(tmp_path, corpus, tokenizer_dir, cache_dir):
         (["--model.init_args.kd_ratio", "null"], "kd_ratio"),
         (
             ["--model.init_args.nonfinite", "maybe"],
-            "error: model.nonfinite='maybe': is not one of 'stop', 'skip'; give one of them.",
+            "error: model.nonfinite='maybe': is not one of 'stop', 'skip'; give one of 'stop', 'skip'.",
+        ),
+        (
+            ["--model.init_args.vocab_size", "abc"],
+            "error: model.vocab_size='abc': is not an int; give an int.",
+        ),
+        (
+            ["--model.init_args.loss.init_args.temperature", "hot"],
+            "error: model.loss.temperature='hot': is not a float; give a float.",
         ),
         (["--ckpt_path", "last"], "ckpt_path='last': found no last*.ckpt in"),
         (["--ckpt_path", "no/such.ckpt"], "ckpt_path='no/such.ckpt': is not a file"),

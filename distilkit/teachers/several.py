@@ -20,9 +20,10 @@ of two ways:
   weight 0 is not run. With ``mix_by: posterior`` the weights are a prior, updated at every position by how
   likely each teacher finds the token that follows: ``π_j(t) = w_j p_j(y_t) / Σ_k w_k p_k(y_t)``, and
   ``m_t = Σ_j π_j(t) · softmax(z_j)`` (the posterior that teacher j wrote ``y_t``; confidence-weighted
-  teachers, as in CA-MKD). Each token then learns mostly from the teacher that knows it best (a code
-  example in prose from the code teacher), where fixed weights blur the two everywhere. The mixture reads
-  the label it teaches, so its perplexity is no fair score of the teachers.
+  teachers, related to CA-MKD). Each token then learns mostly from the teacher that knows it best (a code
+  example in prose from the code teacher), where fixed weights blur the two everywhere. Validation scores
+  the student against the prior mixture: the posterior reads the label it teaches, so its perplexity (and
+  the student's agreement with it) would flatter the teachers.
 
 Teachers the run never needs (no domain of the data names them; weight 0 when training starts) are kept off
 the device, on the CPU, and moved there the first time a batch needs them.
@@ -193,7 +194,8 @@ class SeveralTeachers(TeacherSource):
             )  # fmt: skip
         device = batch["input_ids"].device
         teachings = [self.teacher(index, device).teach(batch, split) for index, _ in active]
-        labels = batch["labels"][:, 1:] if self.mix_by == "posterior" else None  # (B, T-1)
+        posterior = self.mix_by == "posterior" and split == "train"  # validation: the fair prior mixture
+        labels = batch["labels"][:, 1:] if posterior else None  # (B, T-1)
         return MixedTeaching(tuple(teachings), tuple(weight for _, weight in active), labels)
 
     # -------------------------------------------------------------------------------------------- knobs
@@ -291,7 +293,8 @@ class SeveralTeachers(TeacherSource):
         """The teachers' identities by name, and how they are combined."""
         combined: dict[str, Any] = {"route_by": self.route_by, "unrouted": self.unrouted}
         if self.weights is not None:
-            combined = {"mix": dict(zip(self.names, self.weights, strict=True)), "mix_by": self.mix_by}
+            combined = {"mix": dict(zip(self.names, self.weights, strict=True))}
+            combined |= {"mix_by": self.mix_by} if self.mix_by != "weights" else {}  # older runs resume
         teachers = {name: self.teacher(i).identity() for i, name in enumerate(self.names)}
         return {"kind": "several", **combined, "teachers": teachers}
 

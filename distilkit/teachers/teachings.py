@@ -135,8 +135,8 @@ class MixedChunks:
     Fixed weights (``labels`` None): ``log m = logsumexp_j(log_softmax(z_j) + log(w_j / Σ w))``.
     Posterior weights: with ``y`` the row's label, ``a_j = log w_j + log_softmax(z_j)[y]`` and
     ``log m = logsumexp_j(log_softmax(z_j) + a_j) - logsumexp_j(a_j)``, i.e. ``m = Σ_j π_j · softmax(z_j)``
-    with ``π_j = w_j p_j(y) / Σ_k w_k p_k(y)`` (the prior ``w`` where every teacher rules ``y`` out); it holds
-    the J teachers' ``(n, V)`` log-probabilities at once.
+    with ``π_j = w_j p_j(y) / Σ_k w_k p_k(y)`` (where every teacher gives ``y`` probability 0, the prior
+    weights: never NaN); it holds the J teachers' ``(n, V)`` log-probabilities at once.
 
     Attributes:
         sources: per teacher, its chunk source over the N kept positions.
@@ -152,22 +152,22 @@ class MixedChunks:
         if len(self.sources) == 1:
             return self.sources[0](rows, out=out)  # type: ignore[return-value]
         total = sum(self.weights)
-        log_prior = torch.tensor([math.log(w / total) for w in self.weights])  # (J,)
+        log_prior = [math.log(weight / total) for weight in self.weights]
         if self.labels is None:
             mixed: Tensor | None = None
-            for source, log_weight in zip(self.sources, log_prior.tolist(), strict=True):
+            for source, log_weight in zip(self.sources, log_prior, strict=True):
                 log_probs = _log_probs(source, rows) + log_weight  # (n, V)
                 mixed = log_probs if mixed is None else torch.logaddexp(mixed, log_probs)
             assert mixed is not None
             return mixed
         every = [_log_probs(source, rows) for source in self.sources]  # J x (n, V)
         label = self.labels[rows].to(every[0].device)[:, None]  # (n, 1)
-        joint = torch.cat([log_probs.gather(-1, label) for log_probs in every], -1)  # (n, J) log w_j p_j(y)
-        joint = joint + log_prior.to(joint.device)
-        ruled_out = joint.isneginf().all(
-            -1, keepdim=True
-        )  # (n, 1): a label no teacher allows keeps the prior
-        posterior = torch.where(ruled_out, log_prior.to(joint.device), joint).log_softmax(-1)  # (n, J)
+        joint = [lp.gather(-1, label) + w for lp, w in zip(every, log_prior, strict=True)]  # J x (n, 1)
+        ruled_out = torch.stack(joint).isneginf().all(0)  # (n, 1): no teacher allows the label
+        joint = [
+            torch.where(ruled_out, torch.full_like(a, w), a) for a, w in zip(joint, log_prior, strict=True)
+        ]
+        posterior = torch.cat(joint, -1).log_softmax(-1)  # (n, J) log π
         mixed = every[0] + posterior[:, :1]
         for j in range(1, len(every)):
             mixed = torch.logaddexp(mixed, every[j] + posterior[:, j : j + 1])

@@ -269,6 +269,10 @@ def test_posterior_mixing_of_live_teachers(sourced, tokenizer_dir, cache_dir):
     by_hand = torch.log((joint[0] * p[0] + joint[1] * p[1]) / (joint[0] + joint[1])).float()
     torch.testing.assert_close(_gather(chunks, len(by_hand), 6), by_hand, rtol=1e-5, atol=1e-5)
     assert source.identity()["mix_by"] == "posterior"
+    fair = torch.log((p[0] + 2 * p[1]) / 3).float()  # validation: the prior mixture, which reads no label
+    torch.testing.assert_close(
+        _gather(source.teach(batch, "val").at(keep), len(fair), 6), fair, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_mixed_teachers_teach_every_position_and_weight_zero_is_not_run(sourced, tokenizer_dir, cache_dir):
