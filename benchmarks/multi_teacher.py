@@ -12,7 +12,8 @@ teacher side changed by overrides only:
 - ``routed``: the recipe as it is: each document taught by the teacher its ``source`` names;
 - ``mixed``: ``mix: {python-reference: 0.5, python-code: 0.5}``: every token from the mixture;
 - ``posterior``: ``mix_by: posterior`` with the prior ``--prior P`` (prose) and ``1 - P`` (code): every token
-  from the mixture weighted by each teacher's probability of that token.
+  from the mixture weighted by each teacher's probability of that token (``--prior 0.5 0.25``: one run per
+  prior, named ``posterior`` for 0.5 and ``posterior-pP`` for the others).
 
 Every run logs ``val/python-reference/ppl`` and ``val/python-code/ppl`` (``data.domains: source``) on the
 whole validation split at its last step. The goal: the two-teacher student within 3% of each
@@ -113,13 +114,29 @@ def ppl(results: dict, variant: str, domain: str, seeds: list[int], metric: str 
     return [results[variant, seed][f"val/{DOMAINS[domain]}/{metric}"] for seed in seeds]
 
 
-def quality_table(results: dict, variants: list[str], seeds: list[int], size: str, prior: float) -> None:
-    """Per variant: val ppl on each domain, per seed and mean."""
+def runs(variants: list[str], priors: list[float]) -> dict[str, tuple[list[str], str]]:
+    """The runs of ``variants`` by name (``posterior`` once per prior: ``posterior`` for 0.5,
+    ``posterior-pP`` for the others): each one's overrides and its label (``{size}`` left to fill)."""
+    named: dict[str, tuple[list[str], str]] = {}
+    for variant in variants:
+        if variant != "posterior":
+            named[variant] = VARIANTS[variant], LABELS[variant]
+            continue
+        for prior in priors:
+            name = "posterior" if prior == 0.5 else f"posterior-p{prior:g}"
+            label = LABELS[variant].format(size="{size}", prior=prior, rest=round(1 - prior, 6))
+            named[name] = posterior(prior), label
+    return named
+
+
+def quality_table(results: dict, labels: dict[str, str], seeds: list[int], size: str) -> None:
+    """Per run (by name, with its label): val ppl on each domain, per seed and mean."""
     headers = ["student", *(f"val ppl on {d} (seeds {' / '.join(map(str, seeds))})" for d in DOMAINS)]
     headers += [f"mean on {d}" for d in DOMAINS]
     rows = []
+    variants = list(labels)
     for variant in variants:
-        cells = [LABELS[variant].format(size=size, prior=prior, rest=round(1 - prior, 6))]
+        cells = [labels[variant].format(size=size)]
         cells += [" / ".join(f"{v:.1f}" for v in ppl(results, variant, d, seeds)) for d in DOMAINS]
         cells += [f"{statistics.mean(ppl(results, variant, d, seeds)):.1f}" for d in DOMAINS]
         rows.append(cells)
@@ -133,8 +150,8 @@ def goal_table(results: dict, variants: list[str], seeds: list[int]) -> None:
     """Each two-teacher student against each single-teacher student, domain by domain: the ratio of mean
     val ppl (per seed in brackets) and whether it meets the goal."""
     rows = []
-    for both in ("routed", "mixed", "posterior"):
-        if both not in variants:
+    for both in variants:
+        if both in ("alone", "prose", "code"):
             continue
         for single in ("prose", "code"):
             if single not in variants:
@@ -167,7 +184,11 @@ def main() -> None:
     names = [*VARIANTS, "posterior"]
     parser.add_argument("--variants", nargs="+", choices=names, default=names)
     parser.add_argument(
-        "--prior", type=float, default=0.5, help="posterior: the prose teacher's prior weight (code: 1 - P)"
+        "--prior",
+        type=float,
+        nargs="+",
+        default=[0.5],
+        help="posterior: the prose teacher's prior weight (code: 1 - P); several: one run per prior",
     )
     parser.add_argument("--keep", type=Path, help="keep the run directories here (default: a temporary one)")
     parser.add_argument(
@@ -185,31 +206,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
         base = args.keep or Path(tmp)
         base.mkdir(parents=True, exist_ok=True)
-        overrides = VARIANTS | {"posterior": posterior(args.prior)}
-        named = {
-            v: f"posterior-p{args.prior:g}" if v == "posterior" and args.prior != 0.5 else v for v in names
-        }
+        named = runs(args.variants, args.prior)
         futures = {
-            (variant, seed): pool.submit(
-                fit,
-                overrides[variant],
-                seed,
-                args.steps,
-                base / f"{named[variant]}-{seed}",
-                threads,
-                override,
+            (name, seed): pool.submit(
+                fit, overrides, seed, args.steps, base / f"{name}-{seed}", threads, override
             )
-            for variant in reversed(args.variants)  # the costliest first: the runs finish closer together
+            for name, (overrides, _) in reversed(named.items())  # the costliest first: they end closer
             for seed in args.seeds
         }
         results = {key: future.result() for key, future in futures.items()}
     print(f"load average at the end: {os.getloadavg()}")
     print(f"\n{args.steps} steps of 16 x 128 tokens, validation on the whole held-out split:\n")
-    quality_table(results, args.variants, args.seeds, size, args.prior)
+    quality_table(results, {name: label for name, (_, label) in named.items()}, args.seeds, size)
     print()
-    goal_table(results, args.variants, args.seeds)
+    goal_table(results, list(named), args.seeds)
     print("\nwall seconds per run (mean over seeds): ", end="")
-    seconds = {v: statistics.mean(results[v, s]["seconds"] for s in args.seeds) for v in args.variants}
+    seconds = {v: statistics.mean(results[v, s]["seconds"] for s in args.seeds) for v in named}
     print(", ".join(f"{v} {t:.0f}" for v, t in seconds.items()))
 
 
