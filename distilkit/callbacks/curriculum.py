@@ -38,6 +38,16 @@ class Tunable(Protocol):
     def apply_knobs(self, knobs: Mapping[str, float]) -> None: ...
 
 
+@runtime_checkable
+class KnobState(Protocol):
+    """A :class:`Tunable` module whose knob settings can be read and put back, so the callback tries every
+    stage's values, in order, before the first step (:class:`~distilkit.DistillationModule` is one)."""
+
+    def knob_state(self) -> Any: ...
+
+    def load_knob_state(self, state: Any) -> None: ...
+
+
 Anneal = Literal["constant", "linear", "cosine"]
 Action = Literal["continue", "advance", "rollback"]
 
@@ -281,7 +291,24 @@ class CurriculumCallback(Callback):
                     f"are not knobs of {type(pl_module).__name__}",
                     f"use {sorted(known)} (the knobs {type(pl_module).__name__} declares)",
                 )
+        if isinstance(pl_module, Tunable) and isinstance(pl_module, KnobState):
+            self._try_stages(pl_module)
         self._start_stage(trainer, pl_module, resumed=True)
+
+    def _try_stages(self, pl_module: Any) -> None:
+        """Apply every stage's knobs in order and put the settings back: a value the module refuses (a
+        weight below 0, a ratio above 1, every mixture weight 0) stops the run now, not when its stage
+        starts hours in."""
+        state = pl_module.knob_state()
+        try:
+            for index, stage in enumerate(self.stages):
+                try:
+                    pl_module.apply_knobs(stage.knobs)
+                except ConfigError as err:
+                    problem = f"{err.field}={err.value!r} {err.problem}"
+                    raise ConfigError(f"stages[{index}].knobs", dict(stage.knobs), problem, err.fix) from None
+        finally:
+            pl_module.load_knob_state(state)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int

@@ -72,7 +72,10 @@ def _block(lines: list[str], key: int) -> list[str]:
 
 def _error(field: str, value: str, kinds: list[str]) -> ConfigError:
     names = " or ".join(_name(kind) for kind in kinds)
-    return ConfigError(field, value, f"is not {names}", f"give {names}")
+    fix = f"give {names}"
+    if re.match(r"\s*[{\[].*:\S", value):  # '{a:1}' is one string to YAML; '{a: 1}' a mapping
+        fix += " (YAML reads {a: 1} as a mapping only with a space after each colon)"
+    return ConfigError(field, value, f"is not {names}", fix)
 
 
 def _name(kind: str) -> str:

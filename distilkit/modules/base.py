@@ -165,6 +165,21 @@ class DistillationBase(L.LightningModule):
                     f"use one of {sorted(self.knob_names())}",
                 )
 
+    def knob_state(self) -> dict[str, Any]:
+        """Every knob's current setting, for :meth:`load_knob_state` (a curriculum tries its stages' values
+        before the first step, then puts these back)."""
+        return {
+            "module": {name: getattr(self, name) for name in self.knobs},
+            "loss": {name: getattr(self.loss, name) for name in self.loss.knobs},
+        }
+
+    def load_knob_state(self, state: Mapping[str, Any]) -> None:
+        """Put back what :meth:`knob_state` returned."""
+        for name, value in state["module"].items():
+            setattr(self, name, value)
+        for name, value in state["loss"].items():
+            self.loss.set_knob(name, value)
+
     def set_knob(self, name: str, value: float) -> bool:
         """Set one knob (its setter validates the value); False when ``name`` is not a knob here."""
         if name in self.knobs:

@@ -272,6 +272,22 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
         source = self.teacher_source
         return super().set_knob(name, value) or (source is not None and source.set_knob(name, value))
 
+    def apply_knobs(self, knobs: Mapping[str, float]) -> None:
+        """Set a stage's knobs, then check that the teacher can teach with them all (not every mixture
+        weight 0; a cache's temperature kept)."""
+        super().apply_knobs(knobs)
+        if self.teacher_source is not None:
+            self.teacher_source.check_knobs(self.loss)
+
+    def knob_state(self) -> dict[str, Any]:
+        source = self.teacher_source
+        return super().knob_state() | {"teacher": None if source is None else source.knob_state()}
+
+    def load_knob_state(self, state: Mapping[str, Any]) -> None:
+        super().load_knob_state(state)
+        if self.teacher_source is not None:
+            self.teacher_source.load_knob_state(state["teacher"])
+
     def scorers(self, batch: Batch) -> dict[str, Scorer]:
         return {"student": lambda observer: self.compute_loss(batch, observer)}
 

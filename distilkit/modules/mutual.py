@@ -236,6 +236,15 @@ class MutualDistillationModule(DistillationBase):
             return super().set_knob(name, value)
         return True
 
+    def knob_state(self) -> dict[str, Any]:
+        """The loss's knobs and each peer's ``kd_ratio``."""
+        loss = {name: getattr(self.loss, name) for name in self.loss.knobs}
+        return {"module": {}, "loss": loss, "kd_ratios": list(self.kd_ratios)}
+
+    def load_knob_state(self, state: Mapping[str, Any]) -> None:
+        super().load_knob_state(state)
+        self.kd_ratios = list(state["kd_ratios"])
+
     def exportable_models(self) -> dict[str, nn.Module]:
         """Every peer, by its state-dict prefix (``peers.0`` ...), for ``distilkit export --peer N``."""
         return {f"peers.{i}": peer for i, peer in enumerate(self.peers)}

@@ -118,6 +118,13 @@ class TeacherSource(nn.Module):
         """Set one of :attr:`knobs` (validated where it lands); False when ``name`` is not one."""
         return False
 
+    def knob_state(self) -> Any:
+        """What :attr:`knobs` are set to now, for :meth:`load_knob_state`."""
+        return None
+
+    def load_knob_state(self, state: Any) -> None:
+        """Put back what :meth:`knob_state` returned."""
+
     def check_run(self, trainer: Any, module: Any, stage: str) -> None:
         """Refuse, before any step, a run this source cannot teach: a loss it cannot feed (here), another
         tokenizer, other data ... (a subclass's additions). ``module``: the distillation module (its ``loss``

@@ -31,6 +31,7 @@ the device, on the CPU, and moved there the first time a batch needs them.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -186,12 +187,8 @@ class SeveralTeachers(TeacherSource):
     def _mixed(self, batch: Batch, split: Split) -> MixedTeaching:
         """Every teacher of positive weight on the whole batch."""
         assert self.weights is not None
+        self._check_weights()
         active = [(index, weight) for index, weight in enumerate(self.weights) if weight > 0]
-        if not active:
-            raise ConfigError(
-                "model.mix", dict(zip(self.names, self.weights, strict=True)), "are all 0",
-                "give a teacher a positive weight (a curriculum stage's mix.NAME knobs?)",
-            )  # fmt: skip
         device = batch["input_ids"].device
         teachings = [self.teacher(index, device).teach(batch, split) for index, _ in active]
         posterior = self.mix_by == "posterior" and split == "train"  # validation: the fair prior mixture
@@ -218,9 +215,24 @@ class SeveralTeachers(TeacherSource):
         for teacher in self.all_teachers():
             teacher.check_head()
 
+    def knob_state(self) -> list[float] | None:
+        return None if self.weights is None else list(self.weights)
+
+    def load_knob_state(self, state: list[float] | None) -> None:
+        self.weights = None if state is None else list(state)
+
     def check_knobs(self, loss: DistillationLoss) -> None:
+        """Each teacher's check, and a mixture's weights not all 0 (a stage sets them one knob at a time)."""
         for teacher in self.all_teachers():
             teacher.check_knobs(loss)
+        self._check_weights()
+
+    def _check_weights(self) -> None:
+        if self.weights is not None and not any(self.weights):
+            raise ConfigError(
+                "model.mix", dict(zip(self.names, self.weights, strict=True)), "are all 0",
+                "give a teacher a positive weight (a curriculum stage's mix.NAME knobs?)",
+            )  # fmt: skip
 
     def check_run(self, trainer: Any, module: Any, stage: str) -> None:
         """Every teacher checks itself against the run (tokenizer, cache identity); routing: the data must
@@ -394,16 +406,25 @@ def _weight(field: str, value: Any) -> float:
 
 
 def _mix_weights(mix: Mapping[str, float], names: Sequence[str]) -> list[float]:
-    """One weight per teacher in ``names`` order (0 for those ``mix`` leaves out); some must be > 0."""
+    """One weight per teacher in ``names`` order: every teacher given one, each >= 0, some > 0."""
     if not isinstance(mix, Mapping):
         raise ConfigError("model.mix", mix, "is not a mapping of teacher names to weights", "give {NAME: w}")
     for name in mix:
         if name not in names:
-            raise ConfigError(f"model.mix.{name}", mix[name], f"names no teacher of {list(names)}", "fix it")
-    weights = [_weight(f"model.mix.{name}", mix.get(name, 0.0)) for name in names]
-    if sum(weights) <= 0:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            fix = f"use {close[0]!r}" if close else f"use one of {list(names)}"
+            raise ConfigError(f"model.mix.{name}", mix[name], f"names no teacher of {list(names)}", fix)
+    weights = {name: _weight(f"model.mix.{name}", weight) for name, weight in mix.items()}
+    if sum(weights.values()) <= 0:
         raise ConfigError("model.mix", dict(mix), "gives no teacher a positive weight", "raise one")
-    return weights
+    missing = [name for name in names if name not in mix]
+    if missing:
+        raise ConfigError(
+            "model.mix", dict(mix), f"gives no weight to {missing} of model.teachers",
+            f"give every teacher one ({missing[0]}: 0 runs it only once a curriculum stage's "
+            f"mix.{missing[0]} raises it), or drop it from model.teachers",
+        )  # fmt: skip
+    return [weights[name] for name in names]
 
 
 def _common_kind(members: Mapping[str, TeacherSource], mixing: bool) -> tuple[Any, float | None, int]:

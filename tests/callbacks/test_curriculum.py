@@ -198,6 +198,32 @@ def test_stage_knobs_reach_the_module_and_the_loss(datamodule, tmp_path):
     assert trainer.callback_metrics["curriculum/temperature"] == 1.0
 
 
+def test_a_later_stages_bad_knob_value_is_refused_before_the_first_step(datamodule, tmp_path):
+    module = tiny_module(datamodule)
+    for knobs, field in [({"kd_ratio": 1.5}, "kd_ratio"), ({"temperature": -1.0}, "temperature")]:
+        stages = [Stage("fine", lr=1e-3, steps=2), Stage("bad", lr=1e-3, steps=2, knobs=knobs)]
+        with pytest.raises(ConfigError, match=rf"^stages\[1\]\.knobs=.*{field}") as caught:
+            fit(datamodule, tmp_path, stages, module=module)
+        assert module.global_step == 0, caught.value
+
+
+def test_stages_are_tried_before_training_and_the_settings_put_back(datamodule, tmp_path):
+    seen: list[tuple[float, float]] = []
+
+    class Watch(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((pl_module.kd_ratio, pl_module.loss.temperature))
+
+    module = tiny_module(datamodule, kd_ratio=0.5)
+    stages = [
+        Stage("as built", lr=1e-3, steps=2),
+        Stage("soft", lr=1e-3, steps=1, knobs={"temperature": 2.0}),
+    ]
+    trainer = tiny_trainer(tmp_path, max_steps=10, callbacks=[CurriculumCallback(stages), Watch()])
+    trainer.fit(module, datamodule)
+    assert seen == [(0.5, 1.0), (0.5, 1.0), (0.5, 2.0)]
+
+
 def test_an_unknown_knob_is_refused_when_training_starts(datamodule, tmp_path):
     stages = [Stage("x", lr=1e-3, steps=2, knobs={"betta": 0.5})]
     with pytest.raises(ConfigError, match="betta"):

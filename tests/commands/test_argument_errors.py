@@ -46,6 +46,12 @@ def test_one_type_and_a_literal():
     assert "is not one of 'weights', 'posterior'" in str(one_line(literal))
 
 
+def test_a_flow_mapping_without_spaces_gets_a_hint():
+    mix = 'Parser key "mix":\n  Expected a dict[str, float]. Got value: {a:0.5,b:0.5}'
+    assert str(one_line(mix)).endswith("give a dict[str, float] (YAML reads {a: 1} as a mapping only with a "
+                                       "space after each colon).")  # fmt: skip
+
+
 def test_other_messages_are_shown_whole():
     assert one_line(UNKNOWN_OPTION) is None
     assert one_line("unrecognized arguments: --bogus 1") is None

@@ -310,6 +310,24 @@ def test_mix_weights_are_knobs_a_curriculum_stage_changes(tmp_path, sourced, tok
     assert module.teacher_source.weights == [0.5, 0.0]  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize(
+    ("knobs", "problem"),
+    [({"mix.prose": 0.0, "mix.code": 0.0}, "are all 0"), ({"mix.code": -1.0}, "is not a weight")],
+)
+def test_a_stage_of_bad_mix_weights_is_refused_before_the_first_step(
+    tmp_path, sourced, tokenizer_dir, cache_dir, knobs, problem
+):
+    data = _data(str(sourced), tokenizer_dir, cache_dir)
+    vocab = data.vocab_size
+    spies = {"prose": Spy(_model(vocab, 0), vocab), "code": Spy(_model(vocab, 1), vocab)}
+    module = tiny_module(data, teacher=None, teachers=spies, mix={"prose": 0.5, "code": 0.5})
+    stages = [{"name": "both", "steps": 2}, {"name": "none", "steps": 2, "knobs": knobs}]
+    trainer = tiny_trainer(tmp_path, max_steps=4, callbacks=[CurriculumCallback(stages=stages)])
+    with pytest.raises(ConfigError, match=rf"^stages\[1\]\.knobs=.*{problem}"):
+        trainer.fit(module, data)
+    assert module.global_step == 0 and spies["code"].rows == [], "refused before any training step"
+
+
 # ------------------------------------------------------------------------------------------------- caches
 def test_routed_sparse_targets_are_merged_in_row_order():
     def targets(ids: list[int]) -> SparseTargets:
@@ -382,6 +400,11 @@ def test_settings_that_do_not_fit_together_are_one_line_errors(tmp_path, sourced
             "model.route_by=.*model.mix",
         ),
         ({"teacher": None, "teachers": two, "mix": {"poetry": 1}}, "model.mix.poetry=1: names no teacher"),
+        ({"teacher": None, "teachers": two, "mix": {"cod": 1}}, r"names no teacher of .*; use 'code'\.$"),
+        (
+            {"teacher": None, "teachers": two, "mix": {"code": 1}},
+            r"gives no weight to \['prose'\] .*prose: 0",
+        ),
         ({"teacher": None, "teachers": two, "mix": {"code": 0}}, "model.mix=.*gives no teacher a positive"),
         ({"teacher": TINY_TEACHER, "route_by": "source"}, "model.route_by='source': is for model.teachers"),
         ({"teacher": TINY_TEACHER, "mix_by": "posterior"}, "model.mix_by='posterior': is for model.teachers"),
