@@ -198,6 +198,10 @@ def main() -> None:
         "'{\"n_embd\": 256}'",
     )
     args = parser.parse_args()
+    if not all(0 <= prior <= 1 for prior in args.prior) or len({f"{p:g}" for p in args.prior}) < len(
+        args.prior
+    ):
+        parser.error(f"--prior {args.prior}: give distinct weights in [0, 1] (runs are named by P:g)")
     student = RECIPE_STUDENT | (args.student or {})
     size = f"{student['n_layer']}x{student['n_embd']}"
     override = ["--model.init_args.student", json.dumps(student)] if args.student else []

@@ -98,6 +98,8 @@ class CurriculumState:
         lr_factor: the product of the back-offs applied to the stage's rate.
         tokens_per_step: tokens an optimizer step trains on (measured on the first batch).
         knobs: the knobs the stage set.
+        settings: every knob's setting once the stage's were applied (the module's ``knob_state``): what
+            the stages so far set, which a resumed run puts back (None: a module without knob state).
         finished: the last stage has ended.
     """
 
@@ -112,6 +114,7 @@ class CurriculumState:
     lr_factor: float = 1.0
     tokens_per_step: int = 0
     knobs: dict[str, float] = field(default_factory=dict)
+    settings: Any = None
     finished: bool = False
 
     def state_dict(self) -> dict[str, Any]:
@@ -292,21 +295,26 @@ class CurriculumCallback(Callback):
                     f"use {sorted(known)} (the knobs {type(pl_module).__name__} declares)",
                 )
         if isinstance(pl_module, Tunable) and isinstance(pl_module, KnobState):
+            if self.state.settings is not None:  # resumed: what the stages so far set, not only this one
+                pl_module.load_knob_state(self.state.settings)
             self._try_stages(pl_module)
         self._start_stage(trainer, pl_module, resumed=True)
 
     def _try_stages(self, pl_module: Any) -> None:
-        """Apply every stage's knobs in order and put the settings back: a value the module refuses (a
-        weight below 0, a ratio above 1, every mixture weight 0) stops the run now, not when its stage
-        starts hours in."""
+        """Apply the knobs of every stage still to run, in order, and put the settings back: a value the
+        module refuses (a weight below 0, a ratio above 1, every mixture weight 0) stops the run before its
+        first training step, not when its stage starts hours in."""
         state = pl_module.knob_state()
         try:
-            for index, stage in enumerate(self.stages):
+            for index in range(self.state.stage, len(self.stages)):
+                stage = self.stages[index]
                 try:
                     pl_module.apply_knobs(stage.knobs)
                 except ConfigError as err:
-                    problem = f"{err.field}={err.value!r} {err.problem}"
-                    raise ConfigError(f"stages[{index}].knobs", dict(stage.knobs), problem, err.fix) from None
+                    raise ConfigError(
+                        f"stages[{index}] ({stage.name}).knobs", dict(stage.knobs),
+                        f"{err.field}={err.value!r} {err.problem}", err.fix,
+                    ) from None  # fmt: skip
         finally:
             pl_module.load_knob_state(state)
 
@@ -409,9 +417,12 @@ class CurriculumCallback(Callback):
 
     def _start_stage(self, trainer: L.Trainer, pl_module: L.LightningModule, resumed: bool = False) -> None:
         knobs = self.stage.knobs
-        if knobs and isinstance(pl_module, Tunable):
+        restored = resumed and self.state.settings is not None  # put back in on_train_start
+        if knobs and isinstance(pl_module, Tunable) and not restored:
             pl_module.apply_knobs(knobs)
         self.state.knobs = dict(knobs)
+        if isinstance(pl_module, Tunable) and isinstance(pl_module, KnobState):
+            self.state.settings = pl_module.knob_state()
         if not resumed or self.best_point is None:
             self._keep_best_point(trainer, pl_module)
 

@@ -73,7 +73,7 @@ def _block(lines: list[str], key: int) -> list[str]:
 def _error(field: str, value: str, kinds: list[str]) -> ConfigError:
     names = " or ".join(_name(kind) for kind in kinds)
     fix = f"give {names}"
-    if re.match(r"\s*[{\[].*:\S", value):  # '{a:1}' is one string to YAML; '{a: 1}' a mapping
+    if re.match(r"\s*[{\[].*:\S", value):  # YAML: '{a:1}' maps the key 'a:1' to null
         fix += " (YAML reads {a: 1} as a mapping only with a space after each colon)"
     return ConfigError(field, value, f"is not {names}", fix)
 

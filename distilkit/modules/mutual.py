@@ -238,8 +238,9 @@ class MutualDistillationModule(DistillationBase):
 
     def knob_state(self) -> dict[str, Any]:
         """The loss's knobs and each peer's ``kd_ratio``."""
+        module = {name: getattr(self, name) for name in self.knobs if name != "kd_ratio"}  # a subclass's
         loss = {name: getattr(self.loss, name) for name in self.loss.knobs}
-        return {"module": {}, "loss": loss, "kd_ratios": list(self.kd_ratios)}
+        return {"module": module, "loss": loss, "kd_ratios": list(self.kd_ratios)}
 
     def load_knob_state(self, state: Mapping[str, Any]) -> None:
         super().load_knob_state(state)

@@ -109,8 +109,8 @@ class TeacherSource(nn.Module):
             raise ConfigError(
                 "loss.temperature",
                 loss.temperature,
-                f"was changed during training (a curriculum stage's knobs?), but {self.field} holds targets "
-                f"at temperature {fixed}",
+                f"is not the temperature {fixed} at which {self.field} holds its targets (a curriculum "
+                "stage's knobs?)",
                 "drop temperature from the stage's knobs, or use targets made at that temperature",
             )
 
@@ -119,7 +119,9 @@ class TeacherSource(nn.Module):
         return False
 
     def knob_state(self) -> Any:
-        """What :attr:`knobs` are set to now, for :meth:`load_knob_state`."""
+        """What :attr:`knobs` are set to now, for :meth:`load_knob_state` (a source with knobs says)."""
+        if self.knobs:
+            raise NotImplementedError(f"{type(self).__name__} has knobs {self.knobs}: define knob_state")
         return None
 
     def load_knob_state(self, state: Any) -> None:

@@ -70,7 +70,7 @@ class SeveralTeachers(TeacherSource):
         teachers: the teachers by name (at least one); all speak one vocabulary and hand out one kind of
             targets (live teachers, or teacher caches of one mode).
         route_by: the row field (or ``file``) whose value names each document's teacher; None with ``mix``.
-        mix: a weight per teacher (teachers left out weigh 0), each >= 0, some > 0; None to route.
+        mix: a weight for every teacher, each >= 0, some > 0; None to route.
         unrouted: routing only: ``error`` (rows naming no teacher are refused) or ``labels`` (they learn from
             their labels alone).
         mix_by: mixing only: ``weights`` (every position by ``mix``) or ``posterior`` (``mix`` as the prior,

@@ -21,9 +21,12 @@ class Recorder(Callback):
     def __init__(self) -> None:
         self.lrs: list[float] = []
         self.stages: list[int] = []
+        self.knobs: list[tuple[float | None, float | None]] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.lrs.append(optimizer.param_groups[0]["lr"])
+        loss = getattr(pl_module, "loss", None)
+        self.knobs.append((getattr(pl_module, "kd_ratio", None), getattr(loss, "temperature", None)))
         curriculum = next(c for c in trainer.callbacks if isinstance(c, CurriculumCallback))
         self.stages.append(curriculum.state.stage)
 
@@ -202,9 +205,10 @@ def test_a_later_stages_bad_knob_value_is_refused_before_the_first_step(datamodu
     module = tiny_module(datamodule)
     for knobs, field in [({"kd_ratio": 1.5}, "kd_ratio"), ({"temperature": -1.0}, "temperature")]:
         stages = [Stage("fine", lr=1e-3, steps=2), Stage("bad", lr=1e-3, steps=2, knobs=knobs)]
-        with pytest.raises(ConfigError, match=rf"^stages\[1\]\.knobs=.*{field}") as caught:
+        with pytest.raises(ConfigError, match=rf"^stages\[1\] \(bad\)\.knobs=.*{field}") as caught:
             fit(datamodule, tmp_path, stages, module=module)
         assert module.global_step == 0, caught.value
+        assert (module.kd_ratio, module.loss.temperature) == (0.5, 1.0), "the settings put back"
 
 
 def test_stages_are_tried_before_training_and_the_settings_put_back(datamodule, tmp_path):
@@ -239,7 +243,10 @@ def test_a_trainer_lr_scheduler_is_refused(datamodule, tmp_path):
 
 
 def test_resume_mid_stage_is_exact(datamodule, tmp_path):
-    stages = [Stage("a", lr=1e-3, steps=3, warmup_steps=2), Stage("b", lr=4e-3, steps=6, anneal="cosine")]
+    stages = [
+        Stage("a", lr=1e-3, steps=3, warmup_steps=2, knobs={"kd_ratio": 0.9}),
+        Stage("b", lr=4e-3, steps=6, anneal="cosine", knobs={"temperature": 2.0}),
+    ]
 
     def run(root, max_steps, ckpt_path=None):
         torch.manual_seed(0)
@@ -260,6 +267,8 @@ def test_resume_mid_stage_is_exact(datamodule, tmp_path):
     resumed, resumed_lrs = run(tmp_path / "split", 9, ckpt_path=str(tmp_path / "split" / "last.ckpt"))
     assert resumed_lrs.lrs == pytest.approx(straight_lrs.lrs[5:])
     assert resumed_lrs.stages == straight_lrs.stages[5:] == [1] * 4
+    # the knobs stage a set hold through stage b, after the resume too
+    assert resumed_lrs.knobs == straight_lrs.knobs[5:] == [(0.9, 2.0)] * 4
     schedule_keys = (
         "stage",
         "start_step",
@@ -269,6 +278,7 @@ def test_resume_mid_stage_is_exact(datamodule, tmp_path):
         "epochs",
         "tokens_per_step",
         "knobs",
+        "settings",
     )
     assert {k: getattr(resumed.state, k) for k in schedule_keys} == {
         k: getattr(straight.state, k) for k in schedule_keys

@@ -323,7 +323,7 @@ def test_a_stage_of_bad_mix_weights_is_refused_before_the_first_step(
     module = tiny_module(data, teacher=None, teachers=spies, mix={"prose": 0.5, "code": 0.5})
     stages = [{"name": "both", "steps": 2}, {"name": "none", "steps": 2, "knobs": knobs}]
     trainer = tiny_trainer(tmp_path, max_steps=4, callbacks=[CurriculumCallback(stages=stages)])
-    with pytest.raises(ConfigError, match=rf"^stages\[1\]\.knobs=.*{problem}"):
+    with pytest.raises(ConfigError, match=rf"^stages\[1\] \(none\)\.knobs=.*{problem}"):
         trainer.fit(module, data)
     assert module.global_step == 0 and spies["code"].rows == [], "refused before any training step"
 
