@@ -32,6 +32,7 @@ from distilkit.modules.peer_optimizers import PeerOptimizers, PeerSchedulers
 from distilkit.modules.peers import (
     CohortSettings,
     cohort_vocab_size,
+    kd_ratios,
     load_peers,
     peer_index,
     refuse_unsupported_training,
@@ -226,25 +227,20 @@ class MutualDistillationModule(DistillationBase):
         labels = {label for i, name in enumerate(self.names) for label in (f"peer{i}", name)}
         return super().knob_names() | {f"{label}.kd_ratio" for label in labels}
 
+    @property
+    def kd_ratio(self) -> list[float]:
+        """Each peer's KD weight (the ``kd_ratio`` knob sets one value for every peer)."""
+        return list(self.kd_ratios)
+
+    @kd_ratio.setter
+    def kd_ratio(self, value: float | Sequence[float]) -> None:
+        self.kd_ratios = kd_ratios("kd_ratio", value, len(self.peers))
+
     def set_knob(self, name: str, value: float) -> bool:
         index = peer_index(name.removesuffix(".kd_ratio"), self.names) if name.endswith(".kd_ratio") else None
-        if name == "kd_ratio":
-            self.kd_ratios = [check_range("kd_ratio", float(value), 0.0, 1.0)] * len(self.peers)
-        elif index is not None:
+        if index is not None:
             self.kd_ratios[index] = check_range(name, float(value), 0.0, 1.0)
-        else:
-            return super().set_knob(name, value)
-        return True
-
-    def knob_state(self) -> dict[str, Any]:
-        """The loss's knobs and each peer's ``kd_ratio``."""
-        module = {name: getattr(self, name) for name in self.knobs if name != "kd_ratio"}  # a subclass's
-        loss = {name: getattr(self.loss, name) for name in self.loss.knobs}
-        return {"module": module, "loss": loss, "kd_ratios": list(self.kd_ratios)}
-
-    def load_knob_state(self, state: Mapping[str, Any]) -> None:
-        super().load_knob_state(state)
-        self.kd_ratios = list(state["kd_ratios"])
+        return index is not None or super().set_knob(name, value)
 
     def exportable_models(self) -> dict[str, nn.Module]:
         """Every peer, by its state-dict prefix (``peers.0`` ...), for ``distilkit export --peer N``."""

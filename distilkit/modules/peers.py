@@ -73,6 +73,11 @@ def peer_names(names: list[str] | None, count: int) -> list[str]:
     return names
 
 
+def kd_ratios(field: str, kd_ratio: float | Sequence[float], count: int) -> list[float]:
+    """Each of ``count`` peers' KD weight in [0, 1], from one value for all or one per peer."""
+    return [check_range(field, float(r), 0.0, 1.0) for r in per_peer(field, kd_ratio, count)]
+
+
 def peer_index(label: str, names: Sequence[str]) -> int | None:
     """The index of the peer called ``label`` (its name or ``peer{i}``), or None."""
     if label in names:
@@ -112,10 +117,7 @@ class CohortSettings:
         kd_positions: str,
         gradient_clip_val: float | None,
     ) -> CohortSettings:
-        ratios = [
-            check_range("model.kd_ratio", float(r), 0.0, 1.0)
-            for r in per_peer("model.kd_ratio", kd_ratio, count)
-        ]
+        ratios = kd_ratios("model.kd_ratio", kd_ratio, count)
         peer_weights = [
             float(w) for w in per_peer("model.weights", 1.0 if weights is None else weights, count)
         ]
