@@ -123,7 +123,7 @@ def runs(variants: list[str], priors: list[float]) -> dict[str, tuple[list[str],
             named[variant] = VARIANTS[variant], LABELS[variant]
             continue
         for prior in priors:
-            name = "posterior" if prior == 0.5 else f"posterior-p{prior:g}"
+            name = "posterior" if f"{prior:g}" == "0.5" else f"posterior-p{prior:g}"
             label = LABELS[variant].format(size="{size}", prior=prior, rest=round(1 - prior, 6))
             named[name] = posterior(prior), label
     return named
@@ -198,9 +198,9 @@ def main() -> None:
         "'{\"n_embd\": 256}'",
     )
     args = parser.parse_args()
-    if not all(0 <= prior <= 1 for prior in args.prior) or len({f"{p:g}" for p in args.prior}) < len(
-        args.prior
-    ):
+    named = runs(args.variants, args.prior)
+    posteriors = [name for name in named if name.startswith("posterior")]
+    if not all(0 <= prior <= 1 for prior in args.prior) or 0 < len(posteriors) < len(args.prior):
         parser.error(f"--prior {args.prior}: give distinct weights in [0, 1] (runs are named by P:g)")
     student = RECIPE_STUDENT | (args.student or {})
     size = f"{student['n_layer']}x{student['n_embd']}"
@@ -210,7 +210,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
         base = args.keep or Path(tmp)
         base.mkdir(parents=True, exist_ok=True)
-        named = runs(args.variants, args.prior)
         futures = {
             (name, seed): pool.submit(
                 fit, overrides, seed, args.steps, base / f"{name}-{seed}", threads, override

@@ -39,7 +39,7 @@ class Tunable(Protocol):
 
 
 @runtime_checkable
-class KnobState(Protocol):
+class KnobState(Tunable, Protocol):
     """A :class:`Tunable` module whose knob settings can be read and put back, so the callback tries every
     stage's values, in order, before the first step (:class:`~distilkit.DistillationModule` is one)."""
 
@@ -294,7 +294,7 @@ class CurriculumCallback(Callback):
                     f"are not knobs of {type(pl_module).__name__}",
                     f"use {sorted(known)} (the knobs {type(pl_module).__name__} declares)",
                 )
-        if isinstance(pl_module, Tunable) and isinstance(pl_module, KnobState):
+        if isinstance(pl_module, KnobState):
             if self.state.settings is not None:  # resumed: what the stages so far set, not only this one
                 pl_module.load_knob_state(self.state.settings)
             self._try_stages(pl_module)
@@ -421,7 +421,7 @@ class CurriculumCallback(Callback):
         if knobs and isinstance(pl_module, Tunable) and not restored:
             pl_module.apply_knobs(knobs)
         self.state.knobs = dict(knobs)
-        if isinstance(pl_module, Tunable) and isinstance(pl_module, KnobState):
+        if isinstance(pl_module, KnobState):
             self.state.settings = pl_module.knob_state()
         if not resumed or self.best_point is None:
             self._keep_best_point(trainer, pl_module)
