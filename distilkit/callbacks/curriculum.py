@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -34,6 +34,8 @@ class Tunable(Protocol):
     (:class:`~distilkit.DistillationModule` is one). A module without knobs accepts stages without knobs."""
 
     def knob_names(self) -> set[str]: ...
+
+    def knob_fix(self, unknown: Iterable[str]) -> str: ...
 
     def apply_knobs(self, knobs: Mapping[str, float]) -> None: ...
 
@@ -284,7 +286,8 @@ class CurriculumCallback(Callback):
             )
         if not self.base_lrs:
             self.base_lrs = [group.get("initial_lr", group["lr"]) for group in _param_groups(trainer)]
-        known = pl_module.knob_names() if isinstance(pl_module, Tunable) else set()
+        tunable = isinstance(pl_module, Tunable)
+        known = pl_module.knob_names() if tunable else set()
         for index, stage in enumerate(self.stages):
             unknown = set(stage.knobs) - known
             if unknown:
@@ -292,7 +295,7 @@ class CurriculumCallback(Callback):
                     f"stages[{index}].knobs",
                     sorted(unknown),
                     f"are not knobs of {type(pl_module).__name__}",
-                    f"use {sorted(known)} (the knobs {type(pl_module).__name__} declares)",
+                    pl_module.knob_fix(unknown) if tunable else "drop them (the module has no knobs)",
                 )
         if isinstance(pl_module, KnobState):
             if self.state.settings is not None:  # resumed: what the stages so far set, not only this one

@@ -154,6 +154,10 @@ class DistillationBase(L.LightningModule):
         """What a curriculum stage may set: the module's :attr:`knobs` and the loss's declared ``knobs``."""
         return set(self.knobs) | set(self.loss.knobs)
 
+    def knob_fix(self, unknown: Iterable[str]) -> str:
+        """The fix for knobs ``unknown`` that a stage names and this module lacks."""
+        return f"use {sorted(self.knob_names())} (the knobs {type(self).__name__} declares)"
+
     def apply_knobs(self, knobs: Mapping[str, float]) -> None:
         """Set knobs between steps (a curriculum stage does); each is validated where it lands."""
         for name, value in knobs.items():
@@ -162,7 +166,7 @@ class DistillationBase(L.LightningModule):
                     f"stage knob {name}",
                     value,
                     f"is not a knob of {type(self).__name__}",
-                    f"use one of {sorted(self.knob_names())}",
+                    self.knob_fix([name]),
                 )
 
     def knob_state(self) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Literal
 
 import lightning as L
@@ -267,6 +267,11 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
     def knob_names(self) -> set[str]:
         """The module's and the loss's knobs, and the teacher source's (mixed teachers' ``mix.NAME``)."""
         return super().knob_names() | set(() if self.teacher_source is None else self.teacher_source.knobs)
+
+    def knob_fix(self, unknown: Iterable[str]) -> str:
+        fix, source = super().knob_fix(unknown), self.teacher_source
+        hint = "" if source is None else source.knob_hint(unknown)
+        return f"{fix}; {hint}" if hint else fix
 
     def set_knob(self, name: str, value: float) -> bool:
         source = self.teacher_source

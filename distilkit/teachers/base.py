@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Protocol
 
 from torch import Tensor, nn
@@ -117,6 +117,10 @@ class TeacherSource(nn.Module):
     def set_knob(self, name: str, value: float) -> bool:
         """Set one of :attr:`knobs` (validated where it lands); False when ``name`` is not one."""
         return False
+
+    def knob_hint(self, unknown: Iterable[str]) -> str:
+        """Why knobs ``unknown`` that look like this source's are not here (empty: no hint)."""
+        return ""
 
     def knob_state(self) -> Any:
         """What :attr:`knobs` are set to now, for :meth:`load_knob_state` (a source with knobs says)."""

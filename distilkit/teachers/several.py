@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -204,6 +204,11 @@ class SeveralTeachers(TeacherSource):
         self.weights = list(self.weights)
         self.weights[index] = _weight(f"model.mix.{self.names[index]}", value)
         return True
+
+    def knob_hint(self, unknown: Iterable[str]) -> str:
+        if self.weights is None and any(name.startswith("mix.") for name in unknown):
+            return "mix.NAME knobs exist only when the teachers are mixed (model.mix, not model.route_by)"
+        return ""
 
     # ------------------------------------------------------------------------------------------- checks
     def check_loss(self, loss: DistillationLoss) -> None:

@@ -328,6 +328,22 @@ def test_a_stage_of_bad_mix_weights_is_refused_before_the_first_step(
     assert module.global_step == 0 and spies["code"].rows == [], "refused before any training step"
 
 
+def test_a_routed_run_refuses_mix_knobs_saying_they_need_mixing(tmp_path, sourced, tokenizer_dir, cache_dir):
+    data = _data(str(sourced), tokenizer_dir, cache_dir, domains="source")
+    vocab = data.vocab_size
+    spies = {"prose": Spy(_model(vocab, 0), vocab), "code": Spy(_model(vocab, 1), vocab)}
+    module = tiny_module(data, teacher=None, teachers=spies, route_by="source")
+    stages = [{"name": "both", "steps": 2}, {"name": "prose", "steps": 2, "knobs": {"mix.code": 0.0}}]
+    trainer = tiny_trainer(tmp_path, max_steps=4, callbacks=[CurriculumCallback(stages=stages)])
+    with pytest.raises(ConfigError) as refused:
+        trainer.fit(module, data)
+    assert str(refused.value).startswith("stages[1].knobs=['mix.code']: are not knobs of DistillationModule")
+    assert "exist only when the teachers are mixed (model.mix, not model.route_by)" in str(refused.value)
+    assert module.global_step == 0 and spies["code"].rows == []
+    with pytest.raises(ConfigError, match=r"stage knob mix.code.*only when the teachers are mixed"):
+        module.apply_knobs({"mix.code": 1.0})
+
+
 # ------------------------------------------------------------------------------------------------- caches
 def test_routed_sparse_targets_are_merged_in_row_order():
     def targets(ids: list[int]) -> SparseTargets:
