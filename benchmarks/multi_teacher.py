@@ -21,8 +21,8 @@ single-teacher student on that teacher's own domain (ratio <= 1.03), and better 
 student on the other domain (ratio < 1).
 
 The runs go ``--jobs`` at a time, each in its own process with ``cores / jobs`` threads.
-Run: ``nice -n 10 python benchmarks/multi_teacher.py`` (2 seeds, 300 steps; ``--steps 20 --seeds 0`` for a
-check).
+Run: ``nice -n 10 python benchmarks/multi_teacher.py`` (2 seeds, the recipe's length; ``--steps 20 --seeds 0``
+for a check).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
 from _common import ROOT, print_table
 
 RECIPE = "recipes/multi_teacher.yaml"
@@ -178,7 +179,13 @@ def goal_table(results: dict, variants: list[str], seeds: list[int]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
+    recipe_steps = yaml.safe_load((ROOT / RECIPE).read_text())["trainer"]["max_steps"]
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=recipe_steps,
+        help=f"optimizer steps of every run (the recipe's: {recipe_steps})",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every run")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, each with cores/jobs threads")
     names = [*VARIANTS, "posterior"]
