@@ -35,9 +35,15 @@ class Tunable(Protocol):
 
     def knob_names(self) -> set[str]: ...
 
-    def knob_fix(self, unknown: Iterable[str]) -> str: ...
-
     def apply_knobs(self, knobs: Mapping[str, float]) -> None: ...
+
+
+@runtime_checkable
+class ExplainsKnobs(Tunable, Protocol):
+    """A :class:`Tunable` module that says how to mend knobs a stage names and it lacks (a routed run's
+    ``mix.NAME``: only mixed teachers have them)."""
+
+    def knob_fix(self, unknown: Iterable[str]) -> str: ...
 
 
 @runtime_checkable
@@ -286,16 +292,18 @@ class CurriculumCallback(Callback):
             )
         if not self.base_lrs:
             self.base_lrs = [group.get("initial_lr", group["lr"]) for group in _param_groups(trainer)]
-        tunable = isinstance(pl_module, Tunable)
-        known = pl_module.knob_names() if tunable else set()
+        known = pl_module.knob_names() if isinstance(pl_module, Tunable) else set()
         for index, stage in enumerate(self.stages):
             unknown = set(stage.knobs) - known
             if unknown:
+                name = type(pl_module).__name__
+                declared = f"use one of {sorted(known)} (the knobs {name} declares)"
+                fix = declared if known else f"drop them ({name} has none)"
                 raise ConfigError(
                     f"stages[{index}].knobs",
                     sorted(unknown),
-                    f"are not knobs of {type(pl_module).__name__}",
-                    pl_module.knob_fix(unknown) if tunable else "drop them (the module has no knobs)",
+                    f"are not knobs of {name}",
+                    pl_module.knob_fix(unknown) if isinstance(pl_module, ExplainsKnobs) else fix,
                 )
         if isinstance(pl_module, KnobState):
             if self.state.settings is not None:  # resumed: what the stages so far set, not only this one

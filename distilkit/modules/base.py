@@ -156,7 +156,7 @@ class DistillationBase(L.LightningModule):
 
     def knob_fix(self, unknown: Iterable[str]) -> str:
         """The fix for knobs ``unknown`` that a stage names and this module lacks."""
-        return f"use {sorted(self.knob_names())} (the knobs {type(self).__name__} declares)"
+        return f"use one of {sorted(self.knob_names())} (the knobs {type(self).__name__} declares)"
 
     def apply_knobs(self, knobs: Mapping[str, float]) -> None:
         """Set knobs between steps (a curriculum stage does); each is validated where it lands."""

@@ -269,9 +269,10 @@ class DistillationModule(ShardedTraining, StudentHooks, DistillationBase):  # ty
         return super().knob_names() | set(() if self.teacher_source is None else self.teacher_source.knobs)
 
     def knob_fix(self, unknown: Iterable[str]) -> str:
+        """The teacher source's hint (why knobs ``unknown`` are not here), then the knobs there are."""
         fix, source = super().knob_fix(unknown), self.teacher_source
         hint = "" if source is None else source.knob_hint(unknown)
-        return f"{fix}; {hint}" if hint else fix
+        return f"{hint}; {fix}" if hint else fix
 
     def set_knob(self, name: str, value: float) -> bool:
         source = self.teacher_source

@@ -206,6 +206,7 @@ class SeveralTeachers(TeacherSource):
         return True
 
     def knob_hint(self, unknown: Iterable[str]) -> str:
+        """Routed: ``mix.NAME`` knobs are a mixture's, so a stage of a routed run cannot set them."""
         if self.weights is None and any(name.startswith("mix.") for name in unknown):
             return "mix.NAME knobs exist only when the teachers are mixed (model.mix, not model.route_by)"
         return ""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import pytest
 import torch
 from helpers import TINY_STUDENT, tiny_module, tiny_recipe, tiny_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
 
 from distilkit import CurriculumCallback, DistillationModule, Stage
 from distilkit.callbacks.curriculum import scheduled_lr
@@ -232,6 +234,24 @@ def test_an_unknown_knob_is_refused_when_training_starts(datamodule, tmp_path):
     stages = [Stage("x", lr=1e-3, steps=2, knobs={"betta": 0.5})]
     with pytest.raises(ConfigError, match="betta"):
         fit(datamodule, tmp_path, stages)
+
+
+def test_knobs_for_a_module_without_knobs_are_refused_naming_it(tmp_path):
+    class Plain(BoringModel):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    stages = [Stage("x", lr=1e-3, steps=2, knobs={"kd_ratio": 0.5})]
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, max_steps=2, callbacks=[CurriculumCallback(stages)], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with pytest.raises(ConfigError) as refused:
+        trainer.fit(Plain())
+    assert (
+        str(refused.value)
+        == "stages[0].knobs=['kd_ratio']: are not knobs of Plain; drop them (Plain has none)."
+    )
 
 
 def test_a_trainer_lr_scheduler_is_refused(datamodule, tmp_path):
