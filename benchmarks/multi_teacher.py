@@ -74,8 +74,8 @@ LABELS = {
     "mixed": "{size} from both, mixed 0.5 / 0.5",
     "posterior": "{size} from both, mixed by posterior (prior {prior:g} / {rest:g})",
 }
-#: the recipe's student, which ``--student`` updates
-RECIPE_STUDENT = {"model_type": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4}
+#: the recipe as written: its length is ``--steps``'s default, its student what ``--student`` updates
+RECIPE_CONFIG = yaml.safe_load((ROOT / RECIPE).read_text())
 
 
 def fit(
@@ -179,7 +179,7 @@ def goal_table(results: dict, variants: list[str], seeds: list[int]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    recipe_steps = yaml.safe_load((ROOT / RECIPE).read_text())["trainer"]["max_steps"]
+    recipe_steps = RECIPE_CONFIG["trainer"]["max_steps"]
     parser.add_argument(
         "--steps",
         type=int,
@@ -209,7 +209,7 @@ def main() -> None:
     posteriors = [name for name in named if name.startswith("posterior")]
     if not all(0 <= prior <= 1 for prior in args.prior) or 0 < len(posteriors) < len(args.prior):
         parser.error(f"--prior {args.prior}: give distinct weights in [0, 1] (runs are named by P:g)")
-    student = RECIPE_STUDENT | (args.student or {})
+    student = RECIPE_CONFIG["model"]["init_args"]["student"] | (args.student or {})
     size = f"{student['n_layer']}x{student['n_embd']}"
     override = ["--model.init_args.student", json.dumps(student)] if args.student else []
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
